@@ -1,0 +1,42 @@
+"""Pyramid Pooling Module (Zhao et al., PSPNet, CVPR 2017; UPerNet section 3.1).
+
+UPerNet puts a PPM on top of the last backbone stage C5 so that the top of the feature pyramid
+sees the whole image: C5 is average-pooled to 1x1, 2x2, 3x3 and 6x6 grids, each pooled map is
+projected to `channels` by a 1x1 conv + BN + ReLU and bilinearly upsampled back to C5's size,
+and [C5, the four branches] are fused by a 3x3 conv + BN + ReLU (the "bottleneck").
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv (bias-free) -> BatchNorm -> ReLU; submodules `conv` and `bn` (mmseg's ConvModule)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+
+
+class PyramidPooling(nn.Module):
+    """PPM: `branches.K` project the K-th pooled map; `bottleneck` fuses [x, branches]."""
+
+    def __init__(self, in_channels: int, channels: int = 512,
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6)):
+        super().__init__()
+        self.pool_scales = tuple(pool_scales)
+        self.branches = nn.ModuleList(ConvBNReLU(in_channels, channels, 1) for _ in pool_scales)
+        self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]  # C5: (B, 2048, h, w)
+        outs = [x]
+        for scale, branch in zip(self.pool_scales, self.branches):
+            pooled = F.adaptive_avg_pool2d(x, scale)  # (B, 2048, s, s)
+            outs.append(F.interpolate(branch(pooled), size=size, mode="bilinear",
+                                      align_corners=False))  # (B, 512, h, w)
+        return self.bottleneck(torch.cat(outs, dim=1))  # (B, 4096, h, w) -> (B, 512, h, w)
