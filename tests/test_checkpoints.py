@@ -1,0 +1,193 @@
+"""Published checkpoint layouts convert and load strictly; saving is atomic."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from upernet_ref import build_model, get_config
+from upernet_ref.backbone import ResNet
+from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect_source,
+                                     load_backbone_weights, load_weights, read_checkpoint_file,
+                                     save_checkpoint)
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+
+
+def spec_shapes(depth: int) -> dict[str, list[int]]:
+    path = SPEC / f"sssegmentation_upernet_r{depth}_ade20k_state_dict.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return json.loads(path.read_text())
+
+
+def synthetic_state_dict(shapes: dict[str, list[int]], device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors of the published shapes, each filled with a value unique to its key."""
+    sd = {}
+    for i, (key, shape) in enumerate(shapes.items()):
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(i, dtype=torch.long, device=device)
+        else:
+            sd[key] = torch.full(shape, float(i), device=device)
+    return sd
+
+
+# mmsegmentation's names for the same tensors (spec section 2)
+MMSEG_RULES = [
+    (r"^backbone_net\.", "backbone."),
+    (r"^ppm_net\.branches\.(\d+)\.1\.", r"decode_head.psp_modules.\1.1.conv."),
+    (r"^ppm_net\.branches\.(\d+)\.2\.", r"decode_head.psp_modules.\1.1.bn."),
+    (r"^ppm_net\.bottleneck\.0\.", "decode_head.bottleneck.conv."),
+    (r"^ppm_net\.bottleneck\.1\.", "decode_head.bottleneck.bn."),
+    (r"^(lateral_convs|fpn_convs)\.(\d+)\.0\.", r"decode_head.\1.\2.conv."),
+    (r"^(lateral_convs|fpn_convs)\.(\d+)\.1\.", r"decode_head.\1.\2.bn."),
+    (r"^decoder\.0\.", "decode_head.fpn_bottleneck.conv."),
+    (r"^decoder\.1\.", "decode_head.fpn_bottleneck.bn."),
+    (r"^decoder\.4\.", "decode_head.conv_seg."),
+    (r"^auxiliary_decoder\.0\.", "auxiliary_head.convs.0.conv."),
+    (r"^auxiliary_decoder\.1\.", "auxiliary_head.convs.0.bn."),
+    (r"^auxiliary_decoder\.4\.", "auxiliary_head.conv_seg."),
+]
+
+
+def to_mmseg(key: str) -> str:
+    for pattern, repl in MMSEG_RULES:
+        if re.search(pattern, key):
+            return re.sub(pattern, repl, key, count=1)
+    raise AssertionError(key)
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_sssegmentation_layout_loads_strictly_on_meta(depth):
+    shapes = spec_shapes(depth)
+    sd = synthetic_state_dict(shapes, device="meta")
+    assert detect_source(sd) == "sssegmentation"
+    with torch.device("meta"):
+        model = build_model(f"upernet_r{depth}_os8_ade20k")
+    converted = convert_state_dict(sd, "sssegmentation")
+    assert len(converted) == len(sd) == len(model.state_dict())
+    model.load_state_dict(converted, strict=True, assign=True)
+
+
+def test_sssegmentation_file_values_land_in_the_right_modules(tmp_path):
+    shapes = spec_shapes(50)
+    sd = synthetic_state_dict(shapes)
+    path = tmp_path / "upernet_r50_ade20k.pth"
+    # as released: a dict whose "model" entry is the state_dict, saved from DDP ("module.")
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}, "epoch": 130},
+               path)
+    model = build_model("upernet_r50_os16_ade20k")
+    load_weights(model, path)
+    pairs = {
+        "backbone_net.stem.6.weight": model.backbone.stem[6].weight,
+        "backbone_net.layer3.5.bn2.running_var": model.backbone.layer3[5].bn2.running_var,
+        "ppm_net.branches.2.1.weight": model.decode_head.ppm.branches[2].conv.weight,
+        "ppm_net.bottleneck.1.bias": model.decode_head.ppm.bottleneck.bn.bias,
+        "lateral_convs.1.0.weight": model.decode_head.lateral_convs[1].conv.weight,
+        "fpn_convs.2.1.weight": model.decode_head.fpn_convs[2].bn.weight,
+        "decoder.0.weight": model.decode_head.fuse.conv.weight,
+        "decoder.4.bias": model.decode_head.classifier.bias,
+        "auxiliary_decoder.0.weight": model.aux_head.conv.conv.weight,
+        "auxiliary_decoder.4.weight": model.aux_head.classifier.weight,
+    }
+    for key, param in pairs.items():
+        torch.testing.assert_close(param.detach(), sd[key], msg=key)
+
+
+def test_mmsegmentation_layout_loads_strictly(tmp_path):
+    shapes = spec_shapes(50)
+    sd = {to_mmseg(k): v for k, v in synthetic_state_dict(shapes, device="meta").items()}
+    assert detect_source(sd) == "mmsegmentation"
+    with torch.device("meta"):
+        model = build_model("upernet_r50_os8_ade20k")
+    model.load_state_dict(convert_state_dict(sd, "mmsegmentation"), strict=True, assign=True)
+    # file round trip on the small model, with mmseg's "state_dict" + "meta" wrapper
+    small = build_model("upernet_small_test")
+    ours = small.state_dict()
+    inverse = convert_state_dict({to_mmseg(k): to_mmseg(k) for k in shapes}, "mmsegmentation")  # ours -> mmseg
+    assert len(inverse) == len(shapes)
+    for key in ours:  # same structure names at any size
+        assert key in inverse, key
+    torch.save({"state_dict": {inverse[k]: v for k, v in ours.items()}, "meta": {}}, tmp_path / "m.pth")
+    fresh = build_model("upernet_small_test")
+    load_weights(fresh, tmp_path / "m.pth")
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, ours[k])
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_torchvision_resnet_features_match_at_output_stride_32(depth):
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
+    for m in tv.modules():  # non-trivial BN statistics, so a misplaced tensor would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    model = build_model(get_config(f"upernet_r{depth}_os8_ade20k",
+                                   {"model.stem": "plain", "model.output_stride": 32})).eval()
+    converted = convert_state_dict(tv.state_dict(), "torchvision")
+    assert all(k.startswith("backbone.") for k in converted) and "backbone.fc.weight" not in converted
+    load_backbone_weights(model, tv.state_dict(), source="torchvision")
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        ours = model.backbone(x)
+        h = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        theirs = []
+        for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
+            h = layer(h)
+            theirs.append(h)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_weights_fit_dilated_backbones_too():
+    tv = torchvision.models.resnet50(weights=None)
+    backbone = ResNet(50, 8, stem="plain")
+    sd = {k[len("backbone."):]: v for k, v in convert_state_dict(tv.state_dict(), "torchvision").items()}
+    backbone.load_state_dict(sd, strict=True)
+
+
+def test_mismatch_message_lists_missing_unexpected_and_shapes(tmp_path):
+    model = build_model("upernet_small_test")
+    sd = model.state_dict()
+    sd.pop("decode_head.classifier.bias")
+    sd["decode_head.extra.weight"] = torch.zeros(1)
+    sd["aux_head.classifier.weight"] = torch.zeros(3, 16, 1, 1)
+    path = tmp_path / "bad.pt"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_weights(build_model("upernet_small_test"), path)
+    text = str(err.value)
+    assert str(path) in text
+    assert "missing keys (1)" in text and "decode_head.classifier.bias" in text
+    assert "unexpected keys (1)" in text and "decode_head.extra.weight" in text
+    assert "shape mismatches (1)" in text and "(3, 16, 1, 1) vs model (8, 16, 1, 1)" in text
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        read_checkpoint_file(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: cannot read"):
+        load_weights(build_model("upernet_small_test"), junk)
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"iteration": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert read_checkpoint_file(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left over

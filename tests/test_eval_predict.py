@@ -1,0 +1,183 @@
+"""evaluate / predict: the mIoU of a whole split, and the `upernet eval` / `upernet predict` CLIs."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from upernet_ref import build_model, configs
+from upernet_ref.evaluate import evaluate
+from upernet_ref.evaluate import main as eval_main
+from upernet_ref.predict import main as predict_main
+
+CFG = configs.get_config("upernet_small_test")
+
+
+class ReadsItsAnswer(nn.Module):
+    """A fake network whose prediction is written in the image's first channel."""
+
+    num_classes = 4
+
+    def forward(self, x):
+        return F.one_hot(x[:, 0].round().long(), self.num_classes).permute(0, 3, 1, 2).float() * 5
+
+
+def test_evaluate_gives_the_miou_computed_by_hand():
+    pred_a, gt_a = [[0, 0, 1], [1, 2, 2]], [[0, 1, 1], [1, 2, 255]]
+    pred_b, gt_b = [[0, 0], [0, 0]], [[0, 0], [255, 2]]
+    dataset = [(torch.tensor(p, dtype=torch.float32).expand(3, -1, -1), torch.tensor(g))
+               for p, g in ((pred_a, gt_a), (pred_b, gt_b))]
+    # By hand, one confusion matrix over both images (rows = truth): [[3,0,0],[1,2,0],[1,0,1]]
+    # IoU: class 0 3/(3+2) = 0.6, class 1 2/3, class 2 1/2, class 3 absent -> NaN, left out.
+    cfg = configs.override(CFG, {"data.num_classes": 4})
+    model = ReadsItsAnswer().train()
+    result = evaluate(model, dataset, cfg, "cpu", progress=False, num_workers=0)
+    assert result["miou"] == pytest.approx((0.6 + 2 / 3 + 0.5) / 3)
+    assert result["macc"] == pytest.approx((1 + 2 / 3 + 0.5) / 3)
+    assert result["aacc"] == pytest.approx(6 / 8)
+    assert math.isnan(result["iou"][3])
+    assert result["num_images"] == 2 and result["pixels"] == 8
+    assert "whole-image" in result["protocol"] and "single scale" in result["protocol"]
+    assert model.training  # mode restored
+    assert evaluate(model, dataset, cfg, progress=False, num_workers=0, limit=1)["aacc"] == pytest.approx(4 / 5)
+
+
+def test_evaluate_resizes_predictions_to_the_label_size():
+    # a 2x2 image whose prediction (class 1 on the left, 2 on the right) must be read at 4x6
+    image = torch.tensor([[1.0, 2.0], [1.0, 2.0]]).expand(3, -1, -1)
+    mask = torch.tensor([[1, 1, 1, 2, 2, 2]] * 4)
+    cfg = configs.override(CFG, {"data.num_classes": 4})
+    result = evaluate(ReadsItsAnswer(), [(image, mask)], cfg, "cpu", progress=False, num_workers=0)
+    assert result["miou"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, on a checkpoint of the small test model (random weights)
+
+
+def to_sssegmentation(state_dict):
+    """Our names -> sssegmentation's (spec section 2), the inverse of checkpoints' rules."""
+    rules = [
+        (r"^backbone\.", "backbone_net."),
+        (r"^decode_head\.ppm\.branches\.(\d+)\.conv\.", r"ppm_net.branches.\1.1."),
+        (r"^decode_head\.ppm\.branches\.(\d+)\.bn\.", r"ppm_net.branches.\1.2."),
+        (r"^decode_head\.ppm\.bottleneck\.conv\.", "ppm_net.bottleneck.0."),
+        (r"^decode_head\.ppm\.bottleneck\.bn\.", "ppm_net.bottleneck.1."),
+        (r"^decode_head\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.", r"\1.\2.0."),
+        (r"^decode_head\.(lateral_convs|fpn_convs)\.(\d+)\.bn\.", r"\1.\2.1."),
+        (r"^decode_head\.fuse\.conv\.", "decoder.0."),
+        (r"^decode_head\.fuse\.bn\.", "decoder.1."),
+        (r"^decode_head\.classifier\.", "decoder.4."),
+        (r"^aux_head\.conv\.conv\.", "auxiliary_decoder.0."),
+        (r"^aux_head\.conv\.bn\.", "auxiliary_decoder.1."),
+        (r"^aux_head\.classifier\.", "auxiliary_decoder.4."),
+    ]
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in rules:
+            if re.search(pattern, key):
+                key = re.sub(pattern, repl, key, count=1)
+                break
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    with torch.no_grad():  # non-trivial BN statistics, so a mis-loaded tensor would show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("ckpt")
+    path = folder / "small.pth"
+    torch.save({"model": model.state_dict(), "config": configs.to_dict(CFG), "iteration": 7}, path)
+    return path, model
+
+
+def run_eval(args, capsys):
+    code = eval_main(args + ["--no-progress", "--num-workers", "0", "--device", "cpu"])
+    return code, capsys.readouterr()
+
+
+def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    json_path = tmp_path / "res.json"
+    code, out = run_eval(["--checkpoint", str(path), "--limit", "3", "--json", str(json_path)], capsys)
+    assert code == 0, out.err
+    result = json.loads(json_path.read_text())
+    assert 0.0 <= result["miou"] <= 1.0 and 0.0 <= result["aacc"] <= 1.0
+    assert result["num_images"] == 3 and result["config"] == "upernet_small_test"
+    assert "sky" in out.out and "mIoU" in out.out and "protocol: whole-image" in out.out
+    # the CLI gives what the API gives
+    from upernet_ref.datasets import build_dataset
+    from upernet_ref.transforms import test_transform
+    dataset = build_dataset(CFG, "val", None, test_transform(CFG.data))
+    direct = evaluate(model, dataset, CFG, "cpu", progress=False, num_workers=0, limit=3)
+    assert result["miou"] == pytest.approx(direct["miou"], abs=1e-9)
+    # default results file: next to the checkpoint
+    code, out = run_eval(["--checkpoint", str(path), "--limit", "1", "--mode", "slide",
+                          "--crop", "32x32", "--stride", "24", "--scales", "0.75,1", "--flip"],
+                         capsys)
+    assert code == 0, out.err
+    saved = json.loads((path.parent / "small_eval_val.json").read_text())
+    assert saved["mode"] == "slide" and saved["flip"] and saved["scales"] == [0.75, 1.0]
+    assert saved["stride"] == [24, 24] and "sliding-window" in saved["protocol"]
+
+
+def test_eval_loads_a_published_sssegmentation_file(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    sss = tmp_path / "upernet_sss.pth"
+    torch.save({"model": to_sssegmentation(model.state_dict()), "optimizer": {}, "epoch": 130}, sss)
+    ours = tmp_path / "ours.json"
+    theirs = tmp_path / "theirs.json"
+    assert run_eval(["--checkpoint", str(path), "--limit", "2", "--json", str(ours)], capsys)[0] == 0
+    # no config stored in a published file: --config is required
+    code, out = run_eval(["--checkpoint", str(sss), "--limit", "2"], capsys)
+    assert code == 2 and "--config" in out.err
+    code, out = run_eval(["--checkpoint", str(sss), "--config", "upernet_small_test", "--limit", "2",
+                          "--json", str(theirs)], capsys)
+    assert code == 0, out.err
+    assert json.loads(theirs.read_text())["iou"] == json.loads(ours.read_text())["iou"]
+
+
+def test_eval_reports_a_missing_checkpoint(tmp_path, capsys):
+    code, out = run_eval(["--checkpoint", str(tmp_path / "nope.pth")], capsys)
+    assert code == 2 and "nope.pth" in out.err
+
+
+def test_predict_cli_writes_maps_and_names_unreadable_files(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images / "a.png")
+    Image.fromarray(rng.integers(0, 255, (30, 20, 3), dtype=np.uint8)).save(images / "b.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image at all")
+    out_dir = tmp_path / "out"
+    code = predict_main(["--checkpoint", str(path), "--out", str(out_dir), "--device", "cpu",
+                         "--scales", "0.75,1.0", "--flip", str(images)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "broken.jpg" in captured.err
+    for stem, size in (("a", (56, 40)), ("b", (20, 30))):
+        index = Image.open(out_dir / f"{stem}.png")
+        color = Image.open(out_dir / f"{stem}_color.png")
+        assert index.mode == "L" and index.size == size
+        assert color.mode == "P" and color.size == size
+        assert np.array_equal(np.asarray(index), np.asarray(color))  # same indices
+        assert np.asarray(index).max() < CFG.data.num_classes
+        assert Image.open(out_dir / f"{stem}_overlay.jpg").size == size
+    assert not (out_dir / "broken.png").exists()
+    # every readable image: exit status 0
+    assert predict_main(["--checkpoint", str(path), "--out", str(out_dir), "--device", "cpu",
+                         str(images / "a.png")]) == 0

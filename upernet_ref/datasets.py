@@ -1,0 +1,353 @@
+"""Segmentation datasets on disk (VOC, ADE20K, Cityscapes, a folder) and a Hugging Face adapter.
+
+Every dataset follows the data contract of docs/DESIGN.md: item `i` is `(image, mask)` with
+`image` uint8 (3, H, W) RGB and `mask` int64 (H, W) of *training* labels `0..C-1` or 255
+(ignore), or `transform(image, mask)`. The raw label files use each benchmark's own convention
+(spec section 4), turned into training labels by one 256-entry look-up table per dataset:
+
+    VOC         0..20 and 255 (boundary) kept as they are
+    ADE20K      reduce-zero-label: 0 ("other") -> 255, k -> k - 1 (1..150 -> 0..149)
+    Cityscapes  official ids 0..33 -> 19 train ids (others 255), or precomputed labelTrainIds
+
+A raw value the table does not know is an error naming the file: labels are never clipped or
+relabelled silently. With `on_bad="skip"` a bad item is replaced by the next good one and
+counted in `dataset.bad` ({index: problem}); counts are per process (each DataLoader worker
+keeps its own).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
+
+from .dataset_classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
+                              CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
+                              VOC_CLASSES, VOC_PALETTE)
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A bad sample on disk; the message names the file and the problem."""
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 (3, H, W) RGB (torchvision's libjpeg / libpng decoders)."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file is missing") from None
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
+
+
+def decode_label(data: bytes, name: str = "<label>") -> np.ndarray:
+    """Raw label values of an index image, (H, W) uint8 (or int32 for 16-bit files).
+
+    Palette PNGs give their *indices*, not colours. 8-bit grey and palette PNGs (all of VOC,
+    ADE20K, Cityscapes) take the fast path: torchvision's decoder with `UNCHANGED` returns the
+    stored bytes, i.e. the indices (checked against PIL on the real VOC files in the tests).
+    Other bit depths (e.g. 4-bit palettes, which that path mis-reads) go through PIL.
+    """
+    is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
+    if is_png and len(data) > 26 and data[24] == 8 and data[25] in (0, 3):  # IHDR: depth, colour type
+        try:
+            tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                  mode=ImageReadMode.UNCHANGED)
+        except RuntimeError as e:
+            raise DataError(f"{name}: unreadable or truncated label ({e})") from None
+        return tensor[0].numpy()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("L", "P", "1", "I", "I;16", "I;16B"):
+                raise DataError(f"{name}: label has mode {im.mode!r}; expected a single-channel "
+                                "index image (grey or palette PNG), not colours")
+            return np.asarray(im, dtype=np.int32 if im.mode.startswith("I") else np.uint8)
+    except (OSError, SyntaxError) as e:
+        raise DataError(f"{name}: unreadable or truncated label ({e})") from None
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """The raw values of a label file (see `decode_label`)."""
+    try:
+        return decode_label(Path(path).read_bytes(), str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file is missing") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Raw label values -> training labels
+
+
+def label_lut(num_classes: int, reduce_zero_label: bool = False,
+              id_map: dict[int, int] | None = None, num_ids: int = 0) -> np.ndarray:
+    """A 256-entry table raw value -> training label; -1 marks a value that is an error.
+
+    Plain: 0..C-1 and 255 kept. `reduce_zero_label`: 0 -> 255, k -> k-1 for k in 1..C.
+    `id_map` (Cityscapes): ids in the map -> their train id, the other ids 0..num_ids-1 -> 255.
+    """
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if id_map is not None:
+        lut[:num_ids] = IGNORE_INDEX
+        for raw, train_id in id_map.items():
+            lut[raw] = train_id
+    elif reduce_zero_label:
+        lut[0] = IGNORE_INDEX
+        lut[1: num_classes + 1] = np.arange(num_classes)
+    else:
+        lut[:num_classes] = np.arange(num_classes)
+    return lut
+
+
+def describe_values(values: Sequence[int] | np.ndarray) -> str:
+    """[0, 1, 2, 5, 255] -> '0..2, 5, 255' (for error messages)."""
+    values, parts, i = sorted(int(v) for v in values), [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}..{values[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def apply_lut(raw: np.ndarray, lut: np.ndarray, name: str) -> torch.Tensor:
+    """Training labels int64 (H, W) from raw values, or a DataError listing the invalid ones."""
+    present = np.flatnonzero(np.bincount(raw.ravel(), minlength=len(lut)))
+    invalid = [int(v) for v in present if v >= len(lut) or lut[v] < 0]
+    if invalid:
+        raise DataError(f"{name}: label values {describe_values(invalid)} are outside the valid "
+                        f"set {describe_values(np.flatnonzero(lut >= 0))}")
+    return torch.from_numpy(lut[raw])
+
+
+# ------------------------------------------------------------------------------------------
+# Datasets
+
+
+class SegmentationFiles(torch.utils.data.Dataset):
+    """Image / label file pairs and the look-up table that turns raw labels into training labels."""
+
+    def __init__(self, samples: list[tuple[Path, Path]], classes: Sequence[str],
+                 palette: Sequence[tuple[int, int, int]], lut: np.ndarray,
+                 transform: Callable | None = None, on_bad: str = "raise") -> None:
+        if on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+        self.samples, self.lut, self.transform, self.on_bad = samples, lut, transform, on_bad
+        self.classes, self.palette = tuple(classes), [tuple(c) for c in palette]
+        self.ignore_index = IGNORE_INDEX
+        self.bad: dict[int, str] = {}  # index -> problem, filled in with on_bad="skip"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        image_path, label_path = self.samples[index]
+        return f"image {image_path}, label {label_path}"
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index` without transform; raises DataError for a bad pair."""
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)                        # (3, H, W) uint8
+        mask = apply_lut(read_label(label_path), self.lut, str(label_path))  # (H, W) int64
+        if tuple(image.shape[1:]) != tuple(mask.shape):
+            raise DataError(f"{label_path}: label size {tuple(mask.shape)} differs from image "
+                            f"{image_path} size {tuple(image.shape[1:])} (H, W)")
+        return image, mask
+
+    def __getitem__(self, index: int):
+        for step in range(len(self)):  # with on_bad="skip": the next good item stands in
+            i = (index + step) % len(self)
+            if i in self.bad:
+                continue
+            try:
+                image, mask = self.load(i)
+                break
+            except DataError as e:
+                if self.on_bad == "raise":
+                    raise
+                self.bad[i] = str(e)
+                warnings.warn(f"skipping bad sample {i}: {e}", stacklevel=2)
+        else:
+            raise DataError(f"all {len(self)} samples are bad; first: {next(iter(self.bad.values()))}")
+        return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {what} (see data/README.md)")
+    return path
+
+
+def _non_empty(samples: list, where: str) -> list:
+    if not samples:
+        raise DataError(f"{where}: empty split, no images found (see data/README.md)")
+    return samples
+
+
+class VOCSegmentation(SegmentationFiles):
+    """PASCAL VOC 2012, root `VOCdevkit/VOC2012`: splits train, val, trainval (masks in
+    SegmentationClass) and trainaug (list ImageSets/Segmentation/trainaug.txt, masks in
+    SegmentationClassAug, made by `upernet data prepare voc-aug`)."""
+
+    def __init__(self, root: str | Path, split: str = "train", transform: Callable | None = None,
+                 on_bad: str = "raise") -> None:
+        root = Path(root)
+        list_file = _need(root / "ImageSets" / "Segmentation" / f"{split}.txt",
+                          f"VOC split list for {split!r}" + (", run `upernet data prepare voc-aug`"
+                                                             if split == "trainaug" else ""))
+        masks = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
+        ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        samples = [(root / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids]
+        super().__init__(_non_empty(samples, str(list_file)), VOC_CLASSES, VOC_PALETTE,
+                         label_lut(21), transform, on_bad)
+
+
+class ADE20K(SegmentationFiles):
+    """ADE20K SceneParsing, root `ADEChallengeData2016`: images/<split>/*.jpg and
+    annotations/<split>/*.png (0 = other, 1..150), split "training" or "validation"."""
+
+    def __init__(self, root: str | Path, split: str = "training", reduce_zero_label: bool = True,
+                 transform: Callable | None = None, on_bad: str = "raise") -> None:
+        root = Path(root)
+        images = _need(root / "images" / split, f"ADE20K images for split {split!r}")
+        samples = [(p, root / "annotations" / split / f"{p.stem}.png")
+                   for p in sorted(images.glob("*.jpg"))]
+        # Without reduce-zero-label, 0 "other" is a 151st class (index 0).
+        lut = label_lut(150, reduce_zero_label=True) if reduce_zero_label else label_lut(151)
+        classes = ADE20K_CLASSES if reduce_zero_label else ("other",) + ADE20K_CLASSES
+        palette = ADE20K_PALETTE if reduce_zero_label else [(0, 0, 0)] + ADE20K_PALETTE
+        super().__init__(_non_empty(samples, str(images)), classes, palette, lut, transform, on_bad)
+
+
+class Cityscapes(SegmentationFiles):
+    """Cityscapes fine annotations, root holding `leftImg8bit/` and `gtFine/`: the official
+    `*_gtFine_labelIds.png` mapped to the 19 train ids here, or precomputed
+    `*_gtFine_labelTrainIds.png` (`upernet data prepare cityscapes`) with `use_train_ids_file`."""
+
+    def __init__(self, root: str | Path, split: str = "train", use_train_ids_file: bool = False,
+                 transform: Callable | None = None, on_bad: str = "raise") -> None:
+        root = Path(root)
+        images = _need(root / "leftImg8bit" / split, f"Cityscapes images for split {split!r}")
+        suffix = "_gtFine_labelTrainIds.png" if use_train_ids_file else "_gtFine_labelIds.png"
+        samples = [(p, root / "gtFine" / split / p.parent.name
+                    / p.name.replace("_leftImg8bit.png", suffix))
+                   for p in sorted(images.glob("*/*_leftImg8bit.png"))]
+        lut = (label_lut(19) if use_train_ids_file else
+               label_lut(19, id_map=CITYSCAPES_ID_TO_TRAIN_ID, num_ids=CITYSCAPES_NUM_IDS))
+        super().__init__(_non_empty(samples, str(images)), CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
+                         lut, transform, on_bad)
+
+
+class FolderDataset(SegmentationFiles):
+    """Your own data: images in `image_dir`, index masks `<stem>.png` in `mask_dir`
+    (values 0..len(classes)-1 and 255, or 0 = ignore with `reduce_zero_label`)."""
+
+    def __init__(self, image_dir: str | Path, mask_dir: str | Path, classes: Sequence[str],
+                 palette: Sequence[tuple[int, int, int]] | None = None,
+                 reduce_zero_label: bool = False, transform: Callable | None = None,
+                 on_bad: str = "raise") -> None:
+        image_dir, mask_dir = _need(Path(image_dir), "image folder"), Path(mask_dir)
+        samples = [(p, mask_dir / f"{p.stem}.png") for p in sorted(image_dir.iterdir())
+                   if p.suffix.lower() in IMAGE_SUFFIXES]
+        palette = list(palette) if palette is not None else VOC_PALETTE[: len(classes)]
+        if len(palette) < len(classes):
+            raise ValueError(f"palette has {len(palette)} colours for {len(classes)} classes")
+        super().__init__(_non_empty(samples, str(image_dir)), classes, palette,
+                         label_lut(len(classes), reduce_zero_label), transform, on_bad)
+
+
+class HFSegmentation(torch.utils.data.Dataset):
+    """A Hugging Face `datasets.Dataset` with PIL image and annotation columns (e.g. the
+    scene_parse_150 layout: annotation 0 = other, so `reduce_zero_label=True`)."""
+
+    def __init__(self, hf_dataset, classes: Sequence[str] = ADE20K_CLASSES,
+                 image_column: str = "image", annotation_column: str = "annotation",
+                 reduce_zero_label: bool = True, palette: Sequence[tuple[int, int, int]] | None = None,
+                 transform: Callable | None = None) -> None:
+        for column in (image_column, annotation_column):
+            if column not in hf_dataset.column_names:
+                raise KeyError(f"column {column!r} not in {hf_dataset.column_names}")
+        self.hf_dataset, self.image_column, self.annotation_column = hf_dataset, image_column, annotation_column
+        self.classes, self.transform, self.ignore_index = tuple(classes), transform, IGNORE_INDEX
+        self.palette = list(palette) if palette is not None else (
+            ADE20K_PALETTE if len(classes) == 150 else VOC_PALETTE)[: len(classes)]
+        self.lut = label_lut(len(classes), reduce_zero_label)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def describe(self, index: int) -> str:
+        name = getattr(self.hf_dataset, "info", None) and self.hf_dataset.info.dataset_name
+        return f"Hugging Face dataset {name or '<in memory>'} row {index}"
+
+    def __getitem__(self, index: int):
+        row = self.hf_dataset[index]
+        image = torch.from_numpy(np.array(row[self.image_column].convert("RGB"))).permute(2, 0, 1)
+        ann = row[self.annotation_column]
+        if ann.mode not in ("L", "P", "I", "I;16"):
+            raise DataError(f"{self.describe(index)}: annotation has mode {ann.mode!r}, expected indices")
+        mask = apply_lut(np.asarray(ann), self.lut, self.describe(index))
+        if tuple(image.shape[1:]) != tuple(mask.shape):
+            raise DataError(f"{self.describe(index)}: annotation size {tuple(mask.shape)} differs "
+                            f"from image size {tuple(image.shape[1:])}")
+        image = image.contiguous()
+        return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+
+def _find(root: Path, sub: str) -> Path:
+    """`root` itself, or `root/sub` when the user pointed at the folder above."""
+    return root / sub if (root / sub).is_dir() else root
+
+
+def build_dataset(cfg, split: str, root: str | Path | None = None,
+                  transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
+    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "demo").
+
+    `root`: VOCdevkit/VOC2012, ADEChallengeData2016, the Cityscapes folder holding leftImg8bit/
+    and gtFine/, or a folder dataset's root with images/<split>/, masks/<split>/ and optional
+    classes.txt (one name per line). "demo" needs no root.
+    """
+    name, data = cfg.data.dataset, cfg.data
+    if name == "demo":
+        from .synthetic import DemoScenes
+        return DemoScenes(split, transform=transform)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder (see data/README.md)")
+    root = Path(root)
+    if name == "voc":
+        return VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad)
+    if name == "ade20k":
+        return ADE20K(_find(root, "ADEChallengeData2016"), split, data.reduce_zero_label, transform, on_bad)
+    if name == "cityscapes":
+        return Cityscapes(root, split, transform=transform, on_bad=on_bad)
+    if name == "folder":
+        names_file = root / "classes.txt"
+        classes = (names_file.read_text().split("\n") if names_file.exists()
+                   else [f"class_{i}" for i in range(data.num_classes)])
+        classes = [c.strip() for c in classes if c.strip()]
+        return FolderDataset(root / "images" / split, root / "masks" / split, classes,
+                             reduce_zero_label=data.reduce_zero_label, transform=transform, on_bad=on_bad)
+    raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder or demo")

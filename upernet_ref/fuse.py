@@ -1,0 +1,172 @@
+"""BatchNorm folding and the fast inference path (`--fast`).
+
+At inference a BatchNorm is a fixed per-channel affine map, y = gamma * (x - mean) / sqrt(var +
+eps) + beta, so it can be folded into the convolution that feeds it:
+
+    W' = W * s[:, None, None, None],   b' = (b - mean) * s + beta,   s = gamma / sqrt(var + eps).
+
+Every convolution of UPerNet is followed by a BatchNorm except the two classifiers (backbone
+stem and bottlenecks, the downsample shortcuts, the PPM branches and bottleneck, the FPN
+laterals and convs, the fusion conv), so folding removes 70+ memory passes over the feature
+maps without changing the function (up to float rounding; `tests/test_fast_path.py`).
+
+`fast_inference_model` stacks the other inference speed-ups on top, each decided by measuring
+on the device (figures in `docs/benchmarks.md`):
+
+- channels_last (NHWC) memory format: oneDNN / cuDNN convolutions run natively in NHWC;
+- autocast to bf16 (CUDA with bf16 support, or a CPU with native bf16 instructions: AVX512-BF16
+  or AMX) or fp16 (older CUDA GPUs); logits are returned as float32;
+- `torch.compile` (CUDA only by default: on the 2-core CPU used here it did not pay for its
+  compile time, see the docs).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d (with bias) computing `bn(conv(x))` for `bn` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_conv_bn: the BatchNorm has no running statistics to fold")
+    if conv.out_channels != bn.num_features:
+        raise ValueError(f"fold_conv_bn: conv has {conv.out_channels} output channels, "
+                         f"BatchNorm {bn.num_features}")
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True,
+                      padding_mode=conv.padding_mode).to(conv.weight.device)
+    # Fold in float64 so that the folded layer is as close to conv -> BN as float32 allows.
+    scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:  # affine BatchNorm (always, in this package)
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(shift)
+    fused.weight.copy_((conv.weight.double() * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype))
+    fused.bias.copy_((bias * scale + shift).to(conv.weight.dtype))
+    return fused
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every conv -> BatchNorm pair folded into one conv.
+
+    A pair is a `Conv2d` child immediately followed by a `BatchNorm2d` child of the same parent
+    module, in registration order. That is how every such pair in this package is written
+    (`ConvBNReLU.conv/bn`, `Bottleneck.convK/bnK`, the deep stem and downsample `Sequential`s),
+    and the conv is the one feeding that BatchNorm; the BatchNorm becomes `nn.Identity`, so
+    module names and the forward code are unchanged. The original model is not modified.
+    """
+    model = copy.deepcopy(model).eval()
+    for parent in model.modules():
+        children = list(parent.named_children())
+        for (name, child), (next_name, next_child) in zip(children, children[1:]):
+            if (isinstance(child, nn.Conv2d) and isinstance(next_child, nn.BatchNorm2d)
+                    and child.out_channels == next_child.num_features):
+                setattr(parent, name, fold_conv_bn(child, next_child))
+                setattr(parent, next_name, nn.Identity())
+    return model
+
+
+def count_batchnorms(model: nn.Module) -> int:
+    """Number of BatchNorm layers left in `model` (0 after `fold_batchnorm` on UPerNet)."""
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# Which speed-ups to use where: the rules `--fast` follows (measured, see docs/benchmarks.md).
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class FastSettings:
+    """The fast-path choices: autocast dtype (None = float32), channels_last, torch.compile."""
+
+    dtype: torch.dtype | None
+    channels_last: bool = True
+    compile: bool = False
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32"
+        return (f"BN folded, {dtype}, {'channels_last' if self.channels_last else 'NCHW'}"
+                f"{', torch.compile' if self.compile else ''}")
+
+
+def default_fast_settings(device: str | torch.device) -> FastSettings:
+    """The fastest combination measured for a device type.
+
+    CUDA: bf16 where supported (Ampere and later) else fp16, channels_last, torch.compile.
+    CPU: bf16 only with native bf16 instructions (on CPUs without them bf16 is emulated and
+    slower than float32), channels_last, no torch.compile (its compile time on a small CPU is
+    far larger than what it saves on the few images a CPU run processes).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return FastSettings(dtype=dtype, channels_last=True, compile=True)
+    return FastSettings(dtype=torch.bfloat16 if cpu_has_native_bf16() else None,
+                        channels_last=True, compile=False)
+
+
+class FastModel(nn.Module):
+    """The folded model behind autocast and channels_last; same `{"out": float32 logits}` API."""
+
+    def __init__(self, model: nn.Module, settings: FastSettings, device: torch.device):
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.device = device
+        self.forward_fn = torch.compile(model) if settings.compile else model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.settings.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.settings.dtype)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device)
+        if self.settings.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            out = self.forward_fn(images)
+        return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
+                         dtype: torch.dtype | None | str = "auto",
+                         channels_last: bool | None = None,
+                         compile: bool | None = None) -> FastModel:
+    """The fast inference version of `model` (which is left untouched).
+
+    BatchNorm folded into the convolutions (`fold_batchnorm`), eval mode, moved to `device`,
+    then channels_last, autocast and `torch.compile` as `default_fast_settings(device)` decides
+    unless given: `dtype` "auto" | None (float32) | torch.bfloat16 | torch.float16.
+    Call it like the model: `fast(images)["out"]` are float32 logits at the input resolution.
+    """
+    device = torch.device(device)
+    defaults = default_fast_settings(device)
+    settings = FastSettings(
+        dtype=defaults.dtype if isinstance(dtype, str) and dtype == "auto" else dtype,
+        channels_last=defaults.channels_last if channels_last is None else channels_last,
+        compile=defaults.compile if compile is None else compile,
+    )
+    folded = fold_batchnorm(model).to(device)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    if settings.channels_last:
+        folded = folded.to(memory_format=torch.channels_last)
+    return FastModel(folded, settings, device).eval()

@@ -1,0 +1,150 @@
+"""Test-time inference: whole image, sliding window, multi-scale + flip (spec section 3, "Test").
+
+The published protocol (the table's numbers) resizes the image to fit the base scale (aspect
+kept; `transforms.test_transform`), runs the network once on the whole image, resizes the logits
+back to the original label size and takes the argmax. Two usual extras:
+
+- *sliding window*: crops of `crop_size` every `stride` pixels; windows that would cross the
+  bottom / right edge are shifted back inside (as mmsegmentation does), images smaller than the
+  crop are zero-padded (0 = the mean colour after normalisation) and the padding is cut off the
+  logits; overlapping logits are averaged with a count map.
+- *multi-scale + flip* (TTA): the resized image is rescaled by each factor (0.5 ... 1.75) and
+  optionally mirrored; every view is run (whole or sliding), its logits are resized to the output
+  size, mirrored back, turned into softmax probabilities and averaged.
+
+Why average probabilities and not logits: logit magnitudes differ between scales (a view at 1.75x
+is more confident than one at 0.5x), so summing logits lets the most confident view dominate;
+softmax puts every view on the same [0, 1] scale, each casting one normalised vote. This is also
+what mmsegmentation's `aug_test` does. `inference` therefore always returns probabilities (for a
+single view the argmax is the logits' argmax).
+
+Memory: views are run one at a time and added into one accumulator of the output size, under
+`torch.no_grad()`, so 6 scales x flip need one forward at the largest scale plus the
+accumulator, not 12 sets of logits.
+"""
+from __future__ import annotations
+
+import typing
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import TestConfig
+from .head import resize
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out["out"] if isinstance(out, dict) else out
+
+
+def window_grid(size: tuple[int, int], crop_size: tuple[int, int],
+                stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Sliding windows (y1, y2, x1, x2) covering an image of `size` (H, W).
+
+    Windows start every `stride`; the last one in each direction is shifted back so that it ends
+    at the image border (never past it). An image smaller than the crop gets one window, the
+    whole image (it is padded by `slide_inference`).
+    """
+    (h, w), (ch, cw), (sh, sw) = size, crop_size, stride
+    if min(ch, cw, sh, sw) <= 0:
+        raise ValueError(f"crop {crop_size} and stride {stride} must be positive")
+    rows = max(h - ch + sh - 1, 0) // sh + 1
+    cols = max(w - cw + sw - 1, 0) // sw + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, h), min(c * sw + cw, w)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def slide_inference(model: nn.Module, image: torch.Tensor, crop_size: tuple[int, int],
+                    stride: tuple[int, int]) -> torch.Tensor:
+    """Logits (B, C, H, W) of `image` (B, 3, H, W) from overlapping windows, averaged."""
+    b, _, h, w = image.shape
+    ch, cw = crop_size
+    logits = count = None
+    for y1, y2, x1, x2 in window_grid((h, w), crop_size, stride):
+        crop = image[:, :, y1:y2, x1:x2]
+        ph, pw = ch - crop.shape[2], cw - crop.shape[3]
+        if ph > 0 or pw > 0:  # only when the image is smaller than the crop
+            crop = F.pad(crop, (0, max(pw, 0), 0, max(ph, 0)))
+        out = _logits(model, crop)[:, :, : y2 - y1, : x2 - x1]  # cut the padding off
+        if logits is None:
+            logits = image.new_zeros(b, out.shape[1], h, w)
+            count = image.new_zeros(1, 1, h, w)
+        logits[:, :, y1:y2, x1:x2] += out
+        count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+def whole_inference(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """Logits (B, C, H, W) of one forward pass on the whole image (the published protocol)."""
+    return _logits(model, image)
+
+
+def inference(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None = None,
+              out_size: tuple[int, int] | None = None, *, mode: str | None = None,
+              scales: typing.Sequence[float] | None = None, flip: bool | None = None,
+              crop_size: tuple[int, int] | None = None,
+              stride: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class probabilities (B, C, H_out, W_out): softmax averaged over every scale and flip.
+
+    Args:
+        model: the network in eval mode; returns logits or {"out": logits} at its input size.
+        image: (B, 3, h, w) or (3, h, w) normalised image from `test_transform` (already fitted
+            to the base scale); moved to the model's device.
+        test_cfg: mode / scales / flip / crop_size / stride; keyword arguments override it.
+        out_size: (H, W) of the result, normally the original label size; default (h, w).
+
+    The prediction is `inference(...).argmax(1)`.
+    """
+    cfg = test_cfg or TestConfig()
+    mode = mode or cfg.mode
+    scales = tuple(scales) if scales else tuple(cfg.scales)
+    flip = cfg.flip if flip is None else flip
+    crop_size = tuple(crop_size or cfg.crop_size)
+    stride = tuple(stride or cfg.stride)
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    param = next(model.parameters(), None)
+    if param is not None:
+        image = image.to(param.device)
+    h, w = image.shape[-2:]
+    out_size = tuple(out_size) if out_size is not None else (h, w)
+
+    probs = None
+    with torch.no_grad():
+        for scale in scales:
+            size = (int(h * scale + 0.5), int(w * scale + 0.5))  # mmseg's rounding
+            scaled = image if size == (h, w) else resize(image, size)
+            for mirrored in ((False, True) if flip else (False,)):
+                x = scaled.flip(-1) if mirrored else scaled
+                logits = (slide_inference(model, x, crop_size, stride) if mode == "slide"
+                          else whole_inference(model, x))
+                if mirrored:
+                    logits = logits.flip(-1)
+                if logits.shape[-2:] != out_size:
+                    logits = resize(logits, out_size)
+                p = logits.float().softmax(dim=1)
+                if probs is None:
+                    probs = p
+                else:
+                    probs += p
+                del logits, p
+    return probs / (len(scales) * (2 if flip else 1))
+
+
+def num_forward_passes(size: tuple[int, int], test_cfg: TestConfig) -> int:
+    """How many network forwards `inference` makes for an image of `size` (h, w)."""
+    total = 0
+    for scale in test_cfg.scales:
+        s = (int(size[0] * scale + 0.5), int(size[1] * scale + 0.5))
+        views = len(window_grid(s, test_cfg.crop_size, test_cfg.stride)) if test_cfg.mode == "slide" else 1
+        total += views * (2 if test_cfg.flip else 1)
+    return total

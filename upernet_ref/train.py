@@ -1,0 +1,563 @@
+"""`upernet train`: the published recipe (spec section 3) on a CPU, one GPU or many.
+
+    upernet train --config upernet_small_demo                     # CPU, minutes
+    upernet train --config upernet_r50_os8_ade20k --data-root data/ade --train.lr=0.02
+    torchrun --nproc_per_node=8 -m upernet_ref.cli train --config upernet_r50_os8_ade20k ...
+    upernet train --config ... --out runs/x --resume              # continue from runs/x/last.pt
+
+One loop for every setup (nanoGPT-style, no callbacks): per iteration, each process runs its
+micro-batches of the global batch (`distributed.GlobalBatchOrder`), accumulating gradients
+(DDP synchronises on the last one), checks that the loss is finite on every process, then takes
+one SGD step and one poly-schedule step. The global batch (16, or 8 for Cityscapes) is kept
+whatever the hardware: per-device batch x processes x accumulation steps. SyncBN is used when
+there are several processes, plain BN in one (`train.norm="auto"`).
+
+Everything needed to continue exactly is checkpointed atomically to `out/last.pt`: weights,
+optimizer (momentum), scheduler, AMP scaler, RNG states of every process and the iteration
+(which fixes the data order and the augmentations). SIGTERM / SIGINT save a checkpoint and
+stop; a non-finite loss stops *before* the update, leaving the last good checkpoint in place.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import configs
+from .checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
+from .configs import Config
+from .distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
+                          all_gather_object, all_reduce_sum, barrier, batch_decomposition, cleanup,
+                          init_distributed)
+from .logs import RunLogger
+from .losses import segmentation_loss
+from .model import build_model
+from .schedule import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before applying that update."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    out_dir: Path
+    iteration: int  # iterations completed
+    max_iters: int
+    losses: list[float]  # total loss of every iteration run in this call
+    last_checkpoint: Path | None
+    val: list[dict] = dataclasses.field(default_factory=list)  # {"iter", "miou", ...}
+    interrupted: str | None = None  # "SIGTERM" / "SIGINT" when stopped by a signal
+    per_device_batch: int = 0
+    accumulation: int = 1
+    world_size: int = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def set_deterministic(enabled: bool, device: torch.device) -> None:
+    """Deterministic kernels (and seeded data order) for bit-for-bit repeatable runs.
+
+    On CUDA some backward kernels used here (bilinear upsampling, adaptive pooling) have no
+    deterministic version; `warn_only=True` keeps them with a warning instead of failing.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = enabled
+        torch.backends.cudnn.benchmark = not enabled
+
+
+def rng_state() -> dict[str, typing.Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "random": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, typing.Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of `train.amp`: none, bf16 or fp16."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_sync_bn(norm: str, world_size: int) -> bool:
+    if norm not in ("auto", "batchnorm", "syncbn"):
+        raise ValueError(f"train.norm must be auto, batchnorm or syncbn, got {norm!r}")
+    return world_size > 1 and norm in ("auto", "syncbn")
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
+                            share: int) -> int:
+    """The largest divisor of `share` whose forward + backward fits in memory.
+
+    On CPU: the full share (memory is rarely the limit there). On CUDA: try a training step on
+    random data at the crop size, halving-ish (next divisor) on out-of-memory. The model's
+    weights, BN statistics and the random state are left as they were.
+    """
+    if device.type != "cuda":
+        return share
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    h, w = cfg.data.crop_size
+    chosen = None
+    with torch.random.fork_rng(devices=[device]):
+        for b in _divisors_desc(share):
+            try:
+                x = torch.randn(b, 3, h, w, device=device)
+                y = torch.randint(0, cfg.data.num_classes, (b, h, w), device=device)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(cfg.train.amp, device):
+                    out = model(x)
+                loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
+                loss.backward()
+                chosen = b
+            except torch.cuda.OutOfMemoryError:
+                pass
+            finally:
+                model.zero_grad(set_to_none=True)
+                x = y = out = loss = None
+                torch.cuda.empty_cache()
+            if chosen is not None:
+                break
+    model.load_state_dict(saved)
+    if chosen is None:
+        raise RuntimeError(f"even a per-device batch of 1 at crop {h}x{w} does not fit in the "
+                           f"memory of {device}; try --train.amp=bf16 or a smaller crop")
+    return chosen
+
+
+def build_datasets(cfg: Config, data_root: str | None):
+    """(train set with the published train pipeline, raw val set or None)."""
+    from .datasets import build_dataset
+    from .transforms import train_transform
+
+    train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data))
+    try:
+        val_set = build_dataset(cfg, cfg.data.val_split, data_root, None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"note: no validation set ({err}); training without validation", file=sys.stderr)
+        val_set = None
+    return train_set, val_set
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the iteration's end."""
+
+    def __init__(self, install: bool):
+        self.signum = 0
+        self.previous: dict[int, typing.Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
+              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path | None = None,
+          resume: bool | str = False, device: str | None = None,
+          per_device_batch: int | None = None, max_iters: int | None = None,
+          stop_at: int | None = None, weights: str | None = None,
+          backbone_weights: str | None = None, progress: bool | None = None,
+          train_dataset: torch.utils.data.Dataset | None = None,
+          val_dataset: torch.utils.data.Dataset | None = None, validate: bool = True,
+          handle_signals: bool = True, tensorboard: bool = True,
+          log: typing.Callable[[str], None] = print) -> TrainResult:
+    """Train `cfg` and return what happened (see `TrainResult`).
+
+    Args:
+        cfg: a Config or configuration name.
+        data_root: dataset folder (not needed for the demo data).
+        out_dir: where `last.pt`, `best.pt`, `log.jsonl`, `curves.png`, `tb/` go
+            (default `runs/<config name>`).
+        resume: True: continue from `out_dir/last.pt` if it exists; a path: from that file.
+        device: "auto" (default), "cpu", "cuda", "cuda:1", ...
+        per_device_batch: images per process per micro-step (default: the largest that fits).
+        max_iters: schedule length (default `cfg.train.max_iters` = epochs x iters/epoch).
+        stop_at: stop (with a checkpoint) after this iteration, keeping the schedule of
+            `max_iters` (a time-limited job, or the first half of a resume test).
+        weights: initialise the whole model from a checkpoint (fine-tuning).
+        backbone_weights: initialise the backbone from ImageNet weights (as published).
+        progress: tqdm bar (default: on rank 0 when stderr is a terminal).
+        train_dataset / val_dataset: use these instead of `cfg.data` (tests, notebooks); the
+            train set must return transformed fixed-size items.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN/inf (the update was not applied).
+    """
+    cfg = configs.get_config(cfg)
+    out_dir = Path(out_dir or Path("runs") / cfg.name)
+    info = init_distributed(device)
+    try:
+        return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
+                      stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
+                      validate, handle_signals, tensorboard, log)
+    finally:
+        cleanup()
+
+
+def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_device_batch,
+           max_iters, stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
+           validate, handle_signals, tensorboard, log) -> TrainResult:
+    tc, dev = cfg.train, info.device
+    say = log if info.is_main else (lambda *_: None)
+    max_iters = int(max_iters or tc.max_iters)
+    end = min(max_iters, stop_at) if stop_at else max_iters
+    seed_everything(tc.seed)  # same initial weights on every process
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    set_deterministic(tc.deterministic, dev)
+
+    # ---- data
+    if train_dataset is None:
+        train_dataset, built_val = build_datasets(cfg, data_root)
+        val_dataset = val_dataset if val_dataset is not None else built_val
+    if len(train_dataset) == 0:
+        raise ValueError(f"the training set of {cfg.name} is empty")
+
+    # ---- model, batch decomposition
+    model = build_model(cfg)
+    if backbone_weights:
+        load_backbone_weights(model, backbone_weights)
+    if weights:
+        load_weights(model, weights)
+    model.to(dev)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    share = batch_decomposition(tc.batch_size, info.world_size)[0]
+    if per_device_batch is None:
+        per_device_batch = choose_per_device_batch(model, cfg, dev, share)
+        if info.distributed:  # every process must use the same: take the smallest
+            t = torch.tensor([-per_device_batch], device=dev)
+            per_device_batch = -int(all_reduce_max(t).item())
+    per_device_batch, accum = batch_decomposition(tc.batch_size, info.world_size, per_device_batch)
+    sync_bn = use_sync_bn(tc.norm, info.world_size)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x "
+        f"{info.world_size} process(es) x {accum} accumulation step(s); "
+        f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {dev}; amp {tc.amp}; "
+        f"{max_iters} iterations (poly schedule){f', stopping at {end}' if end < max_iters else ''}")
+
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc, max_iters)
+    scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
+
+    # ---- resume
+    start, best_miou = 0, -1.0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    ckpt_path = (Path(resume) if isinstance(resume, (str, Path)) else last_path) if resume else None
+    if ckpt_path is not None and not ckpt_path.exists():
+        if isinstance(resume, (str, Path)):
+            raise FileNotFoundError(f"--resume {ckpt_path}: no such checkpoint")
+        say(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
+        ckpt_path = None
+    if ckpt_path is not None:
+        ckpt = read_checkpoint_file(ckpt_path)
+        saved_cfg = ckpt.get("config", {})
+        if saved_cfg.get("model") != configs.to_dict(cfg)["model"]:
+            raise ValueError(f"{ckpt_path}: the checkpoint's model configuration differs from "
+                             f"{cfg.name}'s; resume with the same --config and model overrides")
+        if saved_cfg != configs.to_dict(cfg):
+            say(f"warning: {ckpt_path} was saved with a different configuration; continuing "
+                f"with the one given now")
+        if ckpt.get("max_iters", max_iters) != max_iters:
+            say(f"warning: the checkpoint's schedule had {ckpt['max_iters']} iterations, now {max_iters}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.max_iters = max_iters
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iteration"])
+        best_miou = float(ckpt.get("best_miou", -1.0))
+        states = ckpt.get("rng", [])
+        if len(states) == info.world_size:
+            set_rng_state(states[info.rank])
+        else:
+            say(f"note: checkpoint from {len(states)} process(es), now {info.world_size}: the "
+                f"random state (dropout) restarts; data order and augmentations are unchanged")
+            seed_everything(tc.seed + 1000 * start + info.rank)
+        say(f"resumed from {ckpt_path} at iteration {start}")
+        del ckpt
+    else:
+        torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
+
+    raw_model = model  # what is saved and evaluated
+    forward_model: nn.Module = torch.compile(model) if tc.compile else model
+    if info.distributed:
+        forward_model = nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    # ---- data order: fixed by (seed, iteration)
+    order = GlobalBatchOrder(len(train_dataset), tc.batch_size, tc.seed)
+    sampler = MicroBatchSampler(order, info.rank, info.world_size, per_device_batch, start)
+    loader = torch.utils.data.DataLoader(
+        SeededItems(train_dataset, tc.seed), batch_sampler=sampler,
+        num_workers=cfg.data.num_workers, pin_memory=dev.type == "cuda",
+        persistent_workers=False)
+
+    logger = RunLogger(out_dir, enabled=info.is_main, tensorboard=tensorboard,
+                       resume_from=start if ckpt_path is not None else None)
+    if info.is_main:
+        import json
+        (out_dir / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))
+
+    def checkpoint(iteration: int, path: Path = last_path) -> Path:
+        states = all_gather_object(rng_state())  # every process's RNG, for an exact resume
+        if info.is_main:
+            epoch, position = order.position(iteration)
+            save_checkpoint({
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": states, "iteration": iteration, "max_iters": max_iters,
+                "epoch": epoch, "position": position, "best_miou": best_miou,
+                "world_size": info.world_size, "per_device_batch": per_device_batch,
+                "config": configs.to_dict(cfg),
+            }, path)
+        barrier()
+        return path
+
+    def run_validation(iteration: int) -> dict | None:
+        nonlocal best_miou
+        if not validate or val_dataset is None:
+            return None
+        from .evaluate import evaluate
+        res = evaluate(raw_model, val_dataset, cfg, dev, progress=False)
+        record = {"kind": "val", "iter": iteration, "miou": res["miou"], "macc": res.get("macc"),
+                  "aacc": res.get("aacc")}
+        logger.log(record)
+        say(f"iter {iteration}: val mIoU {100 * res['miou']:.2f}%")
+        if res["miou"] > best_miou:
+            best_miou = res["miou"]
+            checkpoint(iteration, best_path)
+        return record
+
+    stop = _StopFlag(handle_signals)
+    show = progress if progress is not None else (info.is_main and sys.stderr.isatty())
+    bar = None
+    if show and info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc=cfg.name, unit="it", dynamic_ncols=True)
+
+    result = TrainResult(out_dir, start, max_iters, [], last_path if ckpt_path else None,
+                         per_device_batch=per_device_batch, accumulation=accum,
+                         world_size=info.world_size)
+    ddp = isinstance(forward_model, nn.parallel.DistributedDataParallel)
+    data_iter = iter(loader)
+    window_start, window_iters = time.perf_counter(), 0
+    it = start
+    try:
+        while it < end:
+            forward_model.train()
+            optimizer.zero_grad(set_to_none=True)
+            sums = torch.zeros(4, device=dev)  # loss, loss_out, loss_aux, stop flag
+            for step in range(accum):
+                images, masks = next(data_iter)
+                images = images.to(dev, non_blocking=True)
+                masks = masks.to(dev, non_blocking=True)
+                if tc.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                sync = contextlib.nullcontext() if (not ddp or step == accum - 1) else forward_model.no_sync()
+                with sync:
+                    with autocast(tc.amp, dev):
+                        outputs = forward_model(images)
+                    loss, parts = segmentation_loss(outputs, masks, tc, cfg.data.ignore_index)
+                    scaler.scale(loss / accum).backward()
+                sums[0] += loss.detach() / accum
+                sums[1] += parts["loss_out"] / accum
+                sums[2] += parts.get("loss_aux", torch.zeros((), device=dev)) / accum
+            sums[3] = float(stop.signum != 0)
+            sums = all_reduce_sum(sums)
+            loss_value = sums[0].item() / info.world_size
+            if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint is {last_path}" if last_path.exists()
+                        else "no checkpoint was written yet")
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss_value}) at iteration {it + 1} of {cfg.name}; stopped "
+                    f"before applying that update; {kept}. Try a lower --train.lr, "
+                    f"--train.amp=none, or check the data (upernet data check)")
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            it += 1
+            window_iters += 1
+            result.losses.append(loss_value)
+            result.iteration = it
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+            if it % tc.log_interval == 0 or it == end:
+                elapsed = time.perf_counter() - window_start
+                sec_per_iter = elapsed / max(window_iters, 1)
+                epoch = (it * tc.batch_size) / len(train_dataset)
+                record = {"kind": "train", "iter": it, "epoch": round(epoch, 4),
+                          "loss": loss_value, "loss_out": sums[1].item() / info.world_size,
+                          "loss_aux": sums[2].item() / info.world_size, "lr": lr,
+                          "sec_per_iter": sec_per_iter,
+                          "img_per_sec": tc.batch_size / max(sec_per_iter, 1e-9),
+                          "eta_sec": sec_per_iter * (end - it)}
+                logger.log(record)
+                if bar is None:
+                    say(f"iter {it}/{end}  epoch {epoch:.2f}  loss {loss_value:.4f}  lr {lr:.3e}  "
+                        f"{record['img_per_sec']:.1f} img/s  eta {record['eta_sec'] / 60:.1f} min")
+                window_start, window_iters = time.perf_counter(), 0
+
+            if sums[3].item() > 0:  # a signal reached some process: all stop together
+                result.last_checkpoint = checkpoint(it)
+                result.interrupted = signal.Signals(stop.signum).name if stop.signum else "signal"
+                say(f"stopped by {result.interrupted} at iteration {it}; checkpoint "
+                    f"{last_path}; continue with --resume")
+                break
+            if tc.val_interval and it % tc.val_interval == 0 and it != end:
+                rec = run_validation(it)
+                if rec:
+                    result.val.append(rec)
+            if tc.checkpoint_interval and it % tc.checkpoint_interval == 0 and it != end:
+                result.last_checkpoint = checkpoint(it)
+                logger.plot(cfg.name)
+        else:  # reached `end`
+            if end == max_iters and validate:
+                rec = run_validation(it)
+                if rec:
+                    result.val.append(rec)
+            if it > start or ckpt_path is None:
+                result.last_checkpoint = checkpoint(it)
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        del data_iter
+        logger.plot(cfg.name)
+        logger.close()
+        torch.use_deterministic_algorithms(deterministic_before)
+    return result
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="upernet train", description=__doc__.split("\n\n")[0],
+        epilog="Any --section.field=value (e.g. --train.lr=0.02, --data.num_workers=8) overrides "
+               "the configuration, type-checked. Several GPUs or machines: start this command "
+               "with torchrun (see README).")
+    parser.add_argument("--config", required=True, help="configuration name (upernet configs)")
+    parser.add_argument("--data-root", default=None, help="dataset folder (not for the demo data)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="continue from OUT/last.pt (or the given checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--per-device-batch", type=int, default=None,
+                        help="images per process per step (default: the largest that fits)")
+    parser.add_argument("--max-iters", type=int, default=None,
+                        help="schedule length (default epochs x iterations per epoch)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop with a checkpoint after this iteration (schedule unchanged)")
+    parser.add_argument("--weights", default=None, help="initialise the whole model (fine-tune)")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-val", action="store_true", help="skip periodic validation")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key or "." not in key.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {item!r} (overrides look like --train.lr=0.02)")
+        overrides.append(key)
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = configs.get_config(args.config, overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        print(f"upernet train: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, args.data_root, args.out, args.resume, args.device,
+                       args.per_device_batch, args.max_iters, args.stop_at, args.weights,
+                       args.backbone_weights, progress=False if args.no_progress else None,
+                       validate=not args.no_val)
+    except NonFiniteLossError as err:
+        print(f"upernet train: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"upernet train: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result.iteration} iterations; checkpoint {result.last_checkpoint}; "
+              f"log {result.out_dir / 'log.jsonl'}; curves {result.out_dir / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
