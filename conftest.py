@@ -7,8 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SANITIZE = ROOT / "notebooks" / "sanitize.cfg"
 
-# Keep every test to the CI machine's two cores, and never open a window.
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Keep every test to the CI machine's two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

@@ -1,4 +1,4 @@
-"""Class names and colour palettes of the three benchmarks (spec section 4).
+"""Label conventions of the three benchmarks (spec section 4): names, colours, id tables.
 
 - VOC: the 21 PASCAL VOC 2012 classes; palette = the devkit's bit-interleaved colour map
   (`voc_colormap`), the same one stored in every SegmentationClass PNG.
@@ -6,8 +6,16 @@
   as mmsegmentation names them) and mmsegmentation's ADE20K palette.
 - Cityscapes: the 19 evaluated classes in train-id order, their official colours, and the
   official label id -> train id table (cityscapesscripts `labels.py`; other ids -> 255).
+- `label_lut`: the one 256-entry table per dataset that turns raw label values into training
+  labels (0..C-1, 255 = ignore) and marks every other value as an error.
 """
 from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+IGNORE_INDEX = 255  # VOC boundaries, ADE20K "other" after reduce-zero-label, Cityscapes void
 
 
 def voc_colormap(n: int = 256) -> list[tuple[int, int, int]]:
@@ -93,3 +101,39 @@ CITYSCAPES_ID_TO_TRAIN_ID: dict[int, int] = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
     26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_NUM_IDS = 34  # label ids 0..33 appear in *_gtFine_labelIds.png
+
+
+def label_lut(num_classes: int, reduce_zero_label: bool = False,
+              id_map: dict[int, int] | None = None, num_ids: int = 0) -> np.ndarray:
+    """A 256-entry table raw value -> training label; -1 marks a value that is an error.
+
+    Plain: 0..C-1 and 255 kept. `reduce_zero_label`: 0 -> 255, k -> k-1 for k in 1..C.
+    `id_map` (Cityscapes): ids in the map -> their train id, the other ids 0..num_ids-1 -> 255.
+    """
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    if id_map is not None:
+        lut[:num_ids] = IGNORE_INDEX
+        for raw, train_id in id_map.items():
+            lut[raw] = train_id
+    elif reduce_zero_label:
+        lut[0] = IGNORE_INDEX
+        lut[1: num_classes + 1] = np.arange(num_classes)
+    else:
+        lut[:num_classes] = np.arange(num_classes)
+    return lut
+
+
+def describe_values(values: Sequence[int] | np.ndarray) -> str:
+    """[0, 1, 2, 5, 6, 255] -> '0..2, 5, 6, 255' (for messages)."""
+    values, parts, i = sorted(int(v) for v in values), [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{values[i]}..{values[j]}")
+        else:
+            parts += [str(v) for v in values[i: j + 1]]
+        i = j + 1
+    return ", ".join(parts)

@@ -28,9 +28,9 @@ from torchvision.io import ImageReadMode, decode_image
 
 from .dataset_classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                               CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
-                              VOC_CLASSES, VOC_PALETTE)
+                              IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, describe_values, label_lut,
+                              voc_colormap)
 
-IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -42,11 +42,21 @@ class DataError(ValueError):
 # Decoding
 
 
+def _decode(data: bytes, mode: ImageReadMode) -> torch.Tensor:
+    """torchvision's libjpeg / libpng decoders (about 2x faster than PIL on a Cityscapes label).
+
+    torchvision 0.29 marks its image I/O deprecated in favour of TorchCodec; the pinned
+    version has it, so the warning is silenced here (per call: pytest resets global filters).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+
+
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) RGB (torchvision's libjpeg / libpng decoders)."""
+    """An image file as uint8 (3, H, W) RGB; grey and CMYK JPEGs are converted."""
     try:
-        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return _decode(Path(path).read_bytes(), ImageReadMode.RGB)
     except FileNotFoundError:
         raise DataError(f"{path}: image file is missing") from None
     except (RuntimeError, ValueError) as e:
@@ -64,8 +74,7 @@ def decode_label(data: bytes, name: str = "<label>") -> np.ndarray:
     is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
     if is_png and len(data) > 26 and data[24] == 8 and data[25] in (0, 3):  # IHDR: depth, colour type
         try:
-            tensor = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                  mode=ImageReadMode.UNCHANGED)
+            tensor = _decode(data, ImageReadMode.UNCHANGED)
         except RuntimeError as e:
             raise DataError(f"{name}: unreadable or truncated label ({e})") from None
         return tensor[0].numpy()
@@ -90,39 +99,6 @@ def read_label(path: str | Path) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------
 # Raw label values -> training labels
-
-
-def label_lut(num_classes: int, reduce_zero_label: bool = False,
-              id_map: dict[int, int] | None = None, num_ids: int = 0) -> np.ndarray:
-    """A 256-entry table raw value -> training label; -1 marks a value that is an error.
-
-    Plain: 0..C-1 and 255 kept. `reduce_zero_label`: 0 -> 255, k -> k-1 for k in 1..C.
-    `id_map` (Cityscapes): ids in the map -> their train id, the other ids 0..num_ids-1 -> 255.
-    """
-    lut = np.full(256, -1, dtype=np.int64)
-    lut[IGNORE_INDEX] = IGNORE_INDEX
-    if id_map is not None:
-        lut[:num_ids] = IGNORE_INDEX
-        for raw, train_id in id_map.items():
-            lut[raw] = train_id
-    elif reduce_zero_label:
-        lut[0] = IGNORE_INDEX
-        lut[1: num_classes + 1] = np.arange(num_classes)
-    else:
-        lut[:num_classes] = np.arange(num_classes)
-    return lut
-
-
-def describe_values(values: Sequence[int] | np.ndarray) -> str:
-    """[0, 1, 2, 5, 255] -> '0..2, 5, 255' (for error messages)."""
-    values, parts, i = sorted(int(v) for v in values), [], 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}..{values[j]}")
-        i = j + 1
-    return ", ".join(parts)
 
 
 def apply_lut(raw: np.ndarray, lut: np.ndarray, name: str) -> torch.Tensor:
@@ -174,6 +150,8 @@ class SegmentationFiles(torch.utils.data.Dataset):
         return image, mask
 
     def __getitem__(self, index: int):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
         for step in range(len(self)):  # with on_bad="skip": the next good item stands in
             i = (index + step) % len(self)
             if i in self.bad:
@@ -268,7 +246,7 @@ class FolderDataset(SegmentationFiles):
         image_dir, mask_dir = _need(Path(image_dir), "image folder"), Path(mask_dir)
         samples = [(p, mask_dir / f"{p.stem}.png") for p in sorted(image_dir.iterdir())
                    if p.suffix.lower() in IMAGE_SUFFIXES]
-        palette = list(palette) if palette is not None else VOC_PALETTE[: len(classes)]
+        palette = list(palette) if palette is not None else voc_colormap()[: len(classes)]
         if len(palette) < len(classes):
             raise ValueError(f"palette has {len(palette)} colours for {len(classes)} classes")
         super().__init__(_non_empty(samples, str(image_dir)), classes, palette,
@@ -286,10 +264,11 @@ class HFSegmentation(torch.utils.data.Dataset):
         for column in (image_column, annotation_column):
             if column not in hf_dataset.column_names:
                 raise KeyError(f"column {column!r} not in {hf_dataset.column_names}")
-        self.hf_dataset, self.image_column, self.annotation_column = hf_dataset, image_column, annotation_column
+        self.hf_dataset = hf_dataset
+        self.image_column, self.annotation_column = image_column, annotation_column
         self.classes, self.transform, self.ignore_index = tuple(classes), transform, IGNORE_INDEX
         self.palette = list(palette) if palette is not None else (
-            ADE20K_PALETTE if len(classes) == 150 else VOC_PALETTE)[: len(classes)]
+            ADE20K_PALETTE if len(classes) == 150 else voc_colormap())[: len(classes)]
         self.lut = label_lut(len(classes), reduce_zero_label)
 
     @property
@@ -304,16 +283,19 @@ class HFSegmentation(torch.utils.data.Dataset):
         return f"Hugging Face dataset {name or '<in memory>'} row {index}"
 
     def __getitem__(self, index: int):
-        row = self.hf_dataset[index]
-        image = torch.from_numpy(np.array(row[self.image_column].convert("RGB"))).permute(2, 0, 1)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} rows")
+        row, where = self.hf_dataset[index], self.describe(index)
+        image = row[self.image_column]  # a PIL image (datasets.Image feature)
+        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (3, H, W)
         ann = row[self.annotation_column]
-        if ann.mode not in ("L", "P", "I", "I;16"):
-            raise DataError(f"{self.describe(index)}: annotation has mode {ann.mode!r}, expected indices")
-        mask = apply_lut(np.asarray(ann), self.lut, self.describe(index))
+        if isinstance(ann, Image.Image) and ann.mode not in ("L", "P", "I", "I;16"):
+            raise DataError(f"{where}: annotation has mode {ann.mode!r}, expected class indices")
+        mask = apply_lut(np.asarray(ann), self.lut, where)  # (H, W) int64
         if tuple(image.shape[1:]) != tuple(mask.shape):
-            raise DataError(f"{self.describe(index)}: annotation size {tuple(mask.shape)} differs "
+            raise DataError(f"{where}: annotation size {tuple(mask.shape)} differs "
                             f"from image size {tuple(image.shape[1:])}")
-        image = image.contiguous()
         return self.transform(image, mask) if self.transform is not None else (image, mask)
 
 
@@ -322,32 +304,47 @@ def _find(root: Path, sub: str) -> Path:
     return root / sub if (root / sub).is_dir() else root
 
 
-def build_dataset(cfg, split: str, root: str | Path | None = None,
-                  transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
-    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "demo").
+def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | None = None,
+                 reduce_zero_label: bool | None = None, transform: Callable | None = None,
+                 on_bad: str = "raise") -> SegmentationFiles:
+    """A dataset on disk by name, as `build_dataset` and `upernet data check` open it.
 
-    `root`: VOCdevkit/VOC2012, ADEChallengeData2016, the Cityscapes folder holding leftImg8bit/
-    and gtFine/, or a folder dataset's root with images/<split>/, masks/<split>/ and optional
-    classes.txt (one name per line). "demo" needs no root.
+    `root`: VOCdevkit/VOC2012 (or a folder holding VOCdevkit/), ADEChallengeData2016 (or its
+    parent), the Cityscapes folder holding leftImg8bit/ and gtFine/, or a folder dataset's root
+    with images/<split>/, masks/<split>/ and classes.txt (one name per line; without it
+    `num_classes` names them class_0, class_1, ...).
     """
-    name, data = cfg.data.dataset, cfg.data
-    if name == "demo":
-        from .synthetic import DemoScenes
-        return DemoScenes(split, transform=transform)
-    if root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder (see data/README.md)")
     root = Path(root)
     if name == "voc":
         return VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad)
     if name == "ade20k":
-        return ADE20K(_find(root, "ADEChallengeData2016"), split, data.reduce_zero_label, transform, on_bad)
+        return ADE20K(_find(root, "ADEChallengeData2016"), split,
+                      True if reduce_zero_label is None else reduce_zero_label, transform, on_bad)
     if name == "cityscapes":
         return Cityscapes(root, split, transform=transform, on_bad=on_bad)
     if name == "folder":
         names_file = root / "classes.txt"
-        classes = (names_file.read_text().split("\n") if names_file.exists()
-                   else [f"class_{i}" for i in range(data.num_classes)])
-        classes = [c.strip() for c in classes if c.strip()]
+        if names_file.exists():
+            classes = [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
+        elif num_classes:
+            classes = [f"class_{i}" for i in range(num_classes)]
+        else:
+            raise ValueError(f"folder dataset {root}: write classes.txt or give num_classes")
         return FolderDataset(root / "images" / split, root / "masks" / split, classes,
-                             reduce_zero_label=data.reduce_zero_label, transform=transform, on_bad=on_bad)
+                             reduce_zero_label=bool(reduce_zero_label), transform=transform,
+                             on_bad=on_bad)
     raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder or demo")
+
+
+def build_dataset(cfg, split: str, root: str | Path | None = None,
+                  transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
+    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "demo");
+    `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
+    if cfg.data.dataset == "demo":
+        from .synthetic import DemoScenes
+        return DemoScenes(split, transform=transform)
+    if root is None:
+        raise ValueError(f"dataset {cfg.data.dataset!r} needs a root folder (see data/README.md)")
+    return open_dataset(cfg.data.dataset, root, split, num_classes=cfg.data.num_classes,
+                        reduce_zero_label=cfg.data.reduce_zero_label, transform=transform,
+                        on_bad=on_bad)

@@ -21,6 +21,7 @@ In this notebook we
 7. count the full-size R-50 / R-101 backbones.
 """),
 code(r"""
+%matplotlib inline
 import inspect
 
 import matplotlib.pyplot as plt

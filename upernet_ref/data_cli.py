@@ -1,0 +1,108 @@
+"""`upernet data`: prepare the benchmark datasets and check them before a long training run.
+
+    upernet data prepare voc-aug --voc-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE/dataset
+    upernet data prepare cityscapes --root cityscapes
+    upernet data check --dataset ade20k --root ADEChallengeData2016 [--split validation]
+
+`check` prints one line per problem (the file and what is wrong), a summary per split, and
+exits with 1 when anything is wrong (0 when clean). See data/README.md for the layouts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .datasets import DataError, describe_values, open_dataset
+
+DEFAULT_SPLITS = {"voc": ("train", "val", "trainaug"), "ade20k": ("training", "validation"),
+                  "cityscapes": ("train", "val")}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="upernet data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    prepare = sub.add_parser("prepare", help="convert SBD (voc-aug) or write Cityscapes train ids")
+    which = prepare.add_subparsers(dest="target", required=True)
+    voc = which.add_parser("voc-aug", help="SBD .mat -> SegmentationClassAug + trainaug.txt")
+    voc.add_argument("--voc-root", type=Path, required=True, help="VOCdevkit/VOC2012")
+    voc.add_argument("--sbd-root", type=Path, required=True, help="benchmark_RELEASE/dataset")
+    city = which.add_parser("cityscapes", help="write *_gtFine_labelTrainIds.png")
+    city.add_argument("--root", type=Path, required=True, help="folder holding gtFine/")
+    check = sub.add_parser("check", help="report missing, truncated, mismatched or mislabelled files")
+    check.add_argument("--dataset", required=True, choices=("voc", "ade20k", "cityscapes", "folder"))
+    check.add_argument("--root", type=Path, required=True)
+    check.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
+    check.add_argument("--num-classes", type=int, help="folder dataset without classes.txt")
+    check.add_argument("--decode-images", action="store_true",
+                       help="fully decode every image too (slower; finds corruption mid-file)")
+    for p in (voc, city, check):
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="processes (default: min(8, CPU count))")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser.parse_args(argv)
+
+
+def default_splits(dataset: str, root: Path) -> list[str]:
+    """The splits to check when none is named; trainaug only once it is prepared."""
+    if dataset == "folder":
+        images = root / "images"
+        return sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    splits = list(DEFAULT_SPLITS[dataset])
+    if dataset == "voc":
+        voc = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").is_dir() else root
+        if not (voc / "ImageSets" / "Segmentation" / "trainaug.txt").exists():
+            splits.remove("trainaug")
+    return splits
+
+
+def check(args: argparse.Namespace) -> int:
+    """Check every requested split; 1 if anything is wrong."""
+    from .prepare import check_dataset
+    splits = args.split or default_splits(args.dataset, args.root)
+    if not splits:
+        print(f"{args.root}: no splits found (see data/README.md)")
+        return 1
+    bad = 0
+    for split in splits:
+        try:
+            dataset = open_dataset(args.dataset, args.root, split, num_classes=args.num_classes)
+        except (DataError, FileNotFoundError, ValueError) as e:
+            print(f"[{split}] empty split: {e}" if isinstance(e, DataError) else f"[{split}] {e}")
+            bad += 1
+            continue
+        problems, histogram = check_dataset(dataset, args.workers, args.decode_images,
+                                            not args.no_progress, desc=f"{args.dataset} {split}")
+        for kind, message in problems:
+            print(f"[{split}] {kind}: {message}")
+        kinds: dict[str, int] = {}
+        for kind, _ in problems:
+            kinds[kind] = kinds.get(kind, 0) + 1
+        found = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "no problems"
+        total = max(int(histogram.sum()), 1)
+        print(f"{args.dataset} {split}: {len(dataset)} pairs, {found}; raw label values "
+              f"{describe_values(histogram.nonzero()[0]) or '-'}, "
+              f"{100 * histogram[255] / total:.2f}% of pixels 255")
+        bad += len(problems)
+    print("OK: no problems found" if bad == 0 else f"FAILED: {bad} problem(s) found")
+    return 0 if bad == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.action == "check":
+        return check(args)
+    from .prepare import prepare_cityscapes, prepare_voc_aug
+    try:
+        if args.target == "voc-aug":
+            ids = prepare_voc_aug(args.voc_root, args.sbd_root, args.workers, not args.no_progress)
+            print(f"wrote {args.voc_root / 'ImageSets/Segmentation/trainaug.txt'}: {len(ids)} ids "
+                  "(10,582 on the full VOC 2012 + SBD)")
+        else:
+            n = prepare_cityscapes(args.root, args.workers, not args.no_progress)
+            print(f"wrote {n} *_gtFine_labelTrainIds.png files under {args.root / 'gtFine'}")
+    except (DataError, FileNotFoundError) as e:
+        print(f"upernet data prepare: {e}", file=sys.stderr)
+        return 1
+    return 0
