@@ -58,6 +58,37 @@ def test_evaluate_resizes_predictions_to_the_label_size():
     assert result["miou"] == pytest.approx(1.0)
 
 
+def hand_dataset():
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for h, w in ((5, 7), (6, 4), (3, 9)):
+        pred = torch.randint(0, 4, (h, w), generator=gen)
+        items.append((pred.float().expand(3, -1, -1), torch.randint(0, 4, (h, w), generator=gen)))
+    return items
+
+
+def _distributed_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cfg = configs.override(CFG, {"data.num_classes": 4})
+        result = evaluate(ReadsItsAnswer(), hand_dataset(), cfg, "cpu", progress=False,
+                          num_workers=0)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(result["iou"] + [result["pixels"]]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluate_shards_over_processes_and_sums_the_matrices(tmp_path):
+    cfg = configs.override(CFG, {"data.num_classes": 4})
+    single = evaluate(ReadsItsAnswer(), hand_dataset(), cfg, "cpu", progress=False, num_workers=0)
+    torch.multiprocessing.spawn(_distributed_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    for rank in (0, 1):  # every rank ends with the metrics of the whole split
+        values = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert values == pytest.approx(single["iou"] + [single["pixels"]])
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line, on a checkpoint of the small test model (random weights)
 
@@ -134,6 +165,18 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
     assert saved["stride"] == [24, 24] and "sliding-window" in saved["protocol"]
 
 
+def test_evaluate_applies_the_test_pipeline_to_raw_items(checkpoint):
+    from upernet_ref.synthetic import DemoScenes
+    from upernet_ref.transforms import test_transform
+    _, model = checkpoint
+    raw = evaluate(model, DemoScenes("val"), CFG, "cpu", progress=False, num_workers=0, limit=2)
+    ready = evaluate(model, DemoScenes("val", transform=test_transform(CFG.data)), CFG, "cpu",
+                     progress=False, num_workers=0, limit=2)
+    for key in ("gt_pixels", "pred_pixels"):  # ints: no NaN to trip the comparison
+        assert raw[key] == ready[key]
+    assert raw["pixels"] == ready["pixels"] > 0 and raw["miou"] == pytest.approx(ready["miou"])
+
+
 def test_eval_loads_a_published_sssegmentation_file(checkpoint, tmp_path, capsys):
     path, model = checkpoint
     sss = tmp_path / "upernet_sss.pth"
@@ -181,3 +224,28 @@ def test_predict_cli_writes_maps_and_names_unreadable_files(checkpoint, tmp_path
     # every readable image: exit status 0
     assert predict_main(["--checkpoint", str(path), "--out", str(out_dir), "--device", "cpu",
                          str(images / "a.png")]) == 0
+
+
+REALDATA = "/work/shared/realdata/voc"
+
+
+def test_eval_on_real_voc_samples(tmp_path, capsys):
+    import os
+    if not os.path.isdir(REALDATA):
+        pytest.skip("real VOC samples not available")
+    cfg = configs.override(CFG, {"data.dataset": "voc", "data.num_classes": 21})
+    torch.manual_seed(0)
+    path = tmp_path / "voc_small.pth"
+    torch.save({"model": build_model(cfg).state_dict(), "config": configs.to_dict(cfg)}, path)
+    json_path = tmp_path / "voc.json"
+    code, out = run_eval(["--checkpoint", str(path), "--data-root", REALDATA, "--split", "val",
+                          "--limit", "2", "--json", str(json_path)], capsys)
+    assert code == 0, out.err
+    result = json.loads(json_path.read_text())
+    assert result["num_images"] == 2 and len(result["iou"]) == 21
+    assert "aeroplane" in out.out or "background" in out.out
+    # compared at the original label size, without the 255 boundary pixels
+    from upernet_ref.datasets import build_dataset
+    masks = [build_dataset(cfg, "val", REALDATA)[i][1] for i in range(2)]
+    assert result["pixels"] == sum(int((m != 255).sum()) for m in masks)
+    assert any((m == 255).any() for m in masks)

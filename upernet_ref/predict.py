@@ -82,7 +82,7 @@ def predict_image(model: torch.nn.Module, image: torch.Tensor, cfg: Config,
                   device: torch.device, **options) -> torch.Tensor:
     """uint8 (H, W) class indices for a uint8 (3, H, W) image, at its own size."""
     h, w = image.shape[-2:]
-    normalized, _ = test_transform(cfg.data)(image, torch.zeros(h, w, dtype=torch.int64))
+    normalized, _ = test_transform(cfg.data)(image, None)  # fitted to the base scale
     probs = inference(model, normalized.to(device), cfg.test, out_size=(h, w), **options)
     return probs.argmax(1)[0].to(torch.uint8).cpu()
 

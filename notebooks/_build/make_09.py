@@ -164,7 +164,8 @@ for name, options in protocols.items():
     assert results[name]["forwards"] == expected, name
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT  (times vary; the accuracies depend on the briefly trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (times vary; the accuracies depend on the briefly trained weights)
 for name, r in results.items():
     print(f"{name:<20} {1000 * r['seconds']:8.1f} ms per image   pixel accuracy {r['acc']:.3f}")
 assert results["slide + ms + flip"]["seconds"] > results["whole"]["seconds"]
@@ -187,7 +188,8 @@ where the extra views (especially the larger scales, which see the shapes bigger
 vote.
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT  (depends on the briefly trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (depends on the briefly trained weights)
 base = results["whole"]["pred"]
 for name, r in results.items():
     print(f"{name:<20} differs from 'whole' on {(r['pred'] != base).float().mean():.1%} of pixels")
@@ -215,7 +217,8 @@ differences between protocols are noise; on the real benchmarks multi-scale + fl
 gains a little, at twelve times the cost):
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT  (depends on the briefly trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (depends on the briefly trained weights)
 val_small = torch.utils.data.Subset(val, range(10))
 for name in ("whole", "slide", "whole + ms + flip"):
     r = evaluate(model, val_small, cfg, device, progress=False, num_workers=0, **protocols[name])
