@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The exact commands behind docs/benchmarks.md (CPU). Run from the repository root:
+#   bash benchmarks/cpu_figures.sh [OUT_DIR]
+# Each line writes one JSON file; docs/benchmarks.md quotes their figures.
+set -euo pipefail
+OUT=${1:-benchmarks/results}
+mkdir -p "$OUT"
+B="python -m upernet_ref.cli bench"
+# 1. The published ADE20K model at its crop size: eager vs fast, inference and training.
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --warmup 1 --repeats 3 --json "$OUT/r50_os8_512_infer.json"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 2 --json "$OUT/r50_os8_512_train.json"
+# 2. The fast path's alternatives, to justify the --fast rules (fp32 folded; torch.compile,
+#    measured on the small config because compiling ResNet-50 on 2 cores takes minutes).
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --dtype float32 --warmup 1 --repeats 3 --json "$OUT/r50_os8_512_infer_fold_fp32.json"
+$B --config upernet_small_demo --size 512x512 --mode infer --fast --compile on --warmup 1 --repeats 5 --json "$OUT/demo_512_infer_compile.json"
+# 3. Cost vs image size (latency measured on the small demo config; GMACs for all sizes).
+for s in 256 512 1024; do
+  $B --config upernet_small_demo --size ${s}x${s} --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_${s}_infer.json"
+done
+$B --config upernet_r50_os8_ade20k --size 256x256 --mode infer --fast --warmup 1 --repeats 3 --json "$OUT/r50_os8_256_infer.json"
+# 4. Batch size.
+for b in 1 2 4; do
+  $B --config upernet_small_demo --size 512x512 --batch $b --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_512_b${b}_infer.json"
+done

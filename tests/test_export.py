@@ -1,0 +1,75 @@
+"""ONNX export (checked with onnxruntime) and torch.export, at static shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upernet_ref import build_model
+from upernet_ref.export import (adaptive_pool_matrix, export_onnx, export_torch,
+                                exportable_model, main)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("upernet_small_test").eval()
+
+
+@pytest.mark.parametrize("in_size,out_size", [(8, 3), (12, 6), (5, 6), (7, 1), (6, 2)])
+def test_pool_matrix_equals_adaptive_avg_pool(in_size, out_size):
+    x = torch.randn(2, 3, in_size, in_size + 1, dtype=torch.float64)
+    ph = adaptive_pool_matrix(in_size, out_size)
+    pw = adaptive_pool_matrix(in_size + 1, out_size)
+    pooled = torch.einsum("ih,bchw,jw->bcij", ph, x, pw)
+    torch.testing.assert_close(pooled, F.adaptive_avg_pool2d(x, out_size))
+
+
+def test_static_ppm_model_equals_eager(model):
+    # 64x96 at output stride 8 -> an 8x12 C5 map: 3 and 6 do not divide 8, the case ONNX's
+    # AveragePool cannot express.
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(exportable_model(model, (64, 96))(x), model(x)["out"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_matches_pytorch(model, tmp_path):
+    report = export_onnx(model, (64, 96), tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").stat().st_size > 10_000
+    assert report["onnx_vs_eager_max_abs_diff"] < 1e-4
+    assert report["onnx_vs_eager_argmax_agreement"] >= 0.999
+
+
+def test_onnx_model_runs_on_other_data(model, tmp_path):
+    import onnxruntime as ort
+
+    export_onnx(model, (64, 96), tmp_path / "m.onnx", check=False)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, 3, 64, 96) * 4 - 2
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)["out"].numpy()
+    assert logits.shape == (1, 8, 64, 96)
+    assert np.abs(logits - expected).max() < 1e-4
+    with pytest.raises(Exception):  # static shape: another size is refused
+        session.run(None, {"images": np.zeros((1, 3, 64, 64), np.float32)})
+
+
+def test_torch_export_runs(model, tmp_path):
+    report = export_torch(model, (64, 64), tmp_path / "m.pt2")
+    assert report["export_vs_eager_max_abs_diff"] < 1e-5
+
+
+def test_command_line(tmp_path, capsys):
+    assert main(["--config", "upernet_small_test", "--size", "48x64", "--format", "onnx",
+                 "--out", str(tmp_path / "cli.onnx")]) == 0
+    assert "onnx_vs_eager_argmax_agreement: 1" in capsys.readouterr().out
+
+
+def test_bad_size_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="size"):
+        exportable_model(model, (0, 64))
+    with pytest.raises(SystemExit):
+        main(["--config", "upernet_small_test", "--size", "64", "--out", "x.onnx"])

@@ -1,0 +1,163 @@
+"""BatchNorm folding is exact, and the fast inference path agrees with fp32 eager."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from upernet_ref import build_model, configs
+from upernet_ref.fuse import (count_batchnorms, default_fast_settings, fast_inference_model,
+                              fold_batchnorm, fold_conv_bn)
+from upernet_ref.synthetic import DemoScenes
+
+REALDATA = Path("/work/shared/realdata")
+CFG = configs.get_config("upernet_small_demo")
+MEAN = torch.tensor(CFG.data.mean).view(1, 3, 1, 1)
+STD = torch.tensor(CFG.data.std).view(1, 3, 1, 1)
+
+
+def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
+    return (images_uint8.float() - MEAN) / STD
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    """Seeded random weights, random BN affine, and BN statistics from train-mode forwards.
+
+    With fresh BatchNorms (mean 0, var 1, gamma 1, beta 0) folding is nearly the identity and
+    a wrong fold could pass; here every BN is a non-trivial affine map.
+    """
+    torch.manual_seed(0)
+    net = build_model(CFG)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.momentum = 0.5
+    net.train()
+    scenes = DemoScenes("train", num_samples=8, size=(64, 64), seed=1)
+    batch = torch.stack([scenes[i][0] for i in range(8)])
+    with torch.no_grad():
+        for _ in range(3):
+            net(normalize(batch))
+    return net.eval()
+
+
+def test_fold_conv_bn_matches_conv_then_bn():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, bias=False)
+    bn = nn.BatchNorm2d(6).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.1, 3)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_conv_bn(conv, bn)(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_removes_every_bn_and_is_exact(model):
+    folded = fold_batchnorm(model)
+    assert count_batchnorms(model) > 20  # the original is untouched
+    assert count_batchnorms(folded) == 0
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = model(x)["out"], folded(x)["out"]
+    assert expected.abs().max() > 0.1  # logits are not trivially small
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_model_float32_is_exact_and_returns_float32(model):
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=False)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = fast(x)["out"]
+        expected = model(x)["out"]
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_settings_are_documented_rules():
+    cpu = default_fast_settings("cpu")
+    assert cpu.channels_last and not cpu.compile
+    assert cpu.dtype in (None, torch.bfloat16)
+
+
+def agreement(model: nn.Module, fast: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Argmax agreement overall and on "decided" pixels, and the logit error, vs fp32 eager.
+
+    A pixel is decided when its fp32 top-1 / top-2 logit margin exceeds 5% of the logits'
+    standard deviation. A seeded random network has many near-ties (margins far below bf16's
+    ~3 significant digits), where bf16 legitimately flips the argmax; a trained network has few.
+    """
+    with torch.no_grad():
+        a = model(images)["out"]
+        b = fast(images)["out"]
+    top2 = a.topk(2, dim=1).values
+    decided = (top2[:, 0] - top2[:, 1]) > 0.05 * a.std()
+    same = a.argmax(1) == b.argmax(1)
+    return {"all": same.float().mean().item(), "decided": same[decided].float().mean().item(),
+            "decided_fraction": decided.float().mean().item(),
+            "max_abs_diff": (a - b).abs().max().item(), "logit_std": a.std().item()}
+
+
+def demo_images(n: int = 4, size: tuple[int, int] = (96, 128)) -> torch.Tensor:
+    scenes = DemoScenes("val", num_samples=n, size=size, seed=0)
+    return normalize(torch.stack([scenes[i][0] for i in range(n)]))
+
+
+def real_images(limit: int = 2, size: tuple[int, int] = (96, 128)) -> torch.Tensor:
+    folder = REALDATA / "ade20k/ADEChallengeData2016/images/validation"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    paths = sorted(folder.glob("*.jpg"))[:limit]
+    if not paths:
+        pytest.skip(f"no images in {folder}")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.BILINEAR))
+              for p in paths]
+    return normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("source", ["demo", "real"])
+def test_fp32_fast_path_agrees(model, source):
+    images = demo_images() if source == "demo" else real_images()
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=False)
+    assert agreement(model, fast, images)["all"] >= 0.999
+
+
+@pytest.mark.parametrize("source", ["demo", "real"])
+def test_bf16_fast_path_agrees(model, source):
+    images = demo_images() if source == "demo" else real_images()
+    fast = fast_inference_model(model, "cpu", dtype=torch.bfloat16, compile=False)
+    result = agreement(model, fast, images)
+    assert result["max_abs_diff"] < 0.1 * result["logit_std"]  # bf16: ~4% measured
+    assert result["decided_fraction"] > 0.8
+    assert result["decided"] >= 0.999
+    assert result["all"] >= 0.98  # near-ties of a random network flip (~1% measured)
+
+
+@pytest.mark.slow
+def test_trained_demo_model_fast_path_agrees_and_miou_unchanged(tmp_path):
+    """A briefly trained model: bf16 fast path agrees on 99.9% of pixels, mIoU within 0.1."""
+    train_mod = pytest.importorskip("upernet_ref.train")
+    from upernet_ref.checkpoints import load_weights
+    from upernet_ref.evaluate import evaluate
+
+    cfg = configs.override(configs.get_config("upernet_small_test"),
+                           {"train.val_interval": 0, "train.checkpoint_interval": 1000})
+    result = train_mod.train(cfg, out_dir=tmp_path, max_iters=20, validate=False, progress=False,
+                             tensorboard=False, handle_signals=False, log=lambda *_: None)
+    net = load_weights(build_model(cfg), result.last_checkpoint).eval()
+    fast = fast_inference_model(net, "cpu", dtype=torch.bfloat16, compile=False)
+    assert agreement(net, fast, demo_images())["all"] >= 0.999
+    val = DemoScenes("val", num_samples=6, size=tuple(cfg.data.base_scale[::-1]), seed=0)
+    eager_miou = evaluate(net, val, cfg, device="cpu", progress=False, num_workers=0)["miou"]
+    fast_miou = evaluate(fast, val, cfg, device="cpu", progress=False, num_workers=0)["miou"]
+    assert eager_miou > 0.05  # it learned something, so the comparison means something
+    assert abs(fast_miou - eager_miou) <= 0.001  # 0.1 mIoU points

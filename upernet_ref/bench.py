@@ -1,0 +1,407 @@
+"""Speed and memory figures (`upernet bench`).
+
+    upernet bench --config upernet_r50_os8_ade20k --size 512x512 --mode both --fast \\
+        --warmup 1 --repeats 3 --json bench.json
+
+What is measured (per configuration, input size and batch):
+
+- GMACs: multiply-accumulates per image of one eval-mode forward, counted by running the model
+  on the meta device (`flops.count_macs`; convolutions and matrix products only).
+- Inference: latency of one batch = the median over `repeats` timed forwards after `warmup`
+  untimed ones (`torch.no_grad`, eval mode; CUDA synchronised); images/s = batch / latency.
+  Also the median process CPU time per batch (`time.process_time`, all threads): on a shared
+  machine the wall time includes waiting for other processes, the CPU time does not.
+- Training: one full step (forward in train mode with the auxiliary head, cross-entropy +
+  0.4 x auxiliary loss, backward, SGD with momentum and weight decay), timed the same way;
+  train images/s = train batch / step time. BatchNorm in train mode needs > 1 value per channel
+  at the PPM's 1x1 pool, so the train batch is at least 2.
+- Peak memory: CUDA: `torch.cuda.max_memory_allocated` over the phase (weights included).
+  CPU: the peak resident set size (Linux VmHWM, reset before each phase by writing 5 to
+  /proc/self/clear_refs) minus the resident set size before the model was built, i.e. weights
+  + activations + workspace, like the CUDA figure. Falls back to `ru_maxrss` when the peak
+  cannot be reset (then a phase only shows if it exceeds every earlier one).
+- MFU (CUDA): achieved FLOP/s (2 x MACs x images/s; x 3 for a training step, forward +
+  backward) over the device's dense bf16/fp16 tensor-core peak from `PEAK_TFLOPS`.
+- `--fast`: the same figures for the fast path: `fuse.fast_inference_model` for inference
+  (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
+  channels_last + autocast (+ compile) for training (`fuse.default_fast_settings`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import Config, get_config
+from .flops import count_macs
+from .fuse import FastSettings, default_fast_settings, fast_inference_model
+from .model import build_model
+
+# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, by a substring of the CUDA
+# device name; the first match wins. V100 and T4 have no bf16: fp16 peak.
+PEAK_TFLOPS = (
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0),
+    ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+)
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """The dense bf16/fp16 peak of a CUDA device from `PEAK_TFLOPS`, None if unknown or CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+def _rss_kb(field: str = "VmRSS") -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class MemoryMeter:
+    """Peak memory of a phase in MB (see the module docstring for the method)."""
+
+    def __init__(self, device: torch.device, baseline_kb: int | None):
+        self.device = device
+        self.baseline_kb = baseline_kb or 0
+        self.method = ""
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "torch.cuda.max_memory_allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM (the peak RSS) to the current RSS, Linux >= 4.0
+            self.method = "peak RSS (VmHWM, reset per phase) - RSS before the model was built"
+        except OSError:
+            self.method = "ru_maxrss (process-lifetime peak) - RSS before the model was built"
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak_kb = _rss_kb("VmHWM") if self.method.startswith("peak RSS") else None
+        if peak_kb is None:
+            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+        return (peak_kb - self.baseline_kb) / 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: typing.Callable[[], typing.Any], device: torch.device, warmup: int,
+               repeats: int) -> dict[str, float]:
+    """Median wall and CPU seconds of `repeats` calls of `fn` after `warmup` untimed calls."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(repeats):
+        _sync(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return {"median_s": statistics.median(walls), "min_s": min(walls),
+            "cpu_s": statistics.median(cpus), "warmup_s": warmup_s, "runs_s": walls}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def bench_inference(model: nn.Module, images: torch.Tensor, device: torch.device,
+                    warmup: int, repeats: int, meter: MemoryMeter) -> dict[str, typing.Any]:
+    """Latency, images/s and peak memory of `model(images)` under no_grad."""
+    meter.reset()
+    with torch.no_grad():
+        t = time_calls(lambda: model(images), device, warmup, repeats)
+    batch = images.shape[0]
+    return {"latency_ms": 1000 * t["median_s"], "latency_min_ms": 1000 * t["min_s"],
+            "cpu_ms": 1000 * t["cpu_s"], "images_per_s": batch / t["median_s"],
+            "first_calls_s": t["warmup_s"], "runs_ms": [1000 * r for r in t["runs_s"]],
+            "peak_memory_mb": meter.peak_mb()}
+
+
+def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   device: torch.device, warmup: int, repeats: int, meter: MemoryMeter,
+                   settings: FastSettings | None = None,
+                   aux_weight: float = 0.4) -> dict[str, typing.Any]:
+    """Time full SGD steps; with `settings`, channels_last + autocast (+ compile)."""
+    model.train()
+    forward = model
+    if settings is not None:
+        if settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        if settings.compile:
+            forward = torch.compile(model)
+    dtype = settings.dtype if settings is not None else None
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            out = forward(images)
+        loss = F.cross_entropy(out["out"].float(), labels, ignore_index=255)
+        if "aux" in out:
+            loss = loss + aux_weight * F.cross_entropy(out["aux"].float(), labels, ignore_index=255)
+        loss.backward()
+        optimizer.step()
+
+    meter.reset()
+    t = time_calls(step, device, warmup, repeats)
+    batch = images.shape[0]
+    return {"train_step_ms": 1000 * t["median_s"], "train_step_min_ms": 1000 * t["min_s"],
+            "train_cpu_ms": 1000 * t["cpu_s"], "train_images_per_s": batch / t["median_s"],
+            "train_first_calls_s": t["warmup_s"],
+            "train_runs_ms": [1000 * r for r in t["runs_s"]],
+            "train_peak_memory_mb": meter.peak_mb()}
+
+
+def _mfu(gmacs: float, images_per_s: float, peak_tflops: float | None, factor: int = 1
+         ) -> float | None:
+    if peak_tflops is None:
+        return None
+    return factor * 2 * gmacs * 1e9 * images_per_s / (peak_tflops * 1e12)
+
+
+# --------------------------------------------------------------------------------------------
+# Machine description
+
+def machine_info(device: torch.device) -> dict[str, typing.Any]:
+    info: dict[str, typing.Any] = {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # other processes competing for the CPU make wall times noisy: recorded, not hidden
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                            if line.startswith("model name")), platform.processor())
+        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                          if line.startswith("flags")), []))
+        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                            "amx_bf16", "amx_tile", "amx_int8"})
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["peak_tflops_bf16"] = device_peak_tflops(device)
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
+              size: tuple[int, int] | None = None, mode: str = "infer", fast: bool = False,
+              warmup: int = 1, repeats: int = 3, dtype: str = "auto",
+              compile: str = "auto", seed: int = 0) -> dict[str, typing.Any]:
+    """All the figures as one JSON-able dict (see the module docstring)."""
+    device = torch.device(device)
+    if mode not in ("infer", "train", "both"):
+        raise ValueError(f"bench: mode must be infer, train or both, got {mode!r}")
+    if batch < 1 or warmup < 0 or repeats < 1:
+        raise ValueError(f"bench: need batch >= 1, warmup >= 0, repeats >= 1; got {batch}, "
+                         f"{warmup}, {repeats}")
+    size = tuple(size or cfg.data.crop_size)
+    with torch.device("meta"):
+        meta_model = build_model(cfg)
+    gmacs = count_macs(meta_model.eval(), size) / 1e9
+    train_gmacs = count_macs(meta_model.train(), size) / 1e9
+
+    baseline_kb = _rss_kb()
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device)
+    meter = MemoryMeter(device, baseline_kb if device.type == "cpu" else None)
+    generator = torch.Generator().manual_seed(seed)
+    peak = device_peak_tflops(device)
+    result: dict[str, typing.Any] = {
+        "config": cfg.name, "device": str(device), "size": list(size), "batch": batch,
+        "mode": mode, "warmup": warmup, "repeats": repeats, "gmacs": gmacs,
+        "train_gmacs": train_gmacs, "latency_ms": None, "images_per_s": None,
+        "train_images_per_s": None, "peak_memory_mb": None, "mfu": None,
+        "machine": machine_info(device),
+    }
+    settings = default_fast_settings(device)
+    if dtype != "auto":
+        settings = FastSettings({"float32": None, "bfloat16": torch.bfloat16,
+                                 "float16": torch.float16}[dtype], settings.channels_last,
+                                settings.compile)
+    if compile != "auto":
+        settings = FastSettings(settings.dtype, settings.channels_last, compile == "on")
+
+    if mode in ("infer", "both"):
+        images = torch.randn(batch, 3, *size, generator=generator).to(device)
+        model.eval()
+        result.update(bench_inference(model, images, device, warmup, repeats, meter))
+        result["memory_method"] = meter.method
+        result["mfu"] = _mfu(gmacs, result["images_per_s"], peak)
+        if fast:
+            fast_model = fast_inference_model(model, device, dtype=settings.dtype,
+                                              channels_last=settings.channels_last,
+                                              compile=settings.compile)
+            figures = bench_inference(fast_model, images, device, warmup, repeats, meter)
+            figures["mfu"] = _mfu(gmacs, figures["images_per_s"], peak)
+            figures["settings"] = settings.describe()
+            figures["speedup"] = figures["images_per_s"] / result["images_per_s"]
+            result["fast"] = figures
+            del fast_model
+    if mode in ("train", "both"):
+        train_batch = max(batch, 2)
+        images = torch.randn(train_batch, 3, *size, generator=generator).to(device)
+        labels = torch.randint(0, cfg.model.num_classes, (train_batch, *size),
+                               generator=generator).to(device)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        result["train_batch"] = train_batch
+        result.update(bench_training(model, images, labels, device, warmup, repeats, meter))
+        result["peak_memory_mb"] = result.get("peak_memory_mb") or result["train_peak_memory_mb"]
+        result["memory_method"] = meter.method
+        result["train_mfu"] = _mfu(train_gmacs, result["train_images_per_s"], peak, factor=3)
+        if fast:
+            torch.manual_seed(seed)
+            model = build_model(cfg).to(device)
+            model.load_state_dict(state)
+            train_settings = FastSettings(settings.dtype, settings.channels_last, settings.compile)
+            figures = bench_training(model, images, labels, device, warmup, repeats, meter,
+                                     train_settings)
+            figures["train_mfu"] = _mfu(train_gmacs, figures["train_images_per_s"], peak, 3)
+            figures["train_settings"] = (f"{str(settings.dtype or 'float32').replace('torch.', '')}"
+                                         f" autocast, channels_last"
+                                         f"{', torch.compile' if settings.compile else ''}")
+            figures["train_speedup"] = (figures["train_images_per_s"]
+                                        / result["train_images_per_s"])
+            result.setdefault("fast", {}).update(figures)
+    return result
+
+
+def format_table(result: dict[str, typing.Any]) -> str:
+    """A plain-text table of the figures: one row per path (eager, fast) and phase."""
+    m = result["machine"]
+    where = m.get("gpu") or f"{m.get('cpu', '?')} ({m['threads']} threads)"
+    lines = [f"{result['config']}  input {result['batch']}x3x{result['size'][0]}x{result['size'][1]}"
+             f"  {result['gmacs']:.1f} GMACs/image  on {result['device']}: {where}, "
+             f"torch {m['torch']}",
+             f"{'path':<34} {'phase':<6} {'ms/batch':>9} {'cpu ms':>9} {'img/s':>8} "
+             f"{'peak MB':>8} {'MFU':>6}"]
+
+    def row(name: str, phase: str, ms: float, cpu: float, ips: float, mem: float,
+            mfu: float | None) -> None:
+        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+        lines.append(f"{name:<34} {phase:<6} {ms:9.1f} {cpu:9.1f} {ips:8.2f} {mem:8.0f} "
+                     f"{mfu_text:>6}")
+
+    fast = result.get("fast", {})
+    if result.get("latency_ms") is not None:
+        row("eager fp32", "infer", result["latency_ms"], result["cpu_ms"], result["images_per_s"],
+            result["peak_memory_mb"], result["mfu"])
+        if "latency_ms" in fast:
+            row(f"fast ({fast['settings']})", "infer", fast["latency_ms"], fast["cpu_ms"],
+                fast["images_per_s"], fast["peak_memory_mb"], fast["mfu"])
+    if result.get("train_images_per_s") is not None:
+        row(f"eager fp32 (batch {result['train_batch']})", "train", result["train_step_ms"],
+            result["train_cpu_ms"], result["train_images_per_s"],
+            result["train_peak_memory_mb"], result["train_mfu"])
+        if "train_step_ms" in fast:
+            row(f"fast ({fast['train_settings']})", "train", fast["train_step_ms"],
+                fast["train_cpu_ms"], fast["train_images_per_s"], fast["train_peak_memory_mb"],
+                fast["train_mfu"])
+    if "speedup" in fast:
+        lines.append(f"fast inference speed-up: {fast['speedup']:.2f}x")
+    if "train_speedup" in fast:
+        lines.append(f"fast training speed-up: {fast['train_speedup']:.2f}x")
+    lines.append(f"memory: {result.get('memory_method', '')}")
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 512x512, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upernet bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="configuration name")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=parse_size, default=None,
+                        help="input HxW (default: the config's crop size)")
+    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
+    parser.add_argument("--fast", action="store_true", help="also measure the fast path")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        default="auto", help="fast path autocast dtype (auto: per device)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="fast path torch.compile (auto: per device)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("upernet bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = get_config(args.config)
+        result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
+                           args.warmup, args.repeats, args.dtype, args.compile)
+    except (ValueError, KeyError) as err:
+        print(f"upernet bench: {err}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
