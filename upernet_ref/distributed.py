@@ -31,6 +31,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this call created the process group (and `cleanup` ends it)
 
     @property
     def is_main(self) -> bool:
@@ -71,6 +72,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
+    owns_group = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         for var in ("MASTER_ADDR", "MASTER_PORT"):
@@ -79,11 +81,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
                                    f"processes with torchrun (see README, 'Training')")
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
-    return DistInfo(rank, world_size, local_rank, dev)
+        owns_group = True
+    return DistInfo(rank, world_size, local_rank, dev, owns_group)
 
 
-def cleanup() -> None:
-    """Leave the process group (if any)."""
+def cleanup(info: DistInfo | None = None) -> None:
+    """Leave the process group if `info` says we created it (or, without `info`, if any)."""
+    if info is not None and not info.owns_group:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

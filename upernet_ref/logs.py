@@ -1,7 +1,8 @@
 """Training logs: one JSON object per line (`log.jsonl`), TensorBoard, and a `curves.png` plot.
 
 `log.jsonl` is the record of a run: `{"kind": "train", "iter", "epoch", "loss", "loss_out",
-"loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations and
+"loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations
+(losses and speed averaged over those iterations, `lr` that of the last one) and
 `{"kind": "val", "iter", "miou", "macc", "aacc"}` after each validation. When a run resumes, the
 lines written after the checkpoint's iteration are dropped, so the file reads like one run.
 """

@@ -9,8 +9,9 @@ One loop for every setup (nanoGPT-style, no callbacks): per iteration, each proc
 micro-batches of the global batch (`distributed.GlobalBatchOrder`), accumulating gradients
 (DDP synchronises on the last one), checks that the loss is finite on every process, then takes
 one SGD step and one poly-schedule step. The global batch (16, or 8 for Cityscapes) is kept
-whatever the hardware: per-device batch x processes x accumulation steps. SyncBN is used when
-there are several processes, plain BN in one (`train.norm="auto"`).
+whatever the hardware: per-device batch x processes x accumulation steps. SyncBN is used with
+several CUDA processes, plain BN in one process or on CPU (`train.norm="auto"`; torch's
+SyncBatchNorm is CUDA-only).
 
 Everything needed to continue exactly is checkpointed atomically to `out/last.pt`: weights,
 optimizer (momentum), scheduler, AMP scaler, RNG states of every process and the iteration
@@ -118,10 +119,14 @@ def autocast(amp: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def use_sync_bn(norm: str, world_size: int) -> bool:
+def use_sync_bn(norm: str, world_size: int, device: torch.device) -> bool:
+    """SyncBN with several CUDA processes (torch's SyncBatchNorm is CUDA-only), else BN."""
     if norm not in ("auto", "batchnorm", "syncbn"):
         raise ValueError(f"train.norm must be auto, batchnorm or syncbn, got {norm!r}")
-    return world_size > 1 and norm in ("auto", "syncbn")
+    if norm == "syncbn" and world_size > 1 and device.type != "cuda":
+        raise ValueError("train.norm=syncbn needs CUDA devices (torch's SyncBatchNorm is "
+                         "CUDA-only); use train.norm=auto or batchnorm on CPU")
+    return world_size > 1 and norm in ("auto", "syncbn") and device.type == "cuda"
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -129,7 +134,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 
 def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
-                            share: int) -> int:
+                            share: int, smallest: int = 1) -> int:
     """The largest divisor of `share` whose forward + backward fits in memory.
 
     On CPU: the full share (memory is rarely the limit there). On CUDA: try a training step on
@@ -142,7 +147,7 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
     h, w = cfg.data.crop_size
     chosen = None
     with torch.random.fork_rng(devices=[device]):
-        for b in _divisors_desc(share):
+        for b in [d for d in _divisors_desc(share) if d >= min(smallest, share)]:
             try:
                 x = torch.randn(b, 3, h, w, device=device)
                 y = torch.randint(0, cfg.data.num_classes, (b, h, w), device=device)
@@ -163,8 +168,8 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
                 break
     model.load_state_dict(saved)
     if chosen is None:
-        raise RuntimeError(f"even a per-device batch of 1 at crop {h}x{w} does not fit in the "
-                           f"memory of {device}; try --train.amp=bf16 or a smaller crop")
+        raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
+                           f"in the memory of {device}; try --train.amp=bf16 or a smaller crop")
     return chosen
 
 
@@ -216,7 +221,7 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
           train_dataset: torch.utils.data.Dataset | None = None,
           val_dataset: torch.utils.data.Dataset | None = None, validate: bool = True,
           handle_signals: bool = True, tensorboard: bool = True,
-          log: typing.Callable[[str], None] = print) -> TrainResult:
+          log: typing.Callable[[str], None] | None = None) -> TrainResult:
     """Train `cfg` and return what happened (see `TrainResult`).
 
     Args:
@@ -247,13 +252,14 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
                       stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
                       validate, handle_signals, tensorboard, log)
     finally:
-        cleanup()
+        cleanup(info)
 
 
 def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_device_batch,
            max_iters, stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
            validate, handle_signals, tensorboard, log) -> TrainResult:
     tc, dev = cfg.train, info.device
+    log = log or (lambda message: print(message, flush=True))
     say = log if info.is_main else (lambda *_: None)
     max_iters = int(max_iters or tc.max_iters)
     end = min(max_iters, stop_at) if stop_at else max_iters
@@ -278,13 +284,19 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     share = batch_decomposition(tc.batch_size, info.world_size)[0]
+    sync_bn = use_sync_bn(tc.norm, info.world_size, dev)
+    # Plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image.
+    smallest = 1 if sync_bn else 2
     if per_device_batch is None:
-        per_device_batch = choose_per_device_batch(model, cfg, dev, share)
+        per_device_batch = choose_per_device_batch(model, cfg, dev, share, smallest)
         if info.distributed:  # every process must use the same: take the smallest
             t = torch.tensor([-per_device_batch], device=dev)
             per_device_batch = -int(all_reduce_max(t).item())
     per_device_batch, accum = batch_decomposition(tc.batch_size, info.world_size, per_device_batch)
-    sync_bn = use_sync_bn(tc.norm, info.world_size)
+    if per_device_batch < smallest:
+        raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
+                         "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
+                         "channel; use --per-device-batch 2 or more")
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x "
@@ -348,7 +360,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     loader = torch.utils.data.DataLoader(
         SeededItems(train_dataset, tc.seed), batch_sampler=sampler,
         num_workers=cfg.data.num_workers, pin_memory=dev.type == "cuda",
-        persistent_workers=False)
+        generator=torch.Generator())  # its own generator: the global RNG (dropout) is untouched
 
     logger = RunLogger(out_dir, enabled=info.is_main, tensorboard=tensorboard,
                        resume_from=start if ckpt_path is not None else None)
@@ -376,7 +388,8 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         if not validate or val_dataset is None:
             return None
         from .evaluate import evaluate
-        res = evaluate(raw_model, val_dataset, cfg, dev, progress=False)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            res = evaluate(raw_model, val_dataset, cfg, dev, progress=False)  # RNG untouched
         record = {"kind": "val", "iter": iteration, "miou": res["miou"], "macc": res.get("macc"),
                   "aacc": res.get("aacc")}
         logger.log(record)
@@ -399,6 +412,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     ddp = isinstance(forward_model, nn.parallel.DistributedDataParallel)
     data_iter = iter(loader)
     window_start, window_iters = time.perf_counter(), 0
+    window_sums = torch.zeros(3, dtype=torch.float64)  # loss, loss_out, loss_aux over the window
     it = start
     try:
         while it < end:
@@ -436,6 +450,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
             scheduler.step()
             it += 1
             window_iters += 1
+            window_sums += sums[:3].double().cpu() / info.world_size
             result.losses.append(loss_value)
             result.iteration = it
             if bar is not None:
@@ -446,17 +461,18 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
                 elapsed = time.perf_counter() - window_start
                 sec_per_iter = elapsed / max(window_iters, 1)
                 epoch = (it * tc.batch_size) / len(train_dataset)
+                means = (window_sums / max(window_iters, 1)).tolist()  # mean over the window
                 record = {"kind": "train", "iter": it, "epoch": round(epoch, 4),
-                          "loss": loss_value, "loss_out": sums[1].item() / info.world_size,
-                          "loss_aux": sums[2].item() / info.world_size, "lr": lr,
+                          "loss": means[0], "loss_out": means[1], "loss_aux": means[2], "lr": lr,
                           "sec_per_iter": sec_per_iter,
                           "img_per_sec": tc.batch_size / max(sec_per_iter, 1e-9),
                           "eta_sec": sec_per_iter * (end - it)}
                 logger.log(record)
                 if bar is None:
-                    say(f"iter {it}/{end}  epoch {epoch:.2f}  loss {loss_value:.4f}  lr {lr:.3e}  "
+                    say(f"iter {it}/{end}  epoch {epoch:.2f}  loss {means[0]:.4f}  lr {lr:.3e}  "
                         f"{record['img_per_sec']:.1f} img/s  eta {record['eta_sec'] / 60:.1f} min")
                 window_start, window_iters = time.perf_counter(), 0
+                window_sums.zero_()
 
             if sums[3].item() > 0:  # a signal reached some process: all stop together
                 result.last_checkpoint = checkpoint(it)
@@ -471,8 +487,10 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
             if tc.checkpoint_interval and it % tc.checkpoint_interval == 0 and it != end:
                 result.last_checkpoint = checkpoint(it)
                 logger.plot(cfg.name)
+            if window_iters == 0:  # speed figures leave out validation and checkpoint time
+                window_start = time.perf_counter()
         else:  # reached `end`
-            if end == max_iters and validate:
+            if end == max_iters and it > start and validate:
                 rec = run_validation(it)
                 if rec:
                     result.val.append(rec)

@@ -9,10 +9,10 @@ md(r"""
 one loop in which every process takes its part of the **global batch** (16, or 8 for
 Cityscapes), accumulates gradients over micro-batches when memory is short, checks the loss
 is finite, and takes one SGD step and one poly-schedule step. Here we run it end to end on the
-embedded demo scenes with `upernet_small_demo` (a narrow ResNet-18 UPerNet) for about half a
+embedded demo scenes with `upernet_small_demo` (a narrow ResNet-18 UPerNet) for well under a
 minute, look at the logs, the checkpoint and the predictions, and resume the run.
 
-On the command line the same run is `upernet train --config upernet_small_demo --max-iters 60`.
+On the command line the same run is `upernet train --config upernet_small_demo --max-iters 40`.
 """),
 code(r"""
 %matplotlib inline
@@ -58,15 +58,16 @@ print("process 1 of 2, per-device 2, its 2 micro-batches:",
 md(r"""
 ## 2. A short run
 
-60 iterations of the recipe (poly schedule over those 60), validating on 20 val scenes at the
+40 iterations of the recipe (poly schedule over those 40), validating on 20 val scenes at the
 end. Everything goes to `out_dir`: `last.pt` (and `best.pt`), `log.jsonl`, `curves.png`,
 TensorBoard events in `tb/`, and `config.json`.
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT (speeds and times vary)
+# NBVAL_IGNORE_OUTPUT
+# (speeds and times vary)
 out_dir = Path(tempfile.mkdtemp()) / "run"
 val_set = DemoScenes("val", num_samples=20)
-result = train(cfg, out_dir=out_dir, device=device, max_iters=60, progress=False,
+result = train(cfg, out_dir=out_dir, device=device, max_iters=40, progress=False,
                val_dataset=val_set, tensorboard=False)
 """),
 code(r"""
@@ -76,17 +77,18 @@ val_records = [r for r in records if r["kind"] == "val"]
 print(f"{len(train_records)} train records, {len(val_records)} validation; files:",
       sorted(p.name for p in out_dir.iterdir()))
 first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-assert last < 0.7 * first, (first, last)
+assert last < 0.75 * first, (first, last)
 chance = chance_miou(val_set, cfg.data.num_classes)
 assert val_records[-1]["miou"] > 2 * chance
-print(f"loss fell by more than 30%; val mIoU above twice the chance level ({100 * chance:.1f}%)")
+print(f"loss fell by more than 25%; val mIoU above twice the chance level ({100 * chance:.1f}%)")
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT (trained numbers vary with the machine's float arithmetic)
+# NBVAL_IGNORE_OUTPUT
+# (trained numbers vary with the machine's float arithmetic)
 print(f"loss: first 5 iterations {first:.2f}, last 5 {last:.2f}; val mIoU {100 * val_records[-1]['miou']:.1f}%")
 """),
 code(r"""
-_ = plot_curves(records, title=f"{cfg.name}, 60 iterations")
+_ = plot_curves(records, title=f"{cfg.name}, 40 iterations")
 plt.show()
 """),
 md(r"""
@@ -115,15 +117,16 @@ with `resume=True` (`--resume`): the losses after the resume are those the unint
 would have produced (`tests/test_train.py` checks it to 1e-6).
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT (speeds vary)
+# NBVAL_IGNORE_OUTPUT
+# (speeds vary)
 tiny = configs.override(cfg, {"train.log_interval": 1})
 split_dir = Path(tempfile.mkdtemp())
-a = train(tiny, out_dir=split_dir / "full", device=device, max_iters=6, progress=False, validate=False, tensorboard=False)
-b1 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=6, stop_at=3, progress=False, validate=False, tensorboard=False)
-b2 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=6, resume=True, progress=False, validate=False, tensorboard=False)
+a = train(tiny, out_dir=split_dir / "full", device=device, max_iters=4, progress=False, validate=False, tensorboard=False)
+b1 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=4, stop_at=2, progress=False, validate=False, tensorboard=False)
+b2 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=4, resume=True, progress=False, validate=False, tensorboard=False)
 """),
 code(r"""
-print("uninterrupted:", [f"{x:.3f}" for x in a.losses][:0] or "6 losses", "| stopped at", b1.iteration, "| resumed to", b2.iteration)
+print(f"uninterrupted: {len(a.losses)} iterations | stopped at {b1.iteration} | resumed to {b2.iteration}")
 torch.testing.assert_close(torch.tensor(b1.losses + b2.losses), torch.tensor(a.losses), rtol=0, atol=1e-5)
 print("losses after the resume match the uninterrupted run")
 """),
@@ -137,7 +140,8 @@ training step and backing off on out-of-memory, the rest of the batch is gradien
 accumulation. (Skipped on a CPU.)
 """),
 code(r"""
-# NBVAL_IGNORE_OUTPUT (GPU only; times vary)
+# NBVAL_IGNORE_OUTPUT
+# (GPU only; times vary)
 if device == "cuda":
     from upernet_ref.transforms import train_transform
     real = configs.override(configs.get_config("upernet_r50_os8_ade20k"), {"train.log_interval": 1, "train.amp": "bf16"})
@@ -163,7 +167,7 @@ md(r"""
 ## Exercises
 
 1. Run `upernet demo` (or `train(cfg)` with the full 300 iterations) and compare its mIoU with
-   the 60-iteration run here.
+   the 40-iteration run here.
 2. Train with `per_device_batch=4` (2 accumulation steps). Are the losses identical? Why not
    (hint: BatchNorm statistics)?
 3. Set `train.lr=5.0` and watch the non-finite-loss check stop the run.
