@@ -21,8 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	# conftest.py gives nbval the sanitize file (notebooks/sanitize.cfg) by absolute path
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-cell-timeout=600 \
-		--nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider notebooks/
+		-p no:cacheprovider notebooks/
 
 clean-venv:
 	rm -rf $(VENV)

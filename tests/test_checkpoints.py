@@ -13,7 +13,7 @@ from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect
                                      load_backbone_weights, load_weights, read_checkpoint_file,
                                      save_checkpoint)
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+from shared_paths import SPEC
 
 
 def spec_shapes(depth: int) -> dict[str, list[int]]:

@@ -13,7 +13,7 @@ from helpers_data import (make_fake_ade20k, make_fake_cityscapes, make_fake_fold
 from upernet_ref.data_cli import main
 from upernet_ref.datasets import Cityscapes, VOCSegmentation
 
-REAL = Path("/work/shared/realdata")
+from shared_paths import REALDATA as REAL
 QUIET = ["--workers", "1", "--no-progress"]
 
 

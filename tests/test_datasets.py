@@ -19,7 +19,7 @@ from upernet_ref.datasets import (ADE20K, Cityscapes, DataError, FolderDataset, 
                                   VOCSegmentation, build_dataset, decode_label, describe_values,
                                   label_lut, read_label)
 
-REAL = Path("/work/shared/realdata")
+from shared_paths import REALDATA as REAL
 
 
 def _raw(path: Path) -> np.ndarray:

@@ -226,7 +226,8 @@ def test_predict_cli_writes_maps_and_names_unreadable_files(checkpoint, tmp_path
                          str(images / "a.png")]) == 0
 
 
-REALDATA = "/work/shared/realdata/voc"
+from shared_paths import REALDATA as _REALDATA
+REALDATA = str(_REALDATA / "voc")
 
 
 def test_eval_on_real_voc_samples(tmp_path, capsys):

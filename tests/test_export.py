@@ -72,4 +72,4 @@ def test_bad_size_is_a_clear_error(model):
     with pytest.raises(ValueError, match="size"):
         exportable_model(model, (0, 64))
     with pytest.raises(SystemExit):
-        main(["--config", "upernet_small_test", "--size", "64", "--out", "x.onnx"])
+        main(["--config", "upernet_small_test", "--size", "64xa", "--out", "x.onnx"])

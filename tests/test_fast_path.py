@@ -14,7 +14,7 @@ from upernet_ref.fuse import (count_batchnorms, default_fast_settings, fast_infe
                               fold_batchnorm, fold_conv_bn)
 from upernet_ref.synthetic import DemoScenes
 
-REALDATA = Path("/work/shared/realdata")
+from shared_paths import REALDATA
 CFG = configs.get_config("upernet_small_demo")
 MEAN = torch.tensor(CFG.data.mean).view(1, 3, 1, 1)
 STD = torch.tensor(CFG.data.std).view(1, 3, 1, 1)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import parse_pair
 from .configs import Config, get_config
 from .flops import count_macs
 from .fuse import FastSettings, default_fast_settings, fast_inference_model
@@ -353,22 +354,12 @@ def format_table(result: dict[str, typing.Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 512x512, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configuration name")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", type=parse_size, default=None,
+    parser.add_argument("--size", type=parse_pair, default=None,
                         help="input HxW (default: the config's crop size)")
     parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
     parser.add_argument("--fast", action="store_true", help="also measure the fast path")

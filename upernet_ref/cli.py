@@ -13,6 +13,7 @@ Each subcommand lives in its own module as `main(argv) -> int`, imported only wh
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -26,6 +27,32 @@ COMMANDS = {
     "bench": ("upernet_ref.bench", "benchmark speed and memory"),
     "export": ("upernet_ref.export", "export to ONNX or torch.export"),
 }
+
+
+# argparse types shared by the subcommands
+
+def parse_pair(text: str) -> tuple[int, int]:
+    """'512x1024' or '512,1024' -> (512, 1024); '512' -> (512, 512)."""
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected HxW with positive sizes, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated scales, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
+    return values
 
 
 def usage() -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import parse_pair
 from .configs import get_config
 from .model import build_model
 from .ppm import PyramidPooling
@@ -187,22 +188,12 @@ def export_torch(model: nn.Module, size: tuple[int, int], out: str | Path, batch
     return report
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 512x512, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configuration name")
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation)")
     parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
-    parser.add_argument("--size", type=parse_size, default=None,
+    parser.add_argument("--size", type=parse_pair, default=None,
                         help="static input HxW (default: the config's crop size)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--opset", type=int, default=17)

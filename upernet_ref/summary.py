@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .cli import parse_pair
 from .configs import REPORTED_PARAMS, get_config, list_configs
 from .flops import count_macs
 from .model import build_model, count_parameters
@@ -89,7 +90,8 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet configs", description=__doc__)
     parser.add_argument("--forward", metavar="NAME", help="also run one forward pass of NAME")
-    parser.add_argument("--size", default="512x512", help="forward-pass input size HxW")
+    parser.add_argument("--size", type=parse_pair, default=(512, 512),
+                        help="forward-pass input size HxW")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     print_summary()
@@ -98,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             get_config(args.forward)
         except KeyError as err:
             parser.error(str(err.args[0]))
-        h, w = (int(v) for v in args.size.lower().split("x"))
-        r = forward_once(args.forward, size=(h, w), device=args.device)
+        r = forward_once(args.forward, size=args.size, device=args.device)
         print(f"\n{r['name']}: input {r['input']} -> logits {r['logits']} on {r['device']} "
               f"in {r['seconds']:.2f} s (random weights)")
     return 0
