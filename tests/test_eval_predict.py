@@ -226,6 +226,31 @@ def test_predict_cli_writes_maps_and_names_unreadable_files(checkpoint, tmp_path
                          str(images / "a.png")]) == 0
 
 
+def test_fast_flag_for_eval_and_predict_agrees_with_eager(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    results = {}
+    for fast in (False, True):
+        json_path = tmp_path / f"fast_{fast}.json"
+        code, out = run_eval(["--checkpoint", str(path), "--limit", "4", "--json", str(json_path)]
+                             + (["--fast"] if fast else []), capsys)
+        assert code == 0, out.err
+        results[fast] = json.loads(json_path.read_text())
+    assert results[True]["fast"] and not results[False]["fast"]
+    assert "(fast path)" in out.out
+    assert abs(results[True]["miou"] - results[False]["miou"]) <= 0.01  # random weights: near-ties
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+        images / "a.png")
+    maps = {}
+    for fast in (False, True):
+        out_dir = tmp_path / f"pred_{fast}"
+        assert predict_main(["--checkpoint", str(path), "--out", str(out_dir), "--device", "cpu",
+                             str(images / "a.png")] + (["--fast"] if fast else [])) == 0
+        maps[fast] = np.asarray(Image.open(out_dir / "a.png"))
+    assert (maps[True] == maps[False]).mean() >= 0.98
+
+
 from shared_paths import REALDATA as _REALDATA
 REALDATA = str(_REALDATA / "voc")
 

@@ -24,6 +24,8 @@ import torch
 from . import configs
 
 DEMO_CONFIG = "upernet_small_demo"
+DEMO_ITERS = 900  # 3x the recipe's 300: about a minute on 2 CPU cores, mIoU ~78% instead of ~66%
+FORWARD_CONFIG = "upernet_r50_os8_ade20k"  # the published model shown running on one image
 
 
 def how_to_run() -> str:
@@ -98,8 +100,11 @@ def save_predictions(model: torch.nn.Module, dataset, cfg: configs.Config, path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    parser.add_argument("--max-iters", type=int, default=None,
-                        help=f"training iterations (default: the {DEMO_CONFIG} recipe)")
+    parser.add_argument("--max-iters", type=int, default=DEMO_ITERS,
+                        help=f"training iterations (default {DEMO_ITERS})")
+    parser.add_argument("--forward", default=FORWARD_CONFIG, metavar="NAME",
+                        help=f"published configuration to run once on an image (default "
+                             f"{FORWARD_CONFIG}; 'none' to skip)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--no-summary", action="store_true", help="skip the configurations table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if not args.no_summary:
         print("The 12 published UPerNet configurations (parameters and GMACs computed from the models):\n")
-        try:
-            from .summary import print_summary
-            print_summary()
-        except ImportError:
-            print("  " + "\n  ".join(configs.list_configs(published_only=True)))
+        from .summary import forward_once, print_summary
+        print_summary()
         print()
         print(how_to_run())
         print()
+        if args.forward != "none":
+            fwd_cfg = configs.get_config(args.forward)
+            r = forward_once(args.forward, size=fwd_cfg.data.crop_size,
+                             device=None if args.device == "auto" else args.device)
+            print(f"One forward pass of {r['name']} (random weights) on a demo scene resized to "
+                  f"{fwd_cfg.data.crop_size[0]}x{fwd_cfg.data.crop_size[1]}: input {r['input']} -> "
+                  f"logits {r['logits']} on {r['device']} in {r['seconds']:.1f} s\n")
 
     cfg = configs.get_config(DEMO_CONFIG)
     out = Path(args.out)

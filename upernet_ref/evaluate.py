@@ -1,7 +1,7 @@
 """`upernet eval`: mIoU of a checkpoint on a split, with the published protocol (spec section 4).
 
     upernet eval --config upernet_r50_os8_ade20k --checkpoint ckpt.pth --data-root data/ade
-    upernet eval --checkpoint runs/demo/last.pth            # config stored in the checkpoint
+    upernet eval --checkpoint runs/demo/last.pt            # config stored in the checkpoint
     upernet eval ... --mode slide --scales 0.5,0.75,1,1.25,1.5,1.75 --flip
 
 `evaluate(model, dataset, cfg, ...)` is the programmatic API (the trainer calls it for periodic
@@ -148,6 +148,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=parse_scales, help="e.g. 0.5,0.75,1,1.25,1.5,1.75")
     parser.add_argument("--flip", action="store_true", default=None, help="add mirrored views")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--fast", action="store_true", help="the fast inference path: BatchNorm "
+                        "folded, channels_last, bf16/fp16 where the device is fast at it "
+                        "(fuse.fast_inference_model)")
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
@@ -169,6 +172,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     cfg = configs.override(cfg, args.overrides)
     model = build_model(cfg)
     load_weights(model, state)
+    if getattr(args, "fast", False):
+        from .fuse import fast_inference_model
+        model = fast_inference_model(model, _device(args.device))
     return model, cfg
 
 
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
-          f"({len(dataset)} images) on {device}")
+          f"({len(dataset)} images) on {device}" + (" (fast path)" if args.fast else ""))
     result = evaluate(model, dataset, cfg, device, mode=args.mode, scales=args.scales,
                       flip=args.flip, crop_size=args.crop, stride=args.stride,
                       progress=not args.no_progress, num_workers=args.num_workers,
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"protocol: {result['protocol']}")
     print(f"{result['num_images']} images in {result['seconds']:.1f} s")
     result.update(config=cfg.name, checkpoint=str(args.checkpoint), split=split,
-                  dataset=cfg.data.dataset)
+                  dataset=cfg.data.dataset, fast=bool(args.fast))
     json_path = Path(args.json) if args.json else None
     if json_path is None:
         ckpt = Path(args.checkpoint)

@@ -1,6 +1,6 @@
 """`upernet predict`: segmentation maps for images, as index PNGs, colour PNGs and overlays.
 
-    upernet predict --checkpoint runs/demo/last.pth --out preds photo.jpg folder/
+    upernet predict --checkpoint runs/demo/last.pt --out preds photo.jpg folder/
     upernet predict --checkpoint upernet_r50_ade20k.pth --config upernet_r50_os8_ade20k \
         --scales 0.5,0.75,1,1.25,1.5,1.75 --flip images/
 
