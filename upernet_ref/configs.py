@@ -18,6 +18,13 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+class ConfigKeyError(KeyError):
+    """An unknown configuration name or override key; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would print the repr, newlines escaped
+        return str(self.args[0]) if self.args else ""
+
+
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
@@ -231,7 +238,7 @@ def get_config(name: str | Config, overrides: typing.Sequence[str] | dict | None
     else:
         if name not in _ALL:
             valid = "\n  ".join(_ALL)
-            raise KeyError(f"unknown configuration {name!r}; valid names:\n  {valid}")
+            raise ConfigKeyError(f"unknown configuration {name!r}; valid names:\n  {valid}")
         cfg = _ALL[name]
     return override(cfg, overrides) if overrides else cfg
 
@@ -309,13 +316,13 @@ def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Conf
     for key, value in pairs:
         section, _, name = key.partition(".")
         if section not in _SECTIONS or not name:
-            raise KeyError(f"unknown override {key!r}; keys look like "
+            raise ConfigKeyError(f"unknown override {key!r}; keys look like "
                            f"{', '.join(s + '.<field>' for s in _SECTIONS)}")
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         if name not in hints:
             valid = ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(sub))
-            raise KeyError(f"unknown override {key!r}; valid {section} keys: {valid}")
+            raise ConfigKeyError(f"unknown override {key!r}; valid {section} keys: {valid}")
         kind = hints[name]
         value = _parse_value(value, kind, key) if isinstance(value, str) else _check_value(value, kind, key)
         changes.setdefault(section, {})[name] = value
