@@ -111,3 +111,16 @@ def test_ohem_loss_is_ce_over_kept_pixels():
     expected = cross_entropy(logits, target.masked_fill(~kept, 255))
     torch.testing.assert_close(total, expected)
     assert total > cross_entropy(logits, target)  # hard pixels have the larger losses
+
+
+def test_ohem_with_fewer_valid_pixels_than_min_kept_follows_mmseg():
+    """mmseg indexes the sorted probabilities at min(min_kept x B, n - 1): the easiest pixel
+    is dropped when its probability is above thresh, kept when thresh is higher."""
+    logits, target = _example(b=1, h=4, w=4)
+    valid = target != 255
+    prob = logits.softmax(1).gather(1, target.clamp(max=4).unsqueeze(1)).squeeze(1)
+    top = prob[valid].max().item()
+    kept = ohem_mask(logits, target, thresh=0.0, min_kept=10_000)
+    assert torch.equal(kept, valid & (prob < top))
+    kept = ohem_mask(logits, target, thresh=top + 1e-3, min_kept=10_000)
+    assert torch.equal(kept, valid)

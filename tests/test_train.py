@@ -16,7 +16,10 @@ import torch
 from upernet_ref import train as train_mod
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
+from upernet_ref.distributed import batch_decomposition
 from upernet_ref.logs import read_log
+from upernet_ref.model import build_model
+from upernet_ref.schedule import poly_lr
 from upernet_ref.train import NonFiniteLossError, train
 
 
@@ -139,15 +142,66 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
 def test_batch_decomposition_and_accumulation(tmp_path):
     cfg = small_cfg(**{"model.dropout": 0.0})
-    one = run(cfg, tmp_path / "a", max_iters=1, per_device_batch=4)
-    acc = run(cfg, tmp_path / "b", max_iters=1, per_device_batch=2)
+    one = run(cfg, tmp_path / "a", max_iters=2, per_device_batch=4)
+    acc = run(cfg, tmp_path / "b", max_iters=2, per_device_batch=2)
     assert (one.per_device_batch, one.accumulation) == (4, 1)
     assert (acc.per_device_batch, acc.accumulation) == (2, 2)
     # BN sees 2 images instead of 4, so the numbers differ a little, but the first loss
     # (before any update) is the mean of the two halves' losses, up to the ignored-pixel mix
     assert abs(one.losses[0] - acc.losses[0]) < 0.05
+    # each micro-batch loss is scaled by 1 / accumulation steps: the summed gradients are the
+    # mean over the global batch, so the updates have the size of the 4-image ones (without
+    # the scaling they would be about twice as large)
+    train_mod.seed_everything(cfg.train.seed)  # the trainer's initial weights
+    init = build_model(cfg).state_dict()
+    names = [n for n, _ in build_model(cfg).named_parameters()]
+
+    def update_norm(path):
+        final = params(path)
+        return torch.cat([(final[n] - init[n]).flatten() for n in names]).norm().item()
+
+    ratio = update_norm(tmp_path / "b" / "last.pt") / update_norm(tmp_path / "a" / "last.pt")
+    assert 0.75 < ratio < 1.33, ratio
+    # one scheduler step per optimizer step, not per micro-batch
+    for out in ("a", "b"):
+        lrs = [r["lr"] for r in read_log(tmp_path / out / "log.jsonl")]
+        assert lrs == pytest.approx([poly_lr(i, 2, cfg.train.lr, cfg.train.min_lr) for i in (0, 1)])
     with pytest.raises(ValueError, match="does not divide"):
         run(cfg, tmp_path / "c", max_iters=1, per_device_batch=3)
+
+
+def test_resume_with_a_new_schedule_length_follows_the_new_curve(tmp_path):
+    """The first resumed iteration already uses the lr of the new `max_iters`."""
+    cfg = small_cfg()
+    run(cfg, tmp_path, max_iters=6, stop_at=2)
+    run(cfg, tmp_path, max_iters=10, stop_at=3, resume=True)
+    lrs = [r["lr"] for r in read_log(tmp_path / "log.jsonl")]
+    assert lrs[2] == pytest.approx(poly_lr(2, 10, cfg.train.lr, cfg.train.min_lr))
+
+
+def test_sync_bn_only_with_several_cuda_processes():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert train_mod.use_sync_bn("auto", 8, cuda)
+    assert train_mod.use_sync_bn("syncbn", 2, cuda)
+    assert not train_mod.use_sync_bn("auto", 1, cuda)  # one process: plain BN
+    assert not train_mod.use_sync_bn("syncbn", 1, cuda)
+    assert not train_mod.use_sync_bn("auto", 2, cpu)  # torch's SyncBatchNorm is CUDA-only
+    assert not train_mod.use_sync_bn("batchnorm", 8, cuda)
+    with pytest.raises(ValueError, match="CUDA"):
+        train_mod.use_sync_bn("syncbn", 2, cpu)
+    with pytest.raises(ValueError, match="train.norm"):
+        train_mod.use_sync_bn("groupnorm", 1, cpu)
+
+
+def test_global_batch_decomposition():
+    assert batch_decomposition(16, 8) == (2, 1)  # the published 8 GPUs x 2
+    assert batch_decomposition(16, 1, 2) == (2, 8)  # one GPU: 8 accumulation steps
+    assert batch_decomposition(16, 2, 4) == (4, 2)
+    assert batch_decomposition(8, 8) == (1, 1)  # Cityscapes
+    with pytest.raises(ValueError, match="cannot be split"):
+        batch_decomposition(16, 3)
+    with pytest.raises(ValueError, match="valid values"):
+        batch_decomposition(16, 2, 3)
 
 
 def test_command_line(tmp_path, capsys):

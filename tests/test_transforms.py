@@ -191,3 +191,44 @@ def test_dataloader_seeding_is_reproducible_and_per_worker():
     # batches 0 and 1 come from workers 0 and 1: different torch and numpy streams
     assert not torch.equal(first[0][0], first[1][0])
     assert not torch.equal(first[0][2], first[1][2])
+
+
+def test_photometric_distortion_ranges_probabilities_and_contrast_order(monkeypatch):
+    """Every step has probability 0.5 and mmseg's range; contrast goes first or last at random."""
+    image = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    coins, uniforms, ints = [], [], []
+    script = iter([])
+
+    def coin(p=0.5):
+        coins.append(p)
+        return next(script)
+
+    def uniform(low, high):
+        uniforms.append((low, high))
+        return high
+
+    def randint(low, high):
+        ints.append((low, high))
+        return high - 1
+
+    monkeypatch.setattr(T, "_coin", coin)
+    monkeypatch.setattr(T, "_uniform", uniform)
+    monkeypatch.setattr(T, "_randint", randint)
+    x = image.float()
+    bright = (x + 32).clamp(0, 255)
+    # all steps on, contrast first: brightness, contrast x1.5, saturation x1.5, hue +17
+    script = iter([True] * 5)
+    out = T.photometric_distortion(image)
+    assert coins == [0.5] * 5
+    assert sorted(uniforms) == [(-32, 32), (0.5, 1.5), (0.5, 1.5)] and ints == [(-18, 18)]
+    first = T._adjust_hsv((bright * 1.5).clamp(0, 255), 1.5, 17.0)
+    torch.testing.assert_close(out, first)
+    # all steps on, contrast last (the order coin is the second draw)
+    script = iter([True, False, True, True, True])
+    out = T.photometric_distortion(image)
+    last = (T._adjust_hsv(bright, 1.5, 17.0) * 1.5).clamp(0, 255)
+    torch.testing.assert_close(out, last)
+    assert not torch.allclose(first, last)
+    # every step off: only the conversion to float
+    script = iter([False] * 5)
+    torch.testing.assert_close(T.photometric_distortion(image), x)

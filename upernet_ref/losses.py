@@ -52,7 +52,9 @@ def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
 
     A valid pixel is kept when the softmax probability of its true class is below
     max(thresh, p_k), where p_k is the (min_kept x B)-th smallest such probability: so all
-    "hard" pixels are kept, and at least min_kept x B pixels (or all valid ones, if fewer).
+    "hard" pixels are kept, and at least min_kept x B pixels. With fewer valid pixels than
+    that, p_k is the largest probability and, as in mmseg, the easiest pixel(s) are dropped
+    unless their probability is below `thresh`.
     """
     valid = target != ignore_index
     safe_target = target.masked_fill(~valid, 0).unsqueeze(1)  # (B, 1, H, W)

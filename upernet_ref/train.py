@@ -332,6 +332,9 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scheduler.max_iters = max_iters
+        # the optimizer holds the next lr of the *saved* schedule; recompute it for this one
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["iteration"])
