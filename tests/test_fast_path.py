@@ -1,4 +1,4 @@
-"""BatchNorm folding is exact, and the fast inference path agrees with fp32 eager."""
+"""BatchNorm folding is exact, and the fast inference path agrees with fp32 eager (issue 6)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +10,9 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.fuse import (count_batchnorms, default_fast_settings, fast_inference_model,
-                              fold_batchnorm, fold_conv_bn)
+from upernet_ref.fuse import (BF16_FLOAT32_MODULES, Float32, count_batchnorms,
+                              default_fast_settings, fast_inference_model, fold_batchnorm,
+                              fold_conv_bn, keep_float32)
 from upernet_ref.synthetic import DemoScenes
 
 from shared_paths import REALDATA
@@ -87,6 +88,36 @@ def test_default_settings_are_documented_rules():
     cpu = default_fast_settings("cpu")
     assert cpu.channels_last and not cpu.compile
     assert cpu.dtype in (None, torch.bfloat16)
+    assert cpu.float32_modules == (BF16_FLOAT32_MODULES if cpu.dtype is not None else ())
+
+
+def test_keep_float32_runs_the_module_in_float32_under_autocast():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = net(x)
+        keep_float32(net, ["1"])
+        assert isinstance(net[1], Float32) and not isinstance(net[0], Float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inner = net[1](net[0](x))  # conv 0 in bf16, conv 1 in float32
+            alone = net[1](x.new_ones(1, 4, 6, 6).bfloat16())
+    assert inner.dtype == torch.float32 and alone.dtype == torch.float32
+    torch.testing.assert_close(inner, expected, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="no submodule 'nope'"):
+        keep_float32(net, ["nope"])
+
+
+def test_fast_model_keeps_the_default_modules_in_float32(model):
+    fast = fast_inference_model(model, "cpu", dtype=torch.bfloat16, compile=False)
+    wrapped = {name for name, m in fast.model.named_modules() if isinstance(m, Float32)}
+    assert wrapped == {"backbone.stem", "backbone.layer1", "backbone.layer2",
+                       "decode_head.classifier"}  # no "backbone.conv1": a deep stem, skipped
+    assert "float32: backbone.stem" in fast.settings.describe()
+    plain = fast_inference_model(model, "cpu", dtype=torch.bfloat16, float32_modules=())
+    assert not any(isinstance(m, Float32) for m in plain.model.modules())
+    with pytest.raises(ValueError, match="no submodule"):
+        fast_inference_model(model, "cpu", dtype=torch.bfloat16, float32_modules=["backbone.x"])
 
 
 def agreement(model: nn.Module, fast: nn.Module, images: torch.Tensor) -> dict[str, float]:
@@ -112,13 +143,18 @@ def demo_images(n: int = 4, size: tuple[int, int] = (96, 128)) -> torch.Tensor:
     return normalize(torch.stack([scenes[i][0] for i in range(n)]))
 
 
-def real_images(limit: int = 2, size: tuple[int, int] = (96, 128)) -> torch.Tensor:
-    folder = REALDATA / "ade20k/ADEChallengeData2016/images/validation"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent")
-    paths = sorted(folder.glob("*.jpg"))[:limit]
-    if not paths:
-        pytest.skip(f"no images in {folder}")
+def real_images(per_dataset: int = 4, size: tuple[int, int] = (192, 256)) -> torch.Tensor:
+    """ADE20K, VOC val and Cityscapes images from shared/realdata (skip when absent)."""
+    voc = REALDATA / "voc/VOCdevkit/VOC2012"
+    folders = [REALDATA / "ade20k/ADEChallengeData2016/images", voc / "JPEGImages",
+               REALDATA / "cityscapes/leftImg8bit"]
+    for folder in folders:
+        if not folder.is_dir():
+            pytest.skip(f"{folder} is absent")
+    ids = (voc / "ImageSets/Segmentation/val.txt").read_text().split()[:per_dataset]
+    paths = (sorted(folders[0].rglob("*.jpg"))[:per_dataset]
+             + [folders[1] / f"{i}.jpg" for i in ids]
+             + sorted(folders[2].rglob("*.png"))[:per_dataset])
     arrays = [np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.BILINEAR))
               for p in paths]
     return normalize(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
@@ -126,38 +162,56 @@ def real_images(limit: int = 2, size: tuple[int, int] = (96, 128)) -> torch.Tens
 
 @pytest.mark.parametrize("source", ["demo", "real"])
 def test_fp32_fast_path_agrees(model, source):
-    images = demo_images() if source == "demo" else real_images()
+    images = demo_images() if source == "demo" else real_images(per_dataset=1)
     fast = fast_inference_model(model, "cpu", dtype=None, compile=False)
     assert agreement(model, fast, images)["all"] >= 0.999
 
 
 @pytest.mark.parametrize("source", ["demo", "real"])
-def test_bf16_fast_path_agrees(model, source):
-    images = demo_images() if source == "demo" else real_images()
+def test_bf16_fast_path_on_a_random_network(model, source):
+    """Random weights: the logits are near-ties on many pixels (~9% within 5% of the logit std
+    on real images), which bf16 legitimately flips, so only decided pixels must agree; the
+    strict 99.9% target is checked on a trained network below."""
+    images = demo_images() if source == "demo" else real_images(per_dataset=1)
     fast = fast_inference_model(model, "cpu", dtype=torch.bfloat16, compile=False)
     result = agreement(model, fast, images)
-    assert result["max_abs_diff"] < 0.1 * result["logit_std"]  # bf16: ~4% measured
+    assert result["max_abs_diff"] < 0.1 * result["logit_std"]  # ~3% measured
     assert result["decided_fraction"] > 0.8
     assert result["decided"] >= 0.999
-    assert result["all"] >= 0.98  # near-ties of a random network flip (~1% measured)
+    assert result["all"] >= 0.98  # ~99.4% measured
 
 
-@pytest.mark.slow
-def test_trained_demo_model_fast_path_agrees_and_miou_unchanged(tmp_path):
-    """A briefly trained model: bf16 fast path agrees on 99.9% of pixels, mIoU within 0.1."""
-    train_mod = pytest.importorskip("upernet_ref.train")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> nn.Module:
+    """`upernet_small_demo` trained for 300 iterations on the demo data (~15 s on 2 cores)."""
     from upernet_ref.checkpoints import load_weights
+    from upernet_ref.train import train
+
+    cfg = configs.override(CFG, {"train.val_interval": 0, "train.checkpoint_interval": 100000})
+    result = train(cfg, out_dir=tmp_path_factory.mktemp("trained"), max_iters=300,
+                   validate=False, progress=False, tensorboard=False, handle_signals=False,
+                   log=lambda *_: None)
+    return load_weights(build_model(cfg), result.last_checkpoint).eval()
+
+
+def test_trained_model_bf16_fast_path_agrees_on_real_images(trained):
+    """Issue 6: argmax equal to fp32 eager on >= 99.9% of the pixels of real images."""
+    images = real_images()  # 4 ADE20K + 4 VOC + 4 Cityscapes, 192x256
+    fast = fast_inference_model(trained, "cpu", dtype=torch.bfloat16, compile=False)
+    result = agreement(trained, fast, images)
+    assert result["max_abs_diff"] > 0  # bf16 really ran
+    assert result["all"] >= 0.999
+
+
+def test_trained_model_bf16_fast_path_agrees_on_demo_val_and_miou_unchanged(trained):
+    """Issue 6: >= 99.9% agreement on demo val and the mIoU unchanged to 0.1 point."""
     from upernet_ref.evaluate import evaluate
 
-    cfg = configs.override(configs.get_config("upernet_small_test"),
-                           {"train.val_interval": 0, "train.checkpoint_interval": 1000})
-    result = train_mod.train(cfg, out_dir=tmp_path, max_iters=20, validate=False, progress=False,
-                             tensorboard=False, handle_signals=False, log=lambda *_: None)
-    net = load_weights(build_model(cfg), result.last_checkpoint).eval()
-    fast = fast_inference_model(net, "cpu", dtype=torch.bfloat16, compile=False)
-    assert agreement(net, fast, demo_images())["all"] >= 0.999
-    val = DemoScenes("val", num_samples=6, size=tuple(cfg.data.base_scale[::-1]), seed=0)
-    eager_miou = evaluate(net, val, cfg, device="cpu", progress=False, num_workers=0)["miou"]
-    fast_miou = evaluate(fast, val, cfg, device="cpu", progress=False, num_workers=0)["miou"]
-    assert eager_miou > 0.05  # it learned something, so the comparison means something
+    val = DemoScenes("val", num_samples=16, size=tuple(CFG.data.base_scale[::-1]), seed=0)
+    fast = fast_inference_model(trained, "cpu", dtype=torch.bfloat16, compile=False)
+    images = normalize(torch.stack([val[i][0] for i in range(len(val))]))
+    assert agreement(trained, fast, images)["all"] >= 0.999
+    eager_miou = evaluate(trained, val, CFG, device="cpu", progress=False, num_workers=0)["miou"]
+    fast_miou = evaluate(fast, val, CFG, device="cpu", progress=False, num_workers=0)["miou"]
+    assert eager_miou > 0.3  # it learned something, so the comparison means something
     assert abs(fast_miou - eager_miou) <= 0.001  # 0.1 mIoU points

@@ -283,7 +283,7 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
                                               compile=settings.compile)
             figures = bench_inference(fast_model, images, device, warmup, repeats, meter)
             figures["mfu"] = _mfu(gmacs, figures["images_per_s"], peak)
-            figures["settings"] = settings.describe()
+            figures["settings"] = fast_model.settings.describe()
             figures["speedup"] = figures["images_per_s"] / result["images_per_s"]
             result["fast"] = figures
             del fast_model
