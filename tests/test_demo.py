@@ -20,3 +20,12 @@ def test_demo_runs_and_writes_its_pictures(tmp_path, capsys):
     for name in ("curves.png", "predictions.png", "run/last.pt", "run/log.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "predictions.png").stat().st_size > 10_000
+
+
+def test_unknown_forward_config_stops_before_any_work(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["--forward", "nope", "--max-iters", "1"])
+    err = capsys.readouterr()
+    assert "unknown configuration 'nope'" in err.err
+    assert "upernet_r50_os8_voc" not in err.out  # the table was not printed first

@@ -73,3 +73,19 @@ def test_bad_size_is_a_clear_error(model):
         exportable_model(model, (0, 64))
     with pytest.raises(SystemExit):
         main(["--config", "upernet_small_test", "--size", "64xa", "--out", "x.onnx"])
+
+
+def test_bad_config_or_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse error naming the valid configurations
+        main(["--config", "nope", "--out", str(tmp_path / "x.onnx")])
+    assert "unknown configuration 'nope'" in capsys.readouterr().err
+    missing = tmp_path / "missing.pt"
+    assert main(["--config", "upernet_small_test", "--checkpoint", str(missing),
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    other = build_model("upernet_small_demo")  # wider model: every shape mismatches
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    assert main(["--config", "upernet_small_test", "--checkpoint", str(tmp_path / "other.pt"),
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "does not fit the model" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-summary", action="store_true", help="skip the configurations table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.forward != "none" and not args.no_summary:
+        try:
+            configs.get_config(args.forward)
+        except KeyError as err:
+            parser.error(str(err))
 
     from .evaluate import evaluate
     from .metrics import format_table

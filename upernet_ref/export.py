@@ -201,13 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args = parser.parse_args(argv)
 
-    cfg = get_config(args.config)
+    from .checkpoints import CheckpointError, load_weights
+    try:
+        cfg = get_config(args.config)
+    except KeyError as err:
+        parser.error(str(err))
     size = args.size or tuple(cfg.data.crop_size)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     if args.checkpoint:
-        from .checkpoints import load_weights
-        load_weights(model, args.checkpoint)
+        try:
+            load_weights(model, args.checkpoint)
+        except CheckpointError as err:
+            print(f"upernet export: {err}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     try:
         if args.format == "onnx":
