@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from upernet_ref import distributed, runtime
 from upernet_ref import train as train_mod
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
@@ -140,6 +141,40 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
 
 
+def test_the_final_checkpoint_is_written_before_the_final_validation(tmp_path):
+    """A kill or crash while validating at the end must not lose the run's last iterations."""
+    last = tmp_path / "last.pt"
+    seen = []  # last.pt's iteration when each validation starts (None: no file yet)
+
+    def at_validation(i):
+        if i == 0:
+            seen.append(read_checkpoint_file(last)["iteration"] if last.exists() else None)
+
+    cfg = small_cfg(**{"train.val_interval": 2})  # checkpoint_interval stays 100
+    result = train(cfg, out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
+                   log=lambda *_: None, train_dataset=TinyScenes(),
+                   val_dataset=TinyScenes(n=2, on_get=at_validation))
+    assert seen == [None, 3]  # iteration 2: periodic, no checkpoint due; iteration 3: saved first
+    assert [r["iter"] for r in result.val] == [2, 3]
+    ckpt = read_checkpoint_file(last)
+    assert ckpt["iteration"] == 3
+    best = max(result.val, key=lambda r: r["miou"])
+    assert ckpt["best_miou"] == pytest.approx(best["miou"])  # re-saved after a final best
+    assert read_checkpoint_file(tmp_path / "best.pt")["iteration"] == best["iter"]
+
+
+def test_largest_fitting_batch():
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= 3
+
+    assert runtime.largest_fitting_batch([8, 4, 2, 1], fits) == 2
+    assert tried == [8, 4, 2]  # stops at the first that fits
+    assert runtime.largest_fitting_batch([8, 4], fits) is None
+
+
 def test_batch_decomposition_and_accumulation(tmp_path):
     cfg = small_cfg(**{"model.dropout": 0.0})
     one = run(cfg, tmp_path / "a", max_iters=2, per_device_batch=4)
@@ -152,7 +187,7 @@ def test_batch_decomposition_and_accumulation(tmp_path):
     # each micro-batch loss is scaled by 1 / accumulation steps: the summed gradients are the
     # mean over the global batch, so the updates have the size of the 4-image ones (without
     # the scaling they would be about twice as large)
-    train_mod.seed_everything(cfg.train.seed)  # the trainer's initial weights
+    runtime.seed_everything(cfg.train.seed)  # the trainer's initial weights
     init = build_model(cfg).state_dict()
     names = [n for n, _ in build_model(cfg).named_parameters()]
 
@@ -181,16 +216,16 @@ def test_resume_with_a_new_schedule_length_follows_the_new_curve(tmp_path):
 
 def test_sync_bn_only_with_several_cuda_processes():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert train_mod.use_sync_bn("auto", 8, cuda)
-    assert train_mod.use_sync_bn("syncbn", 2, cuda)
-    assert not train_mod.use_sync_bn("auto", 1, cuda)  # one process: plain BN
-    assert not train_mod.use_sync_bn("syncbn", 1, cuda)
-    assert not train_mod.use_sync_bn("auto", 2, cpu)  # torch's SyncBatchNorm is CUDA-only
-    assert not train_mod.use_sync_bn("batchnorm", 8, cuda)
+    assert distributed.use_sync_bn("auto", 8, cuda)
+    assert distributed.use_sync_bn("syncbn", 2, cuda)
+    assert not distributed.use_sync_bn("auto", 1, cuda)  # one process: plain BN
+    assert not distributed.use_sync_bn("syncbn", 1, cuda)
+    assert not distributed.use_sync_bn("auto", 2, cpu)  # torch's SyncBatchNorm is CUDA-only
+    assert not distributed.use_sync_bn("batchnorm", 8, cuda)
     with pytest.raises(ValueError, match="CUDA"):
-        train_mod.use_sync_bn("syncbn", 2, cpu)
+        distributed.use_sync_bn("syncbn", 2, cpu)
     with pytest.raises(ValueError, match="train.norm"):
-        train_mod.use_sync_bn("groupnorm", 1, cpu)
+        distributed.use_sync_bn("groupnorm", 1, cpu)
 
 
 def test_global_batch_decomposition():

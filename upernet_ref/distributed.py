@@ -105,6 +105,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of `tensor` over processes, in place; a no-op in one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def use_sync_bn(norm: str, world_size: int, device: torch.device) -> bool:
+    """SyncBN with several CUDA processes (torch's SyncBatchNorm is CUDA-only), else BN."""
+    if norm not in ("auto", "batchnorm", "syncbn"):
+        raise ValueError(f"train.norm must be auto, batchnorm or syncbn, got {norm!r}")
+    if norm == "syncbn" and world_size > 1 and device.type != "cuda":
+        raise ValueError("train.norm=syncbn needs CUDA devices (torch's SyncBatchNorm is "
+                         "CUDA-only); use train.norm=auto or batchnorm on CPU")
+    return world_size > 1 and norm in ("auto", "syncbn") and device.type == "cuda"
+
+
 def all_gather_object(obj: object) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] in one process."""
     if dist.is_available() and dist.is_initialized():

@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
-import random
 import signal
 import sys
-import threading
 import time
 import typing
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,11 +39,13 @@ from . import configs
 from .checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
 from .configs import Config
 from .distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
-                          all_gather_object, all_reduce_sum, barrier, batch_decomposition, cleanup,
-                          init_distributed)
+                          all_gather_object, all_reduce_max, all_reduce_sum, barrier,
+                          batch_decomposition, cleanup, init_distributed, use_sync_bn)
 from .logs import RunLogger
 from .losses import segmentation_loss
 from .model import build_model
+from .runtime import (StopFlag, autocast, choose_per_device_batch, rng_state, seed_everything,
+                      set_deterministic, set_rng_state)
 from .schedule import build_optimizer, build_scheduler
 
 
@@ -67,112 +67,6 @@ class TrainResult:
     world_size: int = 1
 
 
-# --------------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-def set_deterministic(enabled: bool, device: torch.device) -> None:
-    """Deterministic kernels (and seeded data order) for bit-for-bit repeatable runs.
-
-    On CUDA some backward kernels used here (bilinear upsampling, adaptive pooling) have no
-    deterministic version; `warn_only=True` keeps them with a warning instead of failing.
-    """
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.use_deterministic_algorithms(False)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = enabled
-        torch.backends.cudnn.benchmark = not enabled
-
-
-def rng_state() -> dict[str, typing.Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "random": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, typing.Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["random"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def autocast(amp: str, device: torch.device):
-    """The autocast context of `train.amp`: none, bf16 or fp16."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def use_sync_bn(norm: str, world_size: int, device: torch.device) -> bool:
-    """SyncBN with several CUDA processes (torch's SyncBatchNorm is CUDA-only), else BN."""
-    if norm not in ("auto", "batchnorm", "syncbn"):
-        raise ValueError(f"train.norm must be auto, batchnorm or syncbn, got {norm!r}")
-    if norm == "syncbn" and world_size > 1 and device.type != "cuda":
-        raise ValueError("train.norm=syncbn needs CUDA devices (torch's SyncBatchNorm is "
-                         "CUDA-only); use train.norm=auto or batchnorm on CPU")
-    return world_size > 1 and norm in ("auto", "syncbn") and device.type == "cuda"
-
-
-def _divisors_desc(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
-                            share: int, smallest: int = 1) -> int:
-    """The largest divisor of `share` whose forward + backward fits in memory.
-
-    On CPU: the full share (memory is rarely the limit there). On CUDA: try a training step on
-    random data at the crop size, halving-ish (next divisor) on out-of-memory. The model's
-    weights, BN statistics and the random state are left as they were.
-    """
-    if device.type != "cuda":
-        return share
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    h, w = cfg.data.crop_size
-    chosen = None
-    with torch.random.fork_rng(devices=[device]):
-        for b in [d for d in _divisors_desc(share) if d >= min(smallest, share)]:
-            try:
-                x = torch.randn(b, 3, h, w, device=device)
-                y = torch.randint(0, cfg.data.num_classes, (b, h, w), device=device)
-                if cfg.train.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(cfg.train.amp, device):
-                    out = model(x)
-                loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
-                loss.backward()
-                chosen = b
-            except torch.cuda.OutOfMemoryError:
-                pass
-            finally:
-                model.zero_grad(set_to_none=True)
-                x = y = out = loss = None
-                torch.cuda.empty_cache()
-            if chosen is not None:
-                break
-    model.load_state_dict(saved)
-    if chosen is None:
-        raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
-                           f"in the memory of {device}; try --train.amp=bf16 or a smaller crop")
-    return chosen
-
-
 def build_datasets(cfg: Config, data_root: str | None):
     """(train set with the published train pipeline, raw val set or None)."""
     from .datasets import build_dataset
@@ -185,28 +79,6 @@ def build_datasets(cfg: Config, data_root: str | None):
         print(f"note: no validation set ({err}); training without validation", file=sys.stderr)
         val_set = None
     return train_set, val_set
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the iteration's end."""
-
-    def __init__(self, install: bool):
-        self.signum = 0
-        self.previous: dict[int, typing.Any] = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
-              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,46 +181,13 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
 
     # ---- resume
-    start, best_miou = 0, -1.0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    ckpt_path = (Path(resume) if isinstance(resume, (str, Path)) else last_path) if resume else None
-    if ckpt_path is not None and not ckpt_path.exists():
-        if isinstance(resume, (str, Path)):
-            raise FileNotFoundError(f"--resume {ckpt_path}: no such checkpoint")
-        say(f"--resume: no checkpoint at {ckpt_path} yet, starting from scratch")
-        ckpt_path = None
+    ckpt_path = _checkpoint_to_resume(resume, last_path, say)
     if ckpt_path is not None:
-        ckpt = read_checkpoint_file(ckpt_path)
-        saved_cfg = ckpt.get("config", {})
-        if saved_cfg.get("model") != configs.to_dict(cfg)["model"]:
-            raise ValueError(f"{ckpt_path}: the checkpoint's model configuration differs from "
-                             f"{cfg.name}'s; resume with the same --config and model overrides")
-        if saved_cfg != configs.to_dict(cfg):
-            say(f"warning: {ckpt_path} was saved with a different configuration; continuing "
-                f"with the one given now")
-        if ckpt.get("max_iters", max_iters) != max_iters:
-            say(f"warning: the checkpoint's schedule had {ckpt['max_iters']} iterations, now {max_iters}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.max_iters = max_iters
-        # the optimizer holds the next lr of the *saved* schedule; recompute it for this one
-        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
-            group["lr"] = lr
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["iteration"])
-        best_miou = float(ckpt.get("best_miou", -1.0))
-        states = ckpt.get("rng", [])
-        if len(states) == info.world_size:
-            set_rng_state(states[info.rank])
-        else:
-            say(f"note: checkpoint from {len(states)} process(es), now {info.world_size}: the "
-                f"random state (dropout) restarts; data order and augmentations are unchanged")
-            seed_everything(tc.seed + 1000 * start + info.rank)
-        say(f"resumed from {ckpt_path} at iteration {start}")
-        del ckpt
+        start, best_miou = restore_training_state(ckpt_path, cfg, info, max_iters, model,
+                                                  optimizer, scheduler, scaler, say)
     else:
+        start, best_miou = 0, -1.0
         torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
 
     raw_model = model  # what is saved and evaluated
@@ -368,7 +207,6 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     logger = RunLogger(out_dir, enabled=info.is_main, tensorboard=tensorboard,
                        resume_from=start if ckpt_path is not None else None)
     if info.is_main:
-        import json
         (out_dir / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))
 
     def checkpoint(iteration: int, path: Path = last_path) -> Path:
@@ -402,7 +240,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
             checkpoint(iteration, best_path)
         return record
 
-    stop = _StopFlag(handle_signals)
+    stop = StopFlag(handle_signals)
     show = progress if progress is not None else (info.is_main and sys.stderr.isatty())
     bar = None
     if show and info.is_main:
@@ -483,21 +321,26 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
                 say(f"stopped by {result.interrupted} at iteration {it}; checkpoint "
                     f"{last_path}; continue with --resume")
                 break
-            if tc.val_interval and it % tc.val_interval == 0 and it != end:
+            # The checkpoint comes before the validation: a failure or a kill while validating
+            # loses no training.
+            at_end = it == end
+            due_checkpoint = at_end or bool(tc.checkpoint_interval and it % tc.checkpoint_interval == 0)
+            due_val = (it == max_iters) if at_end else bool(tc.val_interval and it % tc.val_interval == 0)
+            if due_checkpoint:
+                result.last_checkpoint = checkpoint(it)
+            if due_val:
+                best_before = best_miou
                 rec = run_validation(it)
                 if rec:
                     result.val.append(rec)
-            if tc.checkpoint_interval and it % tc.checkpoint_interval == 0 and it != end:
-                result.last_checkpoint = checkpoint(it)
+                if due_checkpoint and best_miou != best_before:
+                    checkpoint(it)  # so that last.pt knows the new best mIoU
+            if due_checkpoint and not at_end:
                 logger.plot(cfg.name)
             if window_iters == 0:  # speed figures leave out validation and checkpoint time
                 window_start = time.perf_counter()
-        else:  # reached `end`
-            if end == max_iters and it > start and validate:
-                rec = run_validation(it)
-                if rec:
-                    result.val.append(rec)
-            if it > start or ckpt_path is None:
+        else:  # the loop did not run: nothing to do (a finished run resumed), or max_iters == 0
+            if it == start and ckpt_path is None:
                 result.last_checkpoint = checkpoint(it)
     finally:
         stop.restore()
@@ -510,11 +353,62 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     return result
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+def _checkpoint_to_resume(resume: bool | str | Path, last_path: Path,
+                          say: typing.Callable[[str], None]) -> Path | None:
+    """The checkpoint `--resume` means: `last_path` (if it exists yet) or the given file."""
+    if not resume:
+        return None
+    if isinstance(resume, (str, Path)):
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+        return path
+    if not last_path.exists():
+        say(f"--resume: no checkpoint at {last_path} yet, starting from scratch")
+        return None
+    return last_path
+
+
+def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: int,
+                           model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: typing.Any, scaler: torch.amp.GradScaler,
+                           say: typing.Callable[[str], None]) -> tuple[int, float]:
+    """Load a trainer checkpoint for an exact continuation; returns (iteration, best mIoU).
+
+    Weights, momentum, schedule position, AMP scale and this process's RNG state are restored.
+    A different `max_iters` continues on the new poly curve from the saved iteration; a different
+    number of processes keeps the data order (it depends on the iteration only) but restarts the
+    random streams.
+    """
+    ckpt = read_checkpoint_file(path)
+    saved_cfg = ckpt.get("config", {})
+    if saved_cfg.get("model") != configs.to_dict(cfg)["model"]:
+        raise ValueError(f"{path}: the checkpoint's model configuration differs from "
+                         f"{cfg.name}'s; resume with the same --config and model overrides")
+    if saved_cfg != configs.to_dict(cfg):
+        say(f"warning: {path} was saved with a different configuration; continuing "
+            f"with the one given now")
+    if ckpt.get("max_iters", max_iters) != max_iters:
+        say(f"warning: the checkpoint's schedule had {ckpt['max_iters']} iterations, now {max_iters}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scheduler.max_iters = max_iters
+    # the optimizer holds the next lr of the *saved* schedule; recompute it for this one
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    start = int(ckpt["iteration"])
+    states = ckpt.get("rng", [])
+    if len(states) == info.world_size:
+        set_rng_state(states[info.rank])
+    else:
+        say(f"note: checkpoint from {len(states)} process(es), now {info.world_size}: the "
+            f"random state (dropout) restarts; data order and augmentations are unchanged")
+        seed_everything(cfg.train.seed + 1000 * start + info.rank)
+    say(f"resumed from {path} at iteration {start}")
+    return start, float(ckpt.get("best_miou", -1.0))
 
 
 # --------------------------------------------------------------------------------------------

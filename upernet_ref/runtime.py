@@ -1,0 +1,171 @@
+"""The training process's run-time state: seeds, determinism, RNG snapshots, mixed precision,
+the per-device batch that fits in memory, and stopping on a signal.
+
+These are the pieces of `train.py` that are not the loop itself. Each serves one promise of the
+trainer (spec section 5): runs are repeatable (`seed_everything`, `set_deterministic`), a resumed
+run continues exactly where it stopped (`rng_state` / `set_rng_state`, saved for every process),
+the published global batch is kept on whatever memory there is (`choose_per_device_batch`), and
+no work is lost when a job is pre-empted (`StopFlag`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import typing
+
+import numpy as np
+import torch
+from torch import nn
+
+from .configs import Config
+from .losses import segmentation_loss
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool, device: torch.device) -> None:
+    """Deterministic kernels (and seeded data order) for bit-for-bit repeatable runs.
+
+    On CUDA some backward kernels used here (bilinear upsampling, adaptive pooling) have no
+    deterministic version; `warn_only=True` keeps them with a warning instead of failing.
+    """
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = enabled
+        torch.backends.cudnn.benchmark = not enabled
+
+
+def rng_state() -> dict[str, typing.Any]:
+    """A snapshot of every random generator this process uses (saved in checkpoints)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "random": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, typing.Any]) -> None:
+    """Restore a `rng_state()` snapshot."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of `train.amp`: none, bf16 or fp16."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-device batch
+
+
+def largest_fitting_batch(candidates: typing.Iterable[int],
+                          fits: typing.Callable[[int], bool]) -> int | None:
+    """The first of `candidates` (largest first) for which `fits(batch)` is True, else None."""
+    for batch in candidates:
+        if fits(batch):
+            return batch
+    return None
+
+
+def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
+                            share: int, smallest: int = 1) -> int:
+    """The largest divisor of `share` (this process's part of the global batch) whose training
+    step fits in memory.
+
+    On CPU: the full share (memory is rarely the limit there). On CUDA: run one forward +
+    backward on random data at the crop size for each divisor, largest first, moving to the next
+    on out-of-memory. The model's weights, BN statistics and the random state are left as they
+    were.
+    """
+    if device.type != "cuda":
+        return share
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    h, w = cfg.data.crop_size
+
+    batch_norms = [m for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+    def fits(batch: int) -> bool:
+        x = y = out = loss = None
+        if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
+            for m in batch_norms:  # so probe it with running statistics: the same memory
+                m.eval()
+        try:
+            x = torch.randn(batch, 3, h, w, device=device)
+            y = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
+            if cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(cfg.train.amp, device):
+                out = model(x)
+            loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
+            loss.backward()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            for m in batch_norms:
+                m.train()
+            model.zero_grad(set_to_none=True)
+            x = y = out = loss = None
+            torch.cuda.empty_cache()
+
+    divisors = [d for d in range(share, 0, -1) if share % d == 0 and d >= min(smallest, share)]
+    with torch.random.fork_rng(devices=[device]):
+        chosen = largest_fitting_batch(divisors, fits)
+    model.load_state_dict(saved)
+    if chosen is None:
+        raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
+                           f"in the memory of {device}; try --train.amp=bf16 or a smaller crop")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the iteration's end.
+
+    A second signal stops at once (KeyboardInterrupt). Handlers are only installed from the main
+    thread (Python's rule); `restore()` puts the previous ones back.
+    """
+
+    def __init__(self, install: bool):
+        self.signum = 0
+        self.previous: dict[int, typing.Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
+              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
