@@ -103,3 +103,15 @@ def test_gradients_reach_every_parameter():
     out = model(torch.randn(2, 3, 32, 32))
     (out["out"].mean() + out["aux"].mean()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_randomize_batchnorm_makes_every_bn_a_non_trivial_map():
+    from upernet_ref.model import randomize_batchnorm
+    net = build_model("upernet_small_test")
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    assert randomize_batchnorm(net, torch.Generator().manual_seed(0)) is net
+    for bn in bns:
+        assert (bn.running_var >= 0.5).all() and (bn.running_var <= 2.0).all()
+        x = torch.randn(2, bn.num_features, 3, 3)
+        assert not torch.allclose(bn.eval()(x), x, atol=1e-3)  # no longer the identity

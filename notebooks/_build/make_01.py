@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upernet_ref.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
-from upernet_ref.model import count_parameters
+from upernet_ref.model import count_parameters, randomize_batchnorm
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -366,18 +366,10 @@ class SketchResNet(nn.Module):
 """),
 md(r"""
 To make the comparison meaningful, the package's BatchNorm layers get random statistics and
-affine parameters first (fresh ones are the identity), and both networks run in eval mode:
+affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
+so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 """),
 code(r"""
-def randomize_batchnorm(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
-
-
 x = torch.randn(2, 3, 64, 64, device=device)
 for os_ in (8, 16, 32):
     reference = ResNet(50, output_stride=os_, blocks=(1, 1, 2, 2), base_width=8, stem_width=8)

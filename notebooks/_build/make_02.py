@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from upernet_ref.head import resize
-from upernet_ref.model import count_parameters
+from upernet_ref.model import count_parameters, randomize_batchnorm
 from upernet_ref.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
@@ -208,15 +208,6 @@ class SketchPPM(nn.Module):
         context = [resize(branch(adaptive_avg_pool_by_hand(x, s)), x.shape[-2:])
                    for s, branch in zip(self.pool_scales, self.branches)]
         return self.bottleneck(torch.cat([x, *context], dim=1))
-
-
-def randomize_batchnorm(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
 
 
 reference = PyramidPooling(64, 16, pool_scales)

@@ -34,7 +34,7 @@ from upernet_ref.configs import (REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K,
                                  list_configs)
 from upernet_ref.flops import count_macs
 from upernet_ref.head import FCNHead, UPerHead, resize
-from upernet_ref.model import build_model, count_parameters
+from upernet_ref.model import build_model, count_parameters, randomize_batchnorm
 from upernet_ref.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
@@ -216,15 +216,6 @@ class SketchUPerHead(nn.Module):
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0]] + [resize(o, size) for o in outs[1:]], dim=1))
         return self.classifier(self.dropout(fused))
-
-
-def randomize_batchnorm(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.2, 0.2)
 
 
 reference = UPerHead(in_channels, channels, num_classes)
