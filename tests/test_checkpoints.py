@@ -1,6 +1,5 @@
 """Published checkpoint layouts convert and load strictly; saving is atomic."""
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect
                                      load_backbone_weights, load_weights, read_checkpoint_file,
                                      save_checkpoint)
 
+from helpers_checkpoints import to_mmseg
 from shared_paths import SPEC
 
 
@@ -32,31 +32,6 @@ def synthetic_state_dict(shapes: dict[str, list[int]], device: str = "cpu") -> d
         else:
             sd[key] = torch.full(shape, float(i), device=device)
     return sd
-
-
-# mmsegmentation's names for the same tensors (spec section 2)
-MMSEG_RULES = [
-    (r"^backbone_net\.", "backbone."),
-    (r"^ppm_net\.branches\.(\d+)\.1\.", r"decode_head.psp_modules.\1.1.conv."),
-    (r"^ppm_net\.branches\.(\d+)\.2\.", r"decode_head.psp_modules.\1.1.bn."),
-    (r"^ppm_net\.bottleneck\.0\.", "decode_head.bottleneck.conv."),
-    (r"^ppm_net\.bottleneck\.1\.", "decode_head.bottleneck.bn."),
-    (r"^(lateral_convs|fpn_convs)\.(\d+)\.0\.", r"decode_head.\1.\2.conv."),
-    (r"^(lateral_convs|fpn_convs)\.(\d+)\.1\.", r"decode_head.\1.\2.bn."),
-    (r"^decoder\.0\.", "decode_head.fpn_bottleneck.conv."),
-    (r"^decoder\.1\.", "decode_head.fpn_bottleneck.bn."),
-    (r"^decoder\.4\.", "decode_head.conv_seg."),
-    (r"^auxiliary_decoder\.0\.", "auxiliary_head.convs.0.conv."),
-    (r"^auxiliary_decoder\.1\.", "auxiliary_head.convs.0.bn."),
-    (r"^auxiliary_decoder\.4\.", "auxiliary_head.conv_seg."),
-]
-
-
-def to_mmseg(key: str) -> str:
-    for pattern, repl in MMSEG_RULES:
-        if re.search(pattern, key):
-            return re.sub(pattern, repl, key, count=1)
-    raise AssertionError(key)
 
 
 @pytest.mark.parametrize("depth", [50, 101])

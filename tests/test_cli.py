@@ -1,5 +1,6 @@
-"""The `upernet` entry point: dispatch, usage, `upernet configs`, shared argument types."""
+"""The `upernet` entry point: dispatch, usage, help texts, `upernet configs`, argument types."""
 import argparse
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,57 @@ def test_every_command_module_has_a_main():
     import importlib
     for module, _ in COMMANDS.values():
         assert callable(importlib.import_module(module).main), module
+
+
+def help_text(words: list[str], capsys) -> str:
+    """What `upernet WORDS --help` prints."""
+    with pytest.raises(SystemExit) as exit_:
+        main(words + ["--help"])
+    assert exit_.value.code == 0, words
+    return capsys.readouterr().out
+
+
+def help_problems(text: str) -> list[str]:
+    """A missing description, and every argument listed without help, in one --help output."""
+    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()]
+    problems = []
+    # usage, then the description, then the sections ("options:", "positional arguments:")
+    if len(blocks) < 2 or re.match(r"[a-z ]+:\n", blocks[1]):
+        problems.append("no description")
+    for block in blocks:
+        lines = block.splitlines()
+        if not re.fullmatch(r"(options|positional arguments):", lines[0]):
+            continue
+        for i, line in enumerate(lines[1:], 1):
+            entry = re.fullmatch(r"  (\S+(?: \S+)*)( {2,}\S.*)?", line)  # "  --out OUT  help"
+            if entry is None or entry.group(2):
+                continue  # a continuation line, or help on the same line
+            follows = lines[i + 1] if i + 1 < len(lines) else ""
+            if not re.match(r" {3,}\S", follows):  # help on the next line, indented further
+                problems.append(f"no help for {entry.group(1)!r}")
+    return problems
+
+
+def test_help_checker_finds_what_is_missing():
+    good = ("usage: x [-h] [--out OUT]\n\nDoes x.\n\noptions:\n  -h, --help  show help\n"
+            "  --a-very-long-option A_VERY_LONG_OPTION\n                        help below\n"
+            "  --out OUT   output\n\nAn epilog.\n")
+    assert help_problems(good) == []
+    bad = good.replace("Does x.\n\n", "").replace("   output", "")
+    assert help_problems(bad) == ["no description", "no help for '--out OUT'"]
+
+
+def test_every_command_has_a_description_and_help_for_every_option(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # stable wrapping
+    pending, seen = [[name] for name in COMMANDS], []
+    while pending:
+        words = pending.pop(0)
+        text = help_text(words, capsys)
+        seen.append(" ".join(words))
+        assert help_problems(text) == [], f"upernet {' '.join(words)} --help:\n{text}"
+        for group in re.findall(r"^  \{([\w,-]+)\}$", text, flags=re.M):  # nested subcommands
+            pending += [words + [sub] for sub in group.split(",")]
+    assert {"data check", "data prepare voc-aug", "data prepare cityscapes"} <= set(seen)
 
 
 def test_configs_command_prints_the_table_and_a_forward_pass(capsys):

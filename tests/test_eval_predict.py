@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import shutil
 
 import numpy as np
 import pytest
@@ -13,9 +13,11 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.evaluate import evaluate
+from upernet_ref.evaluate import evaluate, protocol_tag
 from upernet_ref.evaluate import main as eval_main
 from upernet_ref.predict import main as predict_main
+
+from helpers_checkpoints import to_sssegmentation
 
 CFG = configs.get_config("upernet_small_test")
 
@@ -93,33 +95,6 @@ def test_evaluate_shards_over_processes_and_sums_the_matrices(tmp_path):
 # Command line, on a checkpoint of the small test model (random weights)
 
 
-def to_sssegmentation(state_dict):
-    """Our names -> sssegmentation's (spec section 2), the inverse of checkpoints' rules."""
-    rules = [
-        (r"^backbone\.", "backbone_net."),
-        (r"^decode_head\.ppm\.branches\.(\d+)\.conv\.", r"ppm_net.branches.\1.1."),
-        (r"^decode_head\.ppm\.branches\.(\d+)\.bn\.", r"ppm_net.branches.\1.2."),
-        (r"^decode_head\.ppm\.bottleneck\.conv\.", "ppm_net.bottleneck.0."),
-        (r"^decode_head\.ppm\.bottleneck\.bn\.", "ppm_net.bottleneck.1."),
-        (r"^decode_head\.(lateral_convs|fpn_convs)\.(\d+)\.conv\.", r"\1.\2.0."),
-        (r"^decode_head\.(lateral_convs|fpn_convs)\.(\d+)\.bn\.", r"\1.\2.1."),
-        (r"^decode_head\.fuse\.conv\.", "decoder.0."),
-        (r"^decode_head\.fuse\.bn\.", "decoder.1."),
-        (r"^decode_head\.classifier\.", "decoder.4."),
-        (r"^aux_head\.conv\.conv\.", "auxiliary_decoder.0."),
-        (r"^aux_head\.conv\.bn\.", "auxiliary_decoder.1."),
-        (r"^aux_head\.classifier\.", "auxiliary_decoder.4."),
-    ]
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in rules:
-            if re.search(pattern, key):
-                key = re.sub(pattern, repl, key, count=1)
-                break
-        out[key] = value
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
@@ -160,9 +135,29 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
                           "--crop", "32x32", "--stride", "24", "--scales", "0.75,1", "--flip"],
                          capsys)
     assert code == 0, out.err
-    saved = json.loads((path.parent / "small_eval_val.json").read_text())
+    saved = json.loads((path.parent / "small_eval_val_slide_s0.75-1_flip_limit1.json").read_text())
     assert saved["mode"] == "slide" and saved["flip"] and saved["scales"] == [0.75, 1.0]
     assert saved["stride"] == [24, 24] and "sliding-window" in saved["protocol"]
+
+
+def test_protocol_tag_names_every_choice():
+    assert protocol_tag("whole", (1.0,), False) == "whole"
+    assert protocol_tag("slide", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True, fast=True, limit=100) \
+        == "slide_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100"
+    assert protocol_tag("whole", (0.75,), False) == "whole_s0.75"
+
+
+def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    ckpt = shutil.copy(path, tmp_path / "last.pt")  # a folder of its own: only our results in it
+    for protocol in ([], ["--mode", "slide", "--crop", "32x32", "--stride", "24", "--flip"]):
+        code, out = run_eval(["--checkpoint", str(ckpt), "--limit", "1"] + protocol, capsys)
+        assert code == 0, out.err
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert written == ["last_eval_val_slide_flip_limit1.json", "last_eval_val_whole_limit1.json"]
+    whole, slide = (json.loads((tmp_path / name).read_text()) for name in reversed(written))
+    assert whole["mode"] == "whole" and not whole["flip"]
+    assert slide["mode"] == "slide" and slide["flip"]
 
 
 def test_evaluate_applies_the_test_pipeline_to_raw_items(checkpoint):

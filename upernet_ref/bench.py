@@ -357,18 +357,23 @@ def format_table(result: dict[str, typing.Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configuration name")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="images per batch (default: 1; a training step uses at least 2)")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="input HxW (default: the config's crop size)")
-    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer")
+    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer",
+                        help="time inference, a training step, or both (default: infer)")
     parser.add_argument("--fast", action="store_true", help="also measure the fast path")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
                         default="auto", help="fast path autocast dtype (auto: per device)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="fast path torch.compile (auto: per device)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed runs before timing (default: 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -23,16 +23,34 @@ DEFAULT_SPLITS = {"voc": ("train", "val", "trainaug"), "ade20k": ("training", "v
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="upernet data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
-    prepare = sub.add_parser("prepare", help="convert SBD (voc-aug) or write Cityscapes train ids")
+    prepare = sub.add_parser(
+        "prepare", help="convert SBD (voc-aug) or write Cityscapes train ids",
+        description="Write the derived label files a dataset needs before training: the VOC "
+                    "trainaug split from SBD, or the Cityscapes train-id PNGs.")
     which = prepare.add_subparsers(dest="target", required=True)
-    voc = which.add_parser("voc-aug", help="SBD .mat -> SegmentationClassAug + trainaug.txt")
+    voc = which.add_parser(
+        "voc-aug", help="SBD .mat -> SegmentationClassAug + trainaug.txt",
+        description="Convert the SBD .mat labels to PNGs in VOC2012/SegmentationClassAug (VOC's "
+                    "own labels where it has them) and write ImageSets/Segmentation/trainaug.txt "
+                    "(SBD + VOC train, minus VOC val).")
     voc.add_argument("--voc-root", type=Path, required=True, help="VOCdevkit/VOC2012")
     voc.add_argument("--sbd-root", type=Path, required=True, help="benchmark_RELEASE/dataset")
-    city = which.add_parser("cityscapes", help="write *_gtFine_labelTrainIds.png")
+    city = which.add_parser(
+        "cityscapes", help="write *_gtFine_labelTrainIds.png",
+        description="Write gtFine/*/*/*_gtFine_labelTrainIds.png (19 train ids, 255 ignored) "
+                    "next to every *_gtFine_labelIds.png.")
     city.add_argument("--root", type=Path, required=True, help="folder holding gtFine/")
-    check = sub.add_parser("check", help="report missing, truncated, mismatched or mislabelled files")
-    check.add_argument("--dataset", required=True, choices=("voc", "ade20k", "cityscapes", "folder"))
-    check.add_argument("--root", type=Path, required=True)
+    check = sub.add_parser(
+        "check", help="report missing, truncated, mismatched or mislabelled files",
+        description="Check a dataset before a long training run: every image / label pair of "
+                    "each split (all splits unless --split) for missing, truncated or unreadable "
+                    "files, a label size that differs from the image's, and label values outside "
+                    "the dataset's valid set. Prints one line per problem and a summary per "
+                    "split; exit status 1 when anything is wrong, 0 when clean.")
+    check.add_argument("--dataset", required=True,
+                       choices=("voc", "ade20k", "cityscapes", "folder"),
+                       help="dataset layout (see data/README.md)")
+    check.add_argument("--root", type=Path, required=True, help="dataset folder")
     check.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
     check.add_argument("--num-classes", type=int, help="folder dataset without classes.txt")
     check.add_argument("--decode-images", action="store_true",

@@ -186,6 +186,22 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def protocol_tag(mode: str, scales: typing.Sequence[float], flip: bool, fast: bool = False,
+                 limit: int | None = None) -> str:
+    """A short name for an evaluation protocol, used in the default results file name.
+
+    The mode, then the scales unless single-scale 1 (`s0.75-1`), `flip`, `fast` and
+    `limit<N>` when used: `whole`, `slide_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100`.
+    """
+    parts = [mode]
+    if tuple(float(s) for s in scales) != (1.0,):
+        parts.append("s" + "-".join(f"{s:g}" for s in scales))
+    parts += ["flip"] * bool(flip) + ["fast"] * bool(fast)
+    if limit is not None:
+        parts.append(f"limit{limit}")
+    return "_".join(parts)
+
+
 def _jsonable(x: typing.Any) -> typing.Any:
     if isinstance(x, float) and math.isnan(x):
         return None  # JSON has no NaN
@@ -201,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     add_inference_arguments(parser)
     parser.add_argument("--data-root", help="dataset folder (not needed for the demo dataset)")
     parser.add_argument("--split", help="default: the config's validation split")
-    parser.add_argument("--json", help="results file (default: next to the checkpoint)")
+    parser.add_argument("--json", help="results file (default: next to the checkpoint, "
+                        "<checkpoint stem>_eval_<split>_<protocol>.json, e.g. "
+                        "last_eval_val_whole.json or last_eval_val_slide_s0.75-1-1.25_flip_fast"
+                        "_limit50.json)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=int, help="data loader workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -237,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args.json) if args.json else None
     if json_path is None:
         ckpt = Path(args.checkpoint)
-        json_path = ckpt.with_name(f"{ckpt.stem}_eval_{split}.json")
+        tag = protocol_tag(result["mode"], result["scales"], result["flip"], args.fast, args.limit)
+        json_path = ckpt.with_name(f"{ckpt.stem}_eval_{split}_{tag}.json")
     text = json.dumps(_jsonable(result), indent=2)
     try:
         json_path.write_text(text)

@@ -192,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configuration name")
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation)")
-    parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
+                        help="ONNX file or torch.export program (default: onnx)")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="static input HxW (default: the config's crop size)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--batch", type=int, default=1, help="static batch size (default: 1)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args = parser.parse_args(argv)

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     add_inference_arguments(parser)
     parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files, and folders searched recursively for images")
     args = parser.parse_args(argv)
 
     try:

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward", metavar="NAME", help="also run one forward pass of NAME")
     parser.add_argument("--size", type=parse_pair, default=(512, 512),
                         help="forward-pass input size HxW")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None,
+                        help="device of the forward pass (default: cuda if available)")
     args = parser.parse_args(argv)
     print_summary()
     if args.forward:
