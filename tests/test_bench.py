@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from upernet_ref.bench import PEAK_TFLOPS, format_table, main, run_bench
+from upernet_ref import bench
+from upernet_ref.bench import (PEAK_TFLOPS, format_table, main, model_flops_utilization,
+                               peak_tflops_for_name, run_bench)
 from upernet_ref.configs import get_config
 from upernet_ref.flops import count_macs
 from upernet_ref.model import build_model
@@ -47,3 +50,80 @@ def test_bad_arguments_are_errors(capsys):
 def test_peak_table_has_the_common_gpus():
     names = dict(PEAK_TFLOPS)
     assert names["H100"] == 989.0 and names["A100"] == 312.0 and names["V100"] == 125.0
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),  # SXM
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", 70.0),
+    ("NVIDIA L40S", 362.0),
+    ("NVIDIA L4", 121.0),
+    ("NVIDIA GeForce RTX 4090", 165.0),
+    ("Tesla V100-SXM2-32GB", 125.0),
+    ("Tesla T4", 65.0),
+    ("NVIDIA H20", None),  # not an H200
+    ("NVIDIA B200", None),  # not in the table: MFU None unless --peak-tflops
+    ("AMD Instinct MI300X", None),
+])
+def test_peak_tflops_matches_whole_model_names(name, peak):
+    assert peak_tflops_for_name(name) == peak
+
+
+def test_mfu_arithmetic():
+    # R-50 os8 512x512: 397.5 GMACs = 795 GFLOP per image; 100 images/s on a 989 TFLOP/s GPU
+    assert model_flops_utilization(397.5, 100.0, 989.0) == pytest.approx(795e11 / 989e12)
+    assert model_flops_utilization(397.5, 100.0, 989.0, factor=3) == pytest.approx(
+        3 * 795e11 / 989e12)
+    assert model_flops_utilization(397.5, 100.0, None) is None
+    assert model_flops_utilization(397.5, None, 989.0) is None
+
+
+def test_peak_override_gives_an_mfu_on_any_device():
+    result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), warmup=0,
+                       repeats=1, peak_tflops=1.0)
+    expected = 2 * result["gmacs"] * 1e9 * result["images_per_s"] / 1e12
+    assert result["peak_tflops"] == 1.0 and result["mfu"] == pytest.approx(expected)
+
+
+def test_out_of_memory_is_recorded_and_the_other_phases_still_run(monkeypatch):
+    real = bench.bench_training
+
+    def eager_does_not_fit(*args, **kwargs):
+        if len(args) < 8:  # the eager step (the fast one also gets its settings)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_training", eager_does_not_fit)
+    result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
+                       fast=True, warmup=0, repeats=1)
+    assert set(result["errors"]) == {"train"}
+    assert result["errors"]["train"].startswith("CUDA out of memory at batch 2")
+    assert result["train_images_per_s"] is None and result["train_mfu"] is None
+    assert result["latency_ms"] > 0 and result["fast"]["train_images_per_s"] > 0
+    assert "train_speedup" not in result["fast"]
+    table = format_table(result)
+    assert "CUDA out of memory at batch 2" in table and "fast training speed-up" not in table
+
+
+def test_training_compile_failure_falls_back_to_uncompiled(monkeypatch):
+    """A machine where torch.compile cannot build kernels (no Triton / C compiler)."""
+
+    def broken_compile(model, **kwargs):
+        def run(*args):
+            raise RuntimeError("InductorError: Failed to find C compiler\nmore")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="train",
+                       fast=True, warmup=0, repeats=1, compile="on")
+    fast = result["fast"]
+    assert fast["train_compile_error"] == "RuntimeError: InductorError: Failed to find C compiler"
+    assert "torch.compile" not in fast["train_settings"] and fast["train_images_per_s"] > 0
+    assert "torch.compile failed" in format_table(result)

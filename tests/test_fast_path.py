@@ -11,8 +11,8 @@ from torch import nn
 
 from upernet_ref import build_model, configs
 from upernet_ref.fuse import (BF16_FLOAT32_MODULES, Float32, count_batchnorms,
-                              default_fast_settings, fast_inference_model, fold_batchnorm,
-                              fold_conv_bn, keep_float32)
+                              cuda_autocast_dtype, default_fast_settings, fast_inference_model,
+                              fold_batchnorm, fold_conv_bn, keep_float32)
 from upernet_ref.synthetic import DemoScenes
 
 from shared_paths import REALDATA
@@ -89,6 +89,43 @@ def test_default_settings_are_documented_rules():
     assert cpu.channels_last and not cpu.compile
     assert cpu.dtype in (None, torch.bfloat16)
     assert cpu.float32_modules == (BF16_FLOAT32_MODULES if cpu.dtype is not None else ())
+
+
+def test_cuda_dtype_is_bf16_only_with_bf16_tensor_cores():
+    # torch.cuda.is_bf16_supported() also says True on a V100 / T4, where bf16 is emulated
+    assert cuda_autocast_dtype((9, 0)) == cuda_autocast_dtype((8, 6)) == torch.bfloat16  # H100, A10
+    assert cuda_autocast_dtype((7, 0)) == cuda_autocast_dtype((7, 5)) == torch.float16  # V100, T4
+
+
+def _broken_compile(error: Exception):
+    def compile(model, **kwargs):
+        def run(*args):
+            raise error
+        return run
+    return compile
+
+
+def test_fast_model_runs_uncompiled_when_compile_fails(model, monkeypatch):
+    """E.g. a GPU machine without Triton or a C compiler: a warning, not a crash."""
+    monkeypatch.setattr(torch, "compile", _broken_compile(RuntimeError("no C compiler\n...")))
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=True)
+    assert fast.settings.compile and fast.compile_error is None
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        out = fast(x)["out"]
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x)["out"], atol=1e-4, rtol=1e-4)
+    assert fast.compile_error == "RuntimeError: no C compiler"
+    assert not fast.settings.compile and "torch.compile" not in fast.settings.describe()
+    fast(x)  # from now on uncompiled, no second warning needed
+
+
+def test_fast_model_does_not_hide_out_of_memory(model, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _broken_compile(torch.cuda.OutOfMemoryError("OOM")))
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=True)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fast(torch.randn(1, 3, 64, 64))
+    assert fast.compile_error is None
 
 
 def test_keep_float32_runs_the_module_in_float32_under_autocast():

@@ -21,10 +21,19 @@ What is measured (per configuration, input size and batch):
   + activations + workspace, like the CUDA figure. Falls back to `ru_maxrss` when the peak
   cannot be reset (then a phase only shows if it exceeds every earlier one).
 - MFU (CUDA): achieved FLOP/s (2 x MACs x images/s; x 3 for a training step, forward +
-  backward) over the device's dense bf16/fp16 tensor-core peak from `PEAK_TFLOPS`.
+  backward) over the device's dense bf16/fp16 tensor-core peak from `PEAK_TFLOPS` (matched on
+  the device name, `peak_tflops_for_name`; `--peak-tflops` for other GPUs). The eager rows
+  use the same bf16 peak, so eager and fast MFUs compare directly.
 - `--fast`: the same figures for the fast path: `fuse.fast_inference_model` for inference
   (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
-  channels_last + autocast (+ compile) for training (`fuse.default_fast_settings`).
+  channels_last + autocast (+ compile) for training (`fuse.default_fast_settings`). With
+  torch.compile the first (compiling) call is never timed; if compiling fails, the fast path
+  runs uncompiled and the JSON says why (`compile_error`, `train_compile_error`).
+- CUDA: `torch.backends.cudnn.benchmark` is on during the run (as in training); "eager fp32"
+  means PyTorch's defaults, under which cuDNN convolutions use TF32 tensor cores
+  (`torch.backends.cudnn.allow_tf32`, recorded in `machine`).
+- A phase that runs out of GPU memory is recorded in `errors` (e.g. `{"train": "CUDA out of
+  memory ..."}`) with its figures left None; the other phases still run.
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -47,24 +57,52 @@ from torch import nn
 from .cli import parse_pair
 from .configs import Config, get_config
 from .flops import count_macs
-from .fuse import FastSettings, default_fast_settings, fast_inference_model
+from .fuse import FastSettings, default_fast_settings, error_summary, fast_inference_model
 from .model import build_model
 
-# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, by a substring of the CUDA
-# device name; the first match wins. V100 and T4 have no bf16: fp16 peak.
+# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s (NVIDIA datasheets; fp32
+# accumulation), by the model name in the CUDA device name, e.g. "NVIDIA H100 80GB HBM3" (SXM),
+# "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB". The first match wins, so the
+# specific names come first. V100 and T4 have no bf16: fp16 peak (what `--fast` uses there).
 PEAK_TFLOPS = (
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
-    ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0),
-    ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
+    ("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0),
+    ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("A10", 125.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
 )
+
+
+def peak_tflops_for_name(name: str) -> float | None:
+    """The `PEAK_TFLOPS` entry of a CUDA device name, None if unknown.
+
+    A key matches as a whole model name: not inside a longer one ("H200" is not "GH200",
+    "A10" is not "A100", "L4" is not "L40S"); case is ignored.
+    """
+    for key, peak in PEAK_TFLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![0-9])", name, re.IGNORECASE):
+            return peak
+    return None
 
 
 def device_peak_tflops(device: torch.device) -> float | None:
     """The dense bf16/fp16 peak of a CUDA device from `PEAK_TFLOPS`, None if unknown or CPU."""
+    device = torch.device(device)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    return peak_tflops_for_name(torch.cuda.get_device_name(device))
+
+
+def model_flops_utilization(gmacs: float, images_per_s: float | None,
+                            peak_tflops: float | None, factor: int = 1) -> float | None:
+    """Achieved FLOP/s over the peak: factor x 2 x GMACs x 1e9 x images/s / (peak x 1e12).
+
+    `factor` is 3 for a training step (the backward costs about twice the forward). None when
+    the peak or the speed is unknown.
+    """
+    if peak_tflops is None or images_per_s is None:
+        return None
+    return factor * 2 * gmacs * 1e9 * images_per_s / (peak_tflops * 1e12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +200,11 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    device: torch.device, warmup: int, repeats: int, meter: MemoryMeter,
                    settings: FastSettings | None = None,
                    aux_weight: float = 0.4) -> dict[str, typing.Any]:
-    """Time full SGD steps; with `settings`, channels_last + autocast (+ compile)."""
+    """Time full SGD steps; with `settings`, channels_last + autocast (+ compile).
+
+    With compile, the first step (which compiles) is one of the warmup steps and always
+    untimed; if it fails, the steps run uncompiled and `train_compile_error` says why.
+    """
     model.train()
     forward = model
     if settings is not None:
@@ -185,20 +227,37 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         optimizer.step()
 
     meter.reset()
+    compile_error, first_s = None, 0.0
+    if forward is not model:
+        start = time.perf_counter()
+        try:
+            step()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - torch.compile unavailable: run uncompiled
+            compile_error = error_summary(err)
+        if compile_error is not None:
+            forward = model
+        _sync(device)
+        first_s, warmup = time.perf_counter() - start, max(warmup - 1, 0)
     t = time_calls(step, device, warmup, repeats)
     batch = images.shape[0]
-    return {"train_step_ms": 1000 * t["median_s"], "train_step_min_ms": 1000 * t["min_s"],
-            "train_cpu_ms": 1000 * t["cpu_s"], "train_images_per_s": batch / t["median_s"],
-            "train_first_calls_s": t["warmup_s"],
-            "train_runs_ms": [1000 * r for r in t["runs_s"]],
-            "train_peak_memory_mb": meter.peak_mb()}
+    figures = {"train_step_ms": 1000 * t["median_s"], "train_step_min_ms": 1000 * t["min_s"],
+               "train_cpu_ms": 1000 * t["cpu_s"], "train_images_per_s": batch / t["median_s"],
+               "train_first_calls_s": first_s + t["warmup_s"],
+               "train_runs_ms": [1000 * r for r in t["runs_s"]],
+               "train_peak_memory_mb": meter.peak_mb()}
+    if settings is not None:
+        figures["train_settings"] = train_settings_text(settings, compiled=forward is not model)
+        figures["train_compile_error"] = compile_error
+    return figures
 
 
-def _mfu(gmacs: float, images_per_s: float, peak_tflops: float | None, factor: int = 1
-         ) -> float | None:
-    if peak_tflops is None:
-        return None
-    return factor * 2 * gmacs * 1e9 * images_per_s / (peak_tflops * 1e12)
+def train_settings_text(settings: FastSettings, compiled: bool) -> str:
+    """E.g. "bfloat16 autocast, channels_last, torch.compile"."""
+    dtype = str(settings.dtype or "float32").replace("torch.", "")
+    return (f"{dtype} autocast, {'channels_last' if settings.channels_last else 'NCHW'}"
+            f"{', torch.compile' if compiled else ''}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +283,15 @@ def machine_info(device: torch.device) -> dict[str, typing.Any]:
     except OSError:
         info["cpu"] = platform.processor()
     if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["tf32_convolutions"] = torch.backends.cudnn.allow_tf32  # "eager fp32" convs
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
         info["peak_tflops_bf16"] = device_peak_tflops(device)
     return info
 
@@ -236,8 +302,12 @@ def machine_info(device: torch.device) -> dict[str, typing.Any]:
 def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
               size: tuple[int, int] | None = None, mode: str = "infer", fast: bool = False,
               warmup: int = 1, repeats: int = 3, dtype: str = "auto",
-              compile: str = "auto", seed: int = 0) -> dict[str, typing.Any]:
-    """All the figures as one JSON-able dict (see the module docstring)."""
+              compile: str = "auto", seed: int = 0,
+              peak_tflops: float | None = None) -> dict[str, typing.Any]:
+    """All the figures as one JSON-able dict (see the module docstring).
+
+    `peak_tflops` overrides the `PEAK_TFLOPS` entry of the device (for MFU).
+    """
     device = torch.device(device)
     if mode not in ("infer", "train", "both"):
         raise ValueError(f"bench: mode must be infer, train or both, got {mode!r}")
@@ -250,18 +320,37 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
     gmacs = count_macs(meta_model.eval(), size) / 1e9
     train_gmacs = count_macs(meta_model.train(), size) / 1e9
 
+    benchmark_before = torch.backends.cudnn.benchmark
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: fastest kernels, as in training
+    try:
+        return _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile,
+                          seed, peak_tflops, gmacs, train_gmacs)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile, seed,
+               peak_tflops, gmacs, train_gmacs) -> dict[str, typing.Any]:
     baseline_kb = _rss_kb()
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     meter = MemoryMeter(device, baseline_kb if device.type == "cpu" else None)
     generator = torch.Generator().manual_seed(seed)
-    peak = device_peak_tflops(device)
+    peak = peak_tflops if peak_tflops is not None else device_peak_tflops(device)
+    errors: dict[str, str] = {}
     result: dict[str, typing.Any] = {
         "config": cfg.name, "device": str(device), "size": list(size), "batch": batch,
         "mode": mode, "warmup": warmup, "repeats": repeats, "gmacs": gmacs,
         "train_gmacs": train_gmacs, "latency_ms": None, "images_per_s": None,
         "train_images_per_s": None, "peak_memory_mb": None, "mfu": None,
-        "machine": machine_info(device),
+        "peak_tflops": peak, "machine": machine_info(device), "errors": errors,
     }
     settings = default_fast_settings(device)
     if dtype != "auto":
@@ -270,48 +359,85 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
                                 settings.compile)
     if compile != "auto":
         settings = FastSettings(settings.dtype, settings.channels_last, compile == "on")
+    # With torch.compile the first call compiles: never time it.
+    fast_warmup = max(warmup, 1) if settings.compile else warmup
 
+    def attempt(phase: str, phase_batch: int, fn: typing.Callable[[], dict]) -> dict | None:
+        """fn()'s figures, or None when the phase does not fit in GPU memory (recorded)."""
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError as err:
+            errors[phase] = f"CUDA out of memory at batch {phase_batch}: {error_summary(err)}"
+        _free_memory(device)  # outside the except block: the failed phase's tensors are gone
+        return None
+
+    train_batch = max(batch, 2)
     if mode in ("infer", "both"):
         images = torch.randn(batch, 3, *size, generator=generator).to(device)
         model.eval()
-        result.update(bench_inference(model, images, device, warmup, repeats, meter))
+        figures = attempt("infer", batch, lambda: bench_inference(
+            model, images, device, warmup, repeats, meter))
+        if figures is not None:
+            result.update(figures)
+            result["mfu"] = model_flops_utilization(gmacs, result["images_per_s"], peak)
         result["memory_method"] = meter.method
-        result["mfu"] = _mfu(gmacs, result["images_per_s"], peak)
         if fast:
-            fast_model = fast_inference_model(model, device, dtype=settings.dtype,
-                                              channels_last=settings.channels_last,
-                                              compile=settings.compile)
-            figures = bench_inference(fast_model, images, device, warmup, repeats, meter)
-            figures["mfu"] = _mfu(gmacs, figures["images_per_s"], peak)
-            figures["settings"] = fast_model.settings.describe()
-            figures["speedup"] = figures["images_per_s"] / result["images_per_s"]
-            result["fast"] = figures
-            del fast_model
+            def fast_phase() -> dict:
+                fast_model = fast_inference_model(model, device, dtype=settings.dtype,
+                                                  channels_last=settings.channels_last,
+                                                  compile=settings.compile)
+                figures = bench_inference(fast_model, images, device, fast_warmup, repeats,
+                                          meter)
+                figures["settings"] = fast_model.settings.describe()
+                figures["compile_error"] = fast_model.compile_error
+                return figures
+
+            figures = attempt("fast_infer", batch, fast_phase)
+            fast_figures: dict[str, typing.Any] = {"settings": settings.describe()}
+            if figures is not None:
+                fast_figures.update(figures)
+                fast_figures["mfu"] = model_flops_utilization(gmacs, figures["images_per_s"], peak)
+                if result["images_per_s"]:
+                    fast_figures["speedup"] = figures["images_per_s"] / result["images_per_s"]
+            result["fast"] = fast_figures
+        del images
+        _free_memory(device)
     if mode in ("train", "both"):
-        train_batch = max(batch, 2)
         images = torch.randn(train_batch, 3, *size, generator=generator).to(device)
         labels = torch.randint(0, cfg.model.num_classes, (train_batch, *size),
                                generator=generator).to(device)
         state = {k: v.clone() for k, v in model.state_dict().items()}
         result["train_batch"] = train_batch
-        result.update(bench_training(model, images, labels, device, warmup, repeats, meter))
-        result["peak_memory_mb"] = result.get("peak_memory_mb") or result["train_peak_memory_mb"]
+        figures = attempt("train", train_batch, lambda: bench_training(
+            model, images, labels, device, warmup, repeats, meter))
+        if figures is not None:
+            result.update(figures)
+            result["train_mfu"] = model_flops_utilization(
+                train_gmacs, result["train_images_per_s"], peak, factor=3)
+        else:
+            result.update(train_step_ms=None, train_mfu=None, train_peak_memory_mb=None)
+        if result["peak_memory_mb"] is None:
+            result["peak_memory_mb"] = result["train_peak_memory_mb"]
         result["memory_method"] = meter.method
-        result["train_mfu"] = _mfu(train_gmacs, result["train_images_per_s"], peak, factor=3)
         if fast:
+            del model  # the eager run's weights, gradients: the fast run starts from `state`
+            _free_memory(device)
             torch.manual_seed(seed)
             model = build_model(cfg).to(device)
             model.load_state_dict(state)
             train_settings = FastSettings(settings.dtype, settings.channels_last, settings.compile)
-            figures = bench_training(model, images, labels, device, warmup, repeats, meter,
-                                     train_settings)
-            figures["train_mfu"] = _mfu(train_gmacs, figures["train_images_per_s"], peak, 3)
-            figures["train_settings"] = (f"{str(settings.dtype or 'float32').replace('torch.', '')}"
-                                         f" autocast, channels_last"
-                                         f"{', torch.compile' if settings.compile else ''}")
-            figures["train_speedup"] = (figures["train_images_per_s"]
-                                        / result["train_images_per_s"])
-            result.setdefault("fast", {}).update(figures)
+            figures = attempt("fast_train", train_batch, lambda: bench_training(
+                model, images, labels, device, fast_warmup, repeats, meter, train_settings))
+            fast_figures = result.setdefault("fast", {})
+            fast_figures["train_settings"] = train_settings_text(train_settings,
+                                                                 train_settings.compile)
+            if figures is not None:
+                fast_figures.update(figures)
+                fast_figures["train_mfu"] = model_flops_utilization(
+                    train_gmacs, figures["train_images_per_s"], peak, factor=3)
+                if result["train_images_per_s"]:
+                    fast_figures["train_speedup"] = (figures["train_images_per_s"]
+                                                     / result["train_images_per_s"])
     return result
 
 
@@ -325,31 +451,36 @@ def format_table(result: dict[str, typing.Any]) -> str:
              f"{'path':<34} {'phase':<6} {'ms/batch':>9} {'cpu ms':>9} {'img/s':>8} "
              f"{'peak MB':>8} {'MFU':>6}"]
 
-    def row(name: str, phase: str, ms: float, cpu: float, ips: float, mem: float,
-            mfu: float | None) -> None:
+    def row(name: str, phase: str, figures: dict, prefix: str, error: str | None) -> None:
+        ms = figures.get(f"{prefix}step_ms" if prefix else "latency_ms")
+        if ms is None:
+            lines.append(f"{name:<34} {phase:<6} {error or 'not measured'}")
+            return
+        mfu = figures.get(f"{prefix}mfu")
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
-        lines.append(f"{name:<34} {phase:<6} {ms:9.1f} {cpu:9.1f} {ips:8.2f} {mem:8.0f} "
-                     f"{mfu_text:>6}")
+        lines.append(f"{name:<34} {phase:<6} {ms:9.1f} {figures[prefix + 'cpu_ms']:9.1f} "
+                     f"{figures[prefix + 'images_per_s']:8.2f} "
+                     f"{figures[prefix + 'peak_memory_mb']:8.0f} {mfu_text:>6}")
 
-    fast = result.get("fast", {})
-    if result.get("latency_ms") is not None:
-        row("eager fp32", "infer", result["latency_ms"], result["cpu_ms"], result["images_per_s"],
-            result["peak_memory_mb"], result["mfu"])
-        if "latency_ms" in fast:
-            row(f"fast ({fast['settings']})", "infer", fast["latency_ms"], fast["cpu_ms"],
-                fast["images_per_s"], fast["peak_memory_mb"], fast["mfu"])
-    if result.get("train_images_per_s") is not None:
-        row(f"eager fp32 (batch {result['train_batch']})", "train", result["train_step_ms"],
-            result["train_cpu_ms"], result["train_images_per_s"],
-            result["train_peak_memory_mb"], result["train_mfu"])
-        if "train_step_ms" in fast:
-            row(f"fast ({fast['train_settings']})", "train", fast["train_step_ms"],
-                fast["train_cpu_ms"], fast["train_images_per_s"], fast["train_peak_memory_mb"],
-                fast["train_mfu"])
+    fast, errors = result.get("fast", {}), result.get("errors", {})
+    eager = "eager fp32" + (" (TF32 convs)" if m.get("tf32_convolutions") else "")
+    if result["mode"] in ("infer", "both"):
+        row(eager, "infer", result, "", errors.get("infer"))
+        if fast:
+            row(f"fast ({fast['settings']})", "infer", fast, "", errors.get("fast_infer"))
+    if result["mode"] in ("train", "both"):
+        row(f"{eager} (batch {result['train_batch']})", "train", result, "train_",
+            errors.get("train"))
+        if fast:
+            row(f"fast ({fast['train_settings']})", "train", fast, "train_",
+                errors.get("fast_train"))
     if "speedup" in fast:
         lines.append(f"fast inference speed-up: {fast['speedup']:.2f}x")
     if "train_speedup" in fast:
         lines.append(f"fast training speed-up: {fast['train_speedup']:.2f}x")
+    for key in ("compile_error", "train_compile_error"):
+        if fast.get(key):
+            lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")
     lines.append(f"memory: {result.get('memory_method', '')}")
     return "\n".join(lines)
 
@@ -375,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16/fp16 peak for MFU (default: PEAK_TFLOPS "
+                             "by device name)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -386,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = get_config(args.config)
         result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
-                           args.warmup, args.repeats, args.dtype, args.compile)
+                           args.warmup, args.repeats, args.dtype, args.compile,
+                           peak_tflops=args.peak_tflops)
     except (ValueError, KeyError) as err:
         print(f"upernet bench: {err}", file=sys.stderr)
         return 2

@@ -20,13 +20,17 @@ on the device (figures in `docs/benchmarks.md`):
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
   model's argmax agrees with fp32 eager on >= 99.9% of the pixels of real images (issue 6);
 - `torch.compile` (CUDA only by default: on the 2-core CPU used here it did not pay for its
-  compile time, see the docs).
+  compile time, see the docs). Where compiling fails (a machine without Triton or a C compiler)
+  the model runs uncompiled from then on, with a warning, and `FastModel.compile_error` says
+  why.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import typing
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -170,10 +174,18 @@ BF16_FLOAT32_MODULES = ("backbone.stem", "backbone.conv1", "backbone.layer1", "b
                         "decode_head.classifier")
 
 
+def cuda_autocast_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """bf16 on GPUs with bf16 tensor cores (compute capability 8.0+: Ampere, Hopper, ...), else
+    fp16 (Volta, Turing). `torch.cuda.is_bf16_supported()` is not the test: by default it also
+    says True where bf16 is only emulated (e.g. V100, T4), which is slower than fp16."""
+    return torch.bfloat16 if capability[0] >= 8 else torch.float16
+
+
 def default_fast_settings(device: str | torch.device) -> FastSettings:
     """The fastest combination measured for a device type that keeps the argmax (issue 6).
 
-    CUDA: bf16 where supported (Ampere and later) else fp16, channels_last, torch.compile.
+    CUDA: bf16 where the GPU has bf16 tensor cores (Ampere and later) else fp16
+    (`cuda_autocast_dtype`), channels_last, torch.compile.
     CPU: bf16 only with native bf16 instructions (on CPUs without them bf16 is emulated and
     slower than float32), channels_last, no torch.compile (its compile time on a small CPU is
     far larger than what it saves on the few images a CPU run processes).
@@ -181,7 +193,7 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = cuda_autocast_dtype(torch.cuda.get_device_capability(device))
         keep = BF16_FLOAT32_MODULES if dtype == torch.bfloat16 else ()
         return FastSettings(dtype=dtype, channels_last=True, compile=True, float32_modules=keep)
     dtype = torch.bfloat16 if cpu_has_native_bf16() else None
@@ -189,8 +201,21 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
                         float32_modules=BF16_FLOAT32_MODULES if dtype is not None else ())
 
 
+def error_summary(err: BaseException) -> str:
+    """`TypeName: first line of the message`, for logs and JSON."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 class FastModel(nn.Module):
-    """The folded model behind autocast and channels_last; same `{"out": float32 logits}` API."""
+    """The folded model behind autocast and channels_last; same `{"out": float32 logits}` API.
+
+    With `settings.compile`, a call whose compiled run raises is re-run uncompiled; if that
+    succeeds the failure was torch.compile's (no Triton, no C compiler, ...): the model stays
+    uncompiled from then on, `settings.compile` becomes False and `compile_error` says why.
+    CUDA out-of-memory is raised as it is; any other error of the model itself (a bad input) is
+    raised by the uncompiled run.
+    """
 
     def __init__(self, model: nn.Module, settings: FastSettings, device: torch.device):
         super().__init__()
@@ -198,20 +223,38 @@ class FastModel(nn.Module):
         self.settings = settings
         self.device = device
         self.forward_fn = torch.compile(model) if settings.compile else model
+        self.compile_error: str | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.settings.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.settings.dtype)
 
+    def _run(self, fn: typing.Callable, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            out = fn(images)
+        return {k: v.float().contiguous() for k, v in out.items()}
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.to(self.device)
         if self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            out = self.forward_fn(images)
-        return {k: v.float().contiguous() for k, v in out.items()}
+        if self.forward_fn is self.model:
+            return self._run(self.model, images)
+        try:
+            return self._run(self.forward_fn, images)
+        except torch.cuda.OutOfMemoryError:
+            raise  # a figure (does not fit), not a compile failure
+        except Exception as err:  # noqa: BLE001 - decided below by the uncompiled run
+            failure = error_summary(err)
+        # outside the except block, so that the failed run's tensors are already freed
+        out = self._run(self.model, images)
+        self.forward_fn, self.compile_error = self.model, failure
+        self.settings = dataclasses.replace(self.settings, compile=False)
+        warnings.warn(f"fast path: torch.compile failed ({failure}); running uncompiled",
+                      RuntimeWarning, stacklevel=2)
+        return out
 
 
 def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",

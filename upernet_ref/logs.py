@@ -106,7 +106,13 @@ class RunLogger:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
     def plot(self, title: str = "") -> Path | None:
+        """Write `curves.png`; None when there is nothing to plot or no matplotlib (a bare
+        GPU machine: the run must not fail for want of a picture, log.jsonl has it all)."""
         if not self.enabled or not any(r.get("kind") == "train" for r in self.records):
+            return None
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
             return None
         path = self.out_dir / "curves.png"
         plot_curves(self.records, path, title)
