@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -138,6 +139,40 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
     saved = json.loads((path.parent / "small_eval_val_slide_s0.75-1_flip_limit1.json").read_text())
     assert saved["mode"] == "slide" and saved["flip"] and saved["scales"] == [0.75, 1.0]
     assert saved["stride"] == [24, 24] and "sliding-window" in saved["protocol"]
+
+
+def _eval_cli_worker(rank, world, port, checkpoint_path, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    code = eval_main(["--checkpoint", str(checkpoint_path), "--limit", "5", "--no-progress",
+                      "--num-workers", "0", "--device", "cpu",
+                      "--json", str(out_dir / f"rank{rank}.json")])
+    assert code == 0
+    assert not dist.is_initialized(), "upernet eval must leave the process group"
+
+
+@pytest.mark.slow
+def test_eval_cli_under_torchrun_shards_the_split(checkpoint, tmp_path, capsys, monkeypatch):
+    """`torchrun ... upernet eval`: each rank takes every world-th image, rank 0 reports."""
+    import socket
+    path, _ = checkpoint
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_eval_cli_worker, args=(2, port, path, tmp_path), nprocs=2)
+    assert not (tmp_path / "rank1.json").exists()  # only rank 0 writes
+    both = json.loads((tmp_path / "rank0.json").read_text())
+    code, out = run_eval(["--checkpoint", str(path), "--limit", "5",
+                          "--json", str(tmp_path / "one.json")], capsys)
+    assert code == 0, out.err
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert both["num_images"] == one["num_images"] == 5
+    assert both["iou"] == pytest.approx(one["iou"], nan_ok=True)
+    assert both["miou"] == pytest.approx(one["miou"])
 
 
 def test_protocol_tag_names_every_choice():

@@ -163,6 +163,24 @@ def test_the_final_checkpoint_is_written_before_the_final_validation(tmp_path):
     assert read_checkpoint_file(tmp_path / "best.pt")["iteration"] == best["iter"]
 
 
+def test_deterministic_mode_puts_every_global_flag_back():
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    with runtime.deterministic_mode(True, torch.device("cuda")):  # sets flags only, no GPU needed
+        assert torch.are_deterministic_algorithms_enabled()
+        assert cudnn.deterministic and not cudnn.benchmark
+    assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
+            cudnn.benchmark) == before
+
+
+def test_out_of_memory_is_recognised_in_all_its_forms():
+    assert runtime.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))
+    assert runtime.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert runtime.is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not runtime.is_out_of_memory(RuntimeError("Expected more than 1 value per channel"))
+    assert not runtime.is_out_of_memory(ValueError("out of memory"))
+
+
 def test_largest_fitting_batch():
     tried = []
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import configs
 from .configs import Config
+from .distributed import cleanup, init_distributed
 from .inference import inference
 from .cli import parse_pair, parse_scales
 from .metrics import ConfusionMatrix, format_table
@@ -75,7 +76,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
 
     Returns the `metrics.summarize` dict plus `protocol` (a sentence), `mode`, `scales`, `flip`,
     `num_images`, `seconds` and `classes` (when the dataset has them). The model's train/eval
-    mode is restored afterwards.
+    mode and device are restored afterwards.
     """
     mode = mode or cfg.test.mode
     scales = tuple(float(s) for s in (scales or cfg.test.scales))
@@ -87,6 +88,8 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     model_was_training = model.training
+    param = next(model.parameters(), None)
+    model_device = param.device if param is not None else device
     model.to(device).eval()
 
     rank, world = _world()
@@ -115,7 +118,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
                               stride=stride)
             cm.update(probs.argmax(1)[0], mask.to(device))
     finally:
-        model.train(model_was_training)
+        model.train(model_was_training).to(model_device)  # the caller's model as it was
     cm.reduce()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,8 +156,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         "(fuse.fast_inference_model)")
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
-    """Config (from --config or the checkpoint) and the model with the checkpoint's weights."""
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Config]:
+    """Config (from --config or the checkpoint) and the model with the checkpoint's weights
+    (the fast inference model for `device` with --fast)."""
     from .checkpoints import load_weights, read_checkpoint_file
     from .model import build_model
 
@@ -174,16 +178,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Config]:
     load_weights(model, state)
     if getattr(args, "fast", False):
         from .fuse import fast_inference_model
-        model = fast_inference_model(model, _device(args.device))
+        model = fast_inference_model(model, device)
     return model, cfg
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 def protocol_tag(mode: str, scales: typing.Sequence[float], flip: bool, fast: bool = False,
@@ -227,8 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        device = _device(args.device)
-        model, cfg = load_model(args)
+        info = init_distributed(args.device)  # joins torchrun's group: each rank takes a shard
+    except (ValueError, RuntimeError) as error:
+        print(f"upernet eval: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, info.device)
+    finally:
+        cleanup(info)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
+    try:
+        model, cfg = load_model(args, device)
         if cfg.data.dataset != "demo" and not args.data_root:
             raise ValueError(f"dataset {cfg.data.dataset!r} needs --data-root")
         from .datasets import build_dataset
@@ -239,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upernet eval: error: {error}", file=sys.stderr)
         return 2
 
-    print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
-          f"({len(dataset)} images) on {device}" + (" (fast path)" if args.fast else ""))
+    rank, world = _world()
+    if rank == 0:
+        print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
+              f"({len(dataset)} images) on {device}" + (" (fast path)" if args.fast else "")
+              + (f" and {world - 1} more process(es)" if world > 1 else ""))
     result = evaluate(model, dataset, cfg, device, mode=args.mode, scales=args.scales,
                       flip=args.flip, crop_size=args.crop, stride=args.stride,
                       progress=not args.no_progress, num_workers=args.num_workers,
                       limit=args.limit)
-    if _world()[0] != 0:
+    if rank != 0:
         return 0
     classes = result.get("classes") or [str(i) for i in range(cfg.data.num_classes)]
     print(format_table(result, classes))
@@ -268,7 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(text)
     print(f"results written to {json_path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

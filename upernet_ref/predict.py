@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from .configs import Config
-from .evaluate import _device, add_inference_arguments, load_model
+from .distributed import resolve_device
+from .evaluate import add_inference_arguments, load_model
 from .inference import inference
 from .transforms import overlay, test_transform
 
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        device = _device(args.device)
-        model, cfg = load_model(args)
+        device = resolve_device(args.device)
+        model, cfg = load_model(args, device)
         classes, palette = class_names_and_palette(cfg)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
         print(f"upernet predict: error: {error}", file=sys.stderr)

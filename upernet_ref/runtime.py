@@ -48,6 +48,21 @@ def set_deterministic(enabled: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not enabled
 
 
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> typing.Iterator[None]:
+    """`set_deterministic` for the duration of a block; every global flag it touches (torch's
+    deterministic-algorithms switch, cuDNN's deterministic and benchmark flags) is put back."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    set_deterministic(enabled, device)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+
+
 def rng_state() -> dict[str, typing.Any]:
     """A snapshot of every random generator this process uses (saved in checkpoints)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -89,21 +104,33 @@ def largest_fitting_batch(candidates: typing.Iterable[int],
     return None
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA allocation failure: torch's OutOfMemoryError, or cuBLAS / cuDNN failing to get
+    their workspace (raised as a plain RuntimeError)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text.lower()
+                                              or "STATUS_ALLOC_FAILED" in text)
+
+
 def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
-                            share: int, smallest: int = 1) -> int:
+                            share: int, smallest: int = 1, headroom: float = 0.9) -> int:
     """The largest divisor of `share` (this process's part of the global batch) whose training
     step fits in memory.
 
     On CPU: the full share (memory is rarely the limit there). On CUDA: run one forward +
-    backward on random data at the crop size for each divisor, largest first, moving to the next
-    on out-of-memory. The model's weights, BN statistics and the random state are left as they
-    were.
+    backward on random data at the crop size for each divisor, largest first. A batch fits if it
+    does not run out of memory and its peak, plus what the real step adds later (SGD momentum and
+    DDP's gradient buckets, about twice the weights), stays under `headroom` of the device's
+    memory. The model's weights, BN statistics and the random state are left as they were.
     """
     if device.type != "cuda":
         return share
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     h, w = cfg.data.crop_size
-
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit = headroom * torch.cuda.get_device_properties(device).total_memory
     batch_norms = [m for m in model.modules()
                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
@@ -112,6 +139,7 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
         if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
             for m in batch_norms:  # so probe it with running statistics: the same memory
                 m.eval()
+        torch.cuda.reset_peak_memory_stats(device)
         try:
             x = torch.randn(batch, 3, h, w, device=device)
             y = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
@@ -121,9 +149,11 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
                 out = model(x)
             loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
             loss.backward()
-            return True
-        except torch.cuda.OutOfMemoryError:
-            return False
+            return torch.cuda.max_memory_allocated(device) + 2 * weight_bytes <= limit
+        except RuntimeError as err:
+            if is_out_of_memory(err):
+                return False
+            raise
         finally:
             for m in batch_norms:
                 m.train()
@@ -137,7 +167,8 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
     model.load_state_dict(saved)
     if chosen is None:
         raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
-                           f"in the memory of {device}; try --train.amp=bf16 or a smaller crop")
+                           f"in {headroom:.0%} of the memory of {device}; try --train.amp=bf16 "
+                           f"or a smaller crop")
     return chosen
 
 

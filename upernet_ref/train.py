@@ -44,8 +44,8 @@ from .distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededI
 from .logs import RunLogger
 from .losses import segmentation_loss
 from .model import build_model
-from .runtime import (StopFlag, autocast, choose_per_device_batch, rng_state, seed_everything,
-                      set_deterministic, set_rng_state)
+from .runtime import (StopFlag, autocast, choose_per_device_batch, deterministic_mode, rng_state,
+                      seed_everything, set_rng_state)
 from .schedule import build_optimizer, build_scheduler
 
 
@@ -120,9 +120,10 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
     out_dir = Path(out_dir or Path("runs") / cfg.name)
     info = init_distributed(device)
     try:
-        return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
-                      stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
-                      validate, handle_signals, tensorboard, log)
+        with deterministic_mode(cfg.train.deterministic, info.device):
+                return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
+                          stop_at, weights, backbone_weights, progress, train_dataset,
+                          val_dataset, validate, handle_signals, tensorboard, log)
     finally:
         cleanup(info)
 
@@ -136,8 +137,6 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     max_iters = int(max_iters or tc.max_iters)
     end = min(max_iters, stop_at) if stop_at else max_iters
     seed_everything(tc.seed)  # same initial weights on every process
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    set_deterministic(tc.deterministic, dev)
 
     # ---- data
     if train_dataset is None:
@@ -191,10 +190,13 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
 
     raw_model = model  # what is saved and evaluated
-    forward_model: nn.Module = torch.compile(model) if tc.compile else model
+    ddp = None
+    forward_model: nn.Module = model
     if info.distributed:
-        forward_model = nn.parallel.DistributedDataParallel(
-            forward_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        ddp = forward_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if tc.compile:  # compile the DDP wrapper, not the inner model: then the gradient
+        forward_model = torch.compile(forward_model)  # all-reduce overlaps the backward pass
 
     # ---- data order: fixed by (seed, iteration)
     order = GlobalBatchOrder(len(train_dataset), tc.batch_size, tc.seed)
@@ -250,7 +252,6 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     result = TrainResult(out_dir, start, max_iters, [], last_path if ckpt_path else None,
                          per_device_batch=per_device_batch, accumulation=accum,
                          world_size=info.world_size)
-    ddp = isinstance(forward_model, nn.parallel.DistributedDataParallel)
     data_iter = iter(loader)
     window_start, window_iters = time.perf_counter(), 0
     window_sums = torch.zeros(3, dtype=torch.float64)  # loss, loss_out, loss_aux over the window
@@ -266,7 +267,8 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
                 masks = masks.to(dev, non_blocking=True)
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                sync = contextlib.nullcontext() if (not ddp or step == accum - 1) else forward_model.no_sync()
+                # DDP all-reduces the gradients on the last micro-step only
+                sync = ddp.no_sync() if ddp is not None and step < accum - 1 else contextlib.nullcontext()
                 with sync:
                     with autocast(tc.amp, dev):
                         outputs = forward_model(images)
@@ -349,7 +351,6 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         del data_iter
         logger.plot(cfg.name)
         logger.close()
-        torch.use_deterministic_algorithms(deterministic_before)
     return result
 
 
