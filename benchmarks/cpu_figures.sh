@@ -14,10 +14,11 @@ $B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1
 $B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --dtype float32 --warmup 1 --repeats 3 --json "$OUT/r50_os8_512_infer_fold_fp32.json"
 $B --config upernet_small_demo --size 512x512 --mode infer --fast --compile on --warmup 1 --repeats 5 --json "$OUT/demo_512_infer_compile.json"
 # 3. Cost vs image size (latency measured on the small demo config; GMACs for all sizes).
-for s in 256 512 1024; do
+for s in 256 512 1024 2048; do
   $B --config upernet_small_demo --size ${s}x${s} --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_${s}_infer.json"
 done
 $B --config upernet_r50_os8_ade20k --size 256x256 --mode infer --fast --warmup 1 --repeats 3 --json "$OUT/r50_os8_256_infer.json"
+$B --config upernet_r50_os8_ade20k --size 1024x1024 --mode infer --fast --warmup 1 --repeats 2 --json "$OUT/r50_os8_1024_infer.json"
 # 4. Batch size.
 for b in 1 2 4; do
   $B --config upernet_small_demo --size 512x512 --batch $b --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_512_b${b}_infer.json"
