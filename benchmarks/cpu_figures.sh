@@ -20,6 +20,6 @@ done
 $B --config upernet_r50_os8_ade20k --size 256x256 --mode infer --fast --warmup 1 --repeats 3 --json "$OUT/r50_os8_256_infer.json"
 $B --config upernet_r50_os8_ade20k --size 1024x1024 --mode infer --fast --warmup 1 --repeats 2 --json "$OUT/r50_os8_1024_infer.json"
 # 4. Batch size.
-for b in 1 2 4; do
+for b in 1 2 4 8; do
   $B --config upernet_small_demo --size 512x512 --batch $b --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_512_b${b}_infer.json"
 done
