@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from upernet_ref import bench
-from upernet_ref.bench import (PEAK_TFLOPS, format_table, main, model_flops_utilization,
-                               peak_tflops_for_name, run_bench)
+from upernet_ref.bench import format_table, main, model_flops_utilization, run_bench
+from upernet_ref.hardware import PEAK_TFLOPS, peak_tflops_for_name
 from upernet_ref.configs import get_config
 from upernet_ref.flops import count_macs
 from upernet_ref.model import build_model

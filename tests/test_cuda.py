@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from upernet_ref import build_model, configs
-from upernet_ref.bench import device_peak_tflops, run_bench
+from upernet_ref.bench import run_bench
+from upernet_ref.hardware import device_peak_tflops
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.evaluate import evaluate
 from upernet_ref.fuse import cuda_autocast_dtype, fast_inference_model
@@ -217,3 +218,31 @@ def test_evaluate_on_cuda_equals_cpu(trained, strict_fp32):
     assert gpu["pixels"] == cpu["pixels"]
     assert abs(gpu["miou"] - cpu["miou"]) <= 1e-3
     assert abs(gpu["aacc"] - cpu["aacc"]) <= 1e-3
+
+
+def test_memory_estimate_is_close_to_the_measured_peak():
+    """`upernet memory` (fake tensors) against `torch.cuda.max_memory_allocated`: R-50 os8,
+    2 images of 512x512, bf16, the second SGD step (momentum allocated)."""
+    from upernet_ref.memory import estimate_training_memory
+    from upernet_ref.schedule import build_optimizer
+    cfg = configs.get_config("upernet_r50_os8_ade20k")
+    estimate = estimate_training_memory(cfg, 2, (512, 512), "bf16")
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    x = torch.randn(2, 3, 512, 512, device=device)
+    y = torch.randint(0, cfg.data.num_classes, (2, 512, 512), device=device)
+    for step in range(2):
+        if step == 1:
+            torch.cuda.reset_peak_memory_stats(device)
+        with autocast("bf16", device):
+            out = model(x)
+        loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    print(f"estimate {estimate.total_mb:.0f} MB, measured {measured:.0f} MB")
+    assert 0.6 * measured <= estimate.total_mb <= 1.1 * measured

@@ -21,9 +21,9 @@ What is measured (per configuration, input size and batch):
   + activations + workspace, like the CUDA figure. Falls back to `ru_maxrss` when the peak
   cannot be reset (then a phase only shows if it exceeds every earlier one).
 - MFU (CUDA): achieved FLOP/s (2 x MACs x images/s; x 3 for a training step, forward +
-  backward) over the device's dense bf16/fp16 tensor-core peak from `PEAK_TFLOPS` (matched on
-  the device name, `peak_tflops_for_name`; `--peak-tflops` for other GPUs). The eager rows
-  use the same bf16 peak, so eager and fast MFUs compare directly.
+  backward) over the device's dense bf16/fp16 tensor-core peak from `hardware.PEAK_TFLOPS`
+  (matched on the device name, `hardware.peak_tflops_for_name`; `--peak-tflops` for other
+  GPUs). The eager rows use the same bf16 peak, so eager and fast MFUs compare directly.
 - `--fast`: the same figures for the fast path: `fuse.fast_inference_model` for inference
   (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
   channels_last + autocast (+ compile) for training (`fuse.default_fast_settings`). With
@@ -41,8 +41,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import sys
@@ -58,40 +56,8 @@ from .cli import parse_pair
 from .configs import Config, get_config
 from .flops import count_macs
 from .fuse import FastSettings, default_fast_settings, error_summary, fast_inference_model
+from .hardware import device_peak_tflops, machine_info
 from .model import build_model
-
-# Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s (NVIDIA datasheets; fp32
-# accumulation), by the model name in the CUDA device name, e.g. "NVIDIA H100 80GB HBM3" (SXM),
-# "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA A100-SXM4-80GB". The first match wins, so the
-# specific names come first. V100 and T4 have no bf16: fp16 peak (what `--fast` uses there).
-PEAK_TFLOPS = (
-    ("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H800", 989.0),
-    ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("A10", 125.0),
-    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0),
-)
-
-
-def peak_tflops_for_name(name: str) -> float | None:
-    """The `PEAK_TFLOPS` entry of a CUDA device name, None if unknown.
-
-    A key matches as a whole model name: not inside a longer one ("H200" is not "GH200",
-    "A10" is not "A100", "L4" is not "L40S"); case is ignored.
-    """
-    for key, peak in PEAK_TFLOPS:
-        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![0-9])", name, re.IGNORECASE):
-            return peak
-    return None
-
-
-def device_peak_tflops(device: torch.device) -> float | None:
-    """The dense bf16/fp16 peak of a CUDA device from `PEAK_TFLOPS`, None if unknown or CPU."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    return peak_tflops_for_name(torch.cuda.get_device_name(device))
-
 
 def model_flops_utilization(gmacs: float, images_per_s: float | None,
                             peak_tflops: float | None, factor: int = 1) -> float | None:
@@ -261,42 +227,6 @@ def train_settings_text(settings: FastSettings, compiled: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Machine description
-
-def machine_info(device: torch.device) -> dict[str, typing.Any]:
-    info: dict[str, typing.Any] = {
-        "torch": torch.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        # other processes competing for the CPU make wall times noisy: recorded, not hidden
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                            if line.startswith("model name")), platform.processor())
-        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                          if line.startswith("flags")), []))
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
-                                            "amx_bf16", "amx_tile", "amx_int8"})
-    except OSError:
-        info["cpu"] = platform.processor()
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_capability"] = f"{props.major}.{props.minor}"
-        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-        info["tf32_convolutions"] = torch.backends.cudnn.allow_tf32  # "eager fp32" convs
-        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
-        info["peak_tflops_bf16"] = device_peak_tflops(device)
-    return info
-
-
-# --------------------------------------------------------------------------------------------
 # The benchmark
 
 def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
@@ -306,7 +236,7 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
               peak_tflops: float | None = None) -> dict[str, typing.Any]:
     """All the figures as one JSON-able dict (see the module docstring).
 
-    `peak_tflops` overrides the `PEAK_TFLOPS` entry of the device (for MFU).
+    `peak_tflops` overrides the `hardware.PEAK_TFLOPS` entry of the device (for MFU).
     """
     device = torch.device(device)
     if mode not in ("infer", "train", "both"):
@@ -507,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's dense bf16/fp16 peak for MFU (default: PEAK_TFLOPS "
+                        help="the device's dense bf16/fp16 peak for MFU (default: hardware.PEAK_TFLOPS "
                              "by device name)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args(argv)

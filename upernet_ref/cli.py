@@ -7,6 +7,7 @@
     upernet eval  --config NAME ...   evaluation (mIoU)
     upernet predict ...               predictions as PNGs and overlays
     upernet bench --config NAME ...   speed and memory figures
+    upernet memory --config NAME ...  a training step's memory, estimated without a GPU
     upernet export --config NAME ...  ONNX / torch.export
 
 Each subcommand lives in its own module as `main(argv) -> int`, imported only when used.
@@ -25,6 +26,7 @@ COMMANDS = {
     "eval": ("upernet_ref.evaluate", "evaluate a checkpoint (mIoU)"),
     "predict": ("upernet_ref.predict", "predict segmentation maps for images"),
     "bench": ("upernet_ref.bench", "benchmark speed and memory"),
+    "memory": ("upernet_ref.memory", "estimate a training step's device memory (no GPU needed)"),
     "export": ("upernet_ref.export", "export to ONNX or torch.export"),
 }
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .hardware import cpu_has_native_bf16
+
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -88,16 +90,6 @@ def count_batchnorms(model: nn.Module) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Which speed-ups to use where: the rules `--fast` follows (measured, see docs/benchmarks.md).
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 @dataclass(frozen=True)
 class FastSettings:
