@@ -19,10 +19,10 @@ import torch
 
 from upernet_ref import build_model, configs
 from upernet_ref.bench import run_bench
-from upernet_ref.hardware import device_peak_tflops
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.evaluate import evaluate
 from upernet_ref.fuse import cuda_autocast_dtype, fast_inference_model
+from upernet_ref.hardware import device_peak_tflops
 from upernet_ref.losses import segmentation_loss
 from upernet_ref.runtime import autocast, choose_per_device_batch
 from upernet_ref.synthetic import DemoScenes
