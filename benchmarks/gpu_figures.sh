@@ -10,6 +10,8 @@
 #           fit)                                                                     (~2-3 min)
 #   sweep   R-50 os8 inference at 256, 1024, 2048 (512: from "infer"), batch 1, --fast (~3-4)
 #   r101    R-101 os8 ADE20K 512x512 training step, batch 16, eager vs --fast         (~3 min)
+#   notebooks  every notebook's code on the GPU (full sizes), benchmarks/run_notebooks.py:
+#           runs or fails, no output comparison (not a default stage)                 (~2-4 min)
 # (Expectations, none measured yet.) Most of the time is torch.compile's first call: --fast
 # compiles on CUDA, once per model and shape. With a 10-minute limit per command, run it as
 # two commands (a third if the second ran out of time: the last lines say what to rerun):
@@ -139,11 +141,13 @@ for stage in "${STAGES[@]}"; do
       bench sweep "r50_os8_$((size * 512 / S512))_b1_infer" 180 --config "$R50" \
         --size "${size}x${size}" --batch 1 --mode infer --fast --warmup "$warm" --repeats "$rep"
     done ;;
+  notebooks)
+    step notebooks run_notebooks 400 "$PY" benchmarks/run_notebooks.py ;;
   r101)
     bench r101 r101_os8_512_b16_train 330 --config "$R101" --size "${S512}x${S512}" --batch 16 \
       --mode train --fast --warmup "$WARM_BIG" --repeats "$REP_BIG" ;;
   *)
-    echo "gpu_figures.sh: unknown stage $stage (tests, infer, train, sweep, r101)"
+    echo "gpu_figures.sh: unknown stage $stage (tests, infer, train, sweep, r101, notebooks)"
     FAILED+=("$stage") ;;
   esac
 done

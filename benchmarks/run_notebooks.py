@@ -1,0 +1,73 @@
+"""Run every notebook's code on a machine without Jupyter (e.g. a bare GPU machine).
+
+    python benchmarks/run_notebooks.py [NOTEBOOK ...]      # default: notebooks/[0-9]*.ipynb
+
+`pytest --nbval` is the notebooks' real test (CI, CPU): it compares every output with the
+committed one. On a GPU the notebooks deliberately print other things (full-size shapes and
+models, `device = "cuda"`), so there the question is only whether every cell runs. This script
+answers it with nothing but the package's own dependencies: each notebook's code cells run in
+order in one namespace, in the notebook's folder, with IPython's line magics (`%matplotlib`,
+`%config`) dropped and figures drawn off-screen (Agg). It prints one line per notebook (seconds,
+or the failing cell and its error) and exits 1 if any failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def code_cells(path: Path) -> list[str]:
+    """The source of the notebook's code cells, IPython magics and shell lines removed."""
+    notebook = json.loads(path.read_text())
+    cells = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+        cells.append("\n".join(lines))
+    return cells
+
+
+def run_notebook(path: Path) -> tuple[bool, str]:
+    """(passed, message): run the code cells of `path` in its folder, in a fresh namespace."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cwd = Path.cwd()
+    namespace: dict = {"__name__": "__main__"}
+    start = time.perf_counter()
+    os.chdir(path.parent)
+    try:
+        for number, source in enumerate(code_cells(path), 1):
+            try:
+                exec(compile(source, f"{path.name}[cell {number}]", "exec"), namespace)
+            except Exception:  # noqa: BLE001 - reported, the next notebook still runs
+                return False, f"cell {number}: " + traceback.format_exc(limit=-3).strip()
+            finally:
+                plt.close("all")
+    finally:
+        os.chdir(cwd)
+    return True, f"{time.perf_counter() - start:.1f} s"
+
+
+def main(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))  # the package without `pip install -e .`
+    paths = [Path(p).resolve() for p in argv] or sorted((root / "notebooks").glob("[0-9]*.ipynb"))
+    failed = 0
+    for path in paths:
+        ok, message = run_notebook(path)
+        failed += not ok
+        print(f"{'ok    ' if ok else 'FAILED'} {path.name}: {message}", flush=True)
+    print(f"{len(paths) - failed} of {len(paths)} notebooks ran")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
