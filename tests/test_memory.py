@@ -59,3 +59,18 @@ def test_the_estimate_leaves_no_fake_mode_behind():
     estimate_training_memory(CFG, 2, SIZE, "none")
     x = torch.ones(2)
     assert float((x + 1).sum()) == 4.0  # real arithmetic again
+
+
+def test_largest_batch_bisects_when_the_affine_guess_is_too_large(monkeypatch):
+    import upernet_ref.memory as memory
+    calls = []
+
+    def fake(cfg, batch, size=None, amp=None):  # affine up to 50 images, then a cliff
+        calls.append(batch)
+        total = 10.0 + batch + (1000.0 if batch > 50 else 0.0)
+        return memory.MemoryEstimate("x", batch, (8, 8), "none", 1, 1, batch, 0, total)
+
+    monkeypatch.setattr(memory, "estimate_training_memory", fake)
+    batch, est = memory.largest_batch("x", memory_gb=100 / 1024, headroom=1.0)  # 100 MB
+    assert (batch, est.total_mb) == (50, 60.0)
+    assert len(calls) < 15  # a bisection, not a walk down one batch at a time

@@ -112,18 +112,29 @@ def estimate_training_memory(cfg: Config | str, batch: int, size: tuple[int, int
 def largest_batch(cfg: Config | str, memory_gb: float, size: tuple[int, int] | None = None,
                   amp: str | None = None, headroom: float = 0.85) -> tuple[int, MemoryEstimate]:
     """The largest per-device batch whose estimate stays under `headroom` x `memory_gb`, and
-    its estimate. Memory is affine in the batch (weights + batch x per-image), so two
-    estimates (batch 2 and 4) place it and a third confirms it."""
+    its estimate (batch 1 and its estimate when not even one image fits).
+
+    Memory is close to affine in the batch (weights + batch x per-image), so the estimates at
+    batch 2 and 4 place the answer; a bisection settles it when the affine guess is too large.
+    """
     budget = headroom * memory_gb * 1024  # MiB
     two = estimate_training_memory(cfg, 2, size, amp)
     four = estimate_training_memory(cfg, 4, size, amp)
-    per_image = (four.total_mb - two.total_mb) / 2
-    batch = max(1, int((budget - (two.total_mb - 2 * per_image)) // max(per_image, 1e-9)))
-    estimate = estimate_training_memory(cfg, batch, size, amp)
-    while batch > 1 and estimate.total_mb > budget:
-        batch -= 1
-        estimate = estimate_training_memory(cfg, batch, size, amp)
-    return batch, estimate
+    per_image = max((four.total_mb - two.total_mb) / 2, 1e-3)
+    guess = max(1, int((budget - (two.total_mb - 2 * per_image)) // per_image))
+    estimate = estimate_training_memory(cfg, guess, size, amp)
+    if estimate.total_mb <= budget or guess == 1:
+        return guess, estimate
+    fits, fits_estimate = 1, estimate_training_memory(cfg, 1, size, amp)  # known: guess does not
+    too_big = guess
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        estimate = estimate_training_memory(cfg, middle, size, amp)
+        if estimate.total_mb <= budget:
+            fits, fits_estimate = middle, estimate
+        else:
+            too_big = middle
+    return fits, fits_estimate
 
 
 def main(argv: list[str] | None = None) -> int:
