@@ -1,5 +1,7 @@
 """Published checkpoint layouts convert and load strictly; saving is atomic."""
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -146,7 +148,7 @@ def test_unreadable_files_name_the_file(tmp_path):
         read_checkpoint_file(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: cannot read"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
         load_weights(build_model("upernet_small_test"), junk)
 
 
@@ -166,3 +168,24 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert read_checkpoint_file(path)["iteration"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left over
+
+
+def test_saved_checkpoints_get_the_usual_file_mode(tmp_path):
+    """Like any file the user writes (0644 under umask 022), not mkstemp's private 0600."""
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint({"x": torch.zeros(1)}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_truncated_file_gets_a_short_message(tmp_path):
+    good = save_checkpoint({"model": {"w": torch.zeros(1000)}}, tmp_path / "good.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint_file(bad)
+    message = str(info.value)
+    assert str(bad) in message and "not a readable checkpoint" in message
+    assert "\n" not in message and len(message) < 300 + len(str(bad))

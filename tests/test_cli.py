@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from upernet_ref.cli import COMMANDS, main, parse_pair, parse_scales
+from upernet_ref.cli import COMMANDS, main, parse_pair, parse_scales, positive_int
 
 
 def test_usage_lists_every_command(capsys):
@@ -96,11 +96,15 @@ def test_configs_command_rejects_an_unknown_name(capsys):
 def test_argument_types():
     assert parse_pair("512x1024") == (512, 1024) and parse_pair("341") == (341, 341)
     assert parse_scales("0.5,1,1.75") == (0.5, 1.0, 1.75)
-    for bad in ("ax3", "0x5", "1x2x3"):
+    for bad in ("ax3", "0x5", "1x2x3", "256x", "x256", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_pair(bad)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_scales("-1")
+    assert positive_int("3") == 3
+    for bad in ("0", "-2", "1.5", "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_int(bad)
 
 
 def test_console_script_runs_as_a_module():

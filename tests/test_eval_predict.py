@@ -305,3 +305,16 @@ def test_eval_on_real_voc_samples(tmp_path, capsys):
     masks = [build_dataset(cfg, "val", REALDATA)[i][1] for i in range(2)]
     assert result["pixels"] == sum(int((m != 255).sum()) for m in masks)
     assert any((m == 255).any() for m in masks)
+
+
+def test_eval_limit_is_stated_and_must_be_positive(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    code, out = run_eval(["--checkpoint", str(path), "--limit", "2",
+                          "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, out.err
+    assert "the first 2 of" in out.out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert "over the first 2 of" in saved["protocol"]
+    with pytest.raises(SystemExit):
+        eval_main(["--checkpoint", str(path), "--limit", "0"])
+    assert "positive integer" in capsys.readouterr().err

@@ -271,3 +271,19 @@ def test_command_line(tmp_path, capsys):
     assert "train.lr is a float" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_mod.main(["--config", "upernet_small_test", "--bogus"])
+
+
+def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
+    out = tmp_path / "cli"
+    base = ["--config", "upernet_small_test", "--out", str(out), "--no-progress", "--no-val"]
+    assert train_mod.main(base + ["--max-iters", "4", "--data-root", str(tmp_path)]) == 0
+    assert "--data-root" in capsys.readouterr().out  # not used by the demo data: said so
+    # resuming beyond the new schedule's end
+    assert train_mod.main(base + ["--max-iters", "2", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("upernet train: error: ") and "iteration 4" in err
+    assert "--max-iters 4" in err and "Traceback" not in err
+    # a weights file that does not exist
+    assert train_mod.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1

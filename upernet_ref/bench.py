@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import parse_pair
+from .cli import parse_pair, positive_int
 from .configs import Config, get_config
 from .flops import count_macs
 from .fuse import FastSettings, default_fast_settings, error_summary, fast_inference_model
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="configuration name")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--batch", type=int, default=1,
+    parser.add_argument("--batch", type=positive_int, default=1,
                         help="images per batch (default: 1; a training step uses at least 2)")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="input HxW (default: the config's crop size)")
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fast path torch.compile (auto: per device)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs before timing (default: 1)")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=positive_int, default=3,
                         help="timed runs; the median is reported (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--peak-tflops", type=float, default=None,

@@ -132,7 +132,11 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated, not a torch file, ...
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        if len(first_line) > 160:
+            first_line = first_line[:157] + "..."
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch "
+                              f"file?): {type(err).__name__}: {first_line}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -199,6 +203,12 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
     return model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` through a temporary file in the same folder and an atomic rename.
 
@@ -208,6 +218,7 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

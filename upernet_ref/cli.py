@@ -35,7 +35,9 @@ COMMANDS = {
 
 def parse_pair(text: str) -> tuple[int, int]:
     """'512x1024' or '512,1024' -> (512, 1024); '512' -> (512, 512)."""
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = [p.strip() for p in text.lower().replace("x", ",").split(",")]
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 512x1024) or one size, got {text!r}")
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
@@ -45,6 +47,17 @@ def parse_pair(text: str) -> tuple[int, int]:
     if len(values) != 2 or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected HxW with positive sizes, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def positive_int(text: str) -> int:
+    """'4' -> 4; zero, negative or non-integer values are refused with a message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def parse_scales(text: str) -> tuple[float, ...]:

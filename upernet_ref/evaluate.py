@@ -28,7 +28,7 @@ from . import configs
 from .configs import Config
 from .distributed import cleanup, init_distributed
 from .inference import inference
-from .cli import parse_pair, parse_scales
+from .cli import parse_pair, parse_scales, positive_int
 from .metrics import ConfusionMatrix, format_table
 
 
@@ -43,8 +43,12 @@ def _first(batch: list) -> typing.Any:  # DataLoader collate for batch_size=1, s
 
 
 def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: bool,
-                      crop_size: tuple[int, int], stride: tuple[int, int]) -> str:
-    """One sentence saying how the numbers were obtained (printed and stored with them)."""
+                      crop_size: tuple[int, int], stride: tuple[int, int],
+                      subset: tuple[int, int] | None = None) -> str:
+    """One sentence saying how the numbers were obtained (printed and stored with them).
+
+    `subset`: (images evaluated, images in the split) when only the first ones were.
+    """
     long_side, short_side = cfg.data.base_scale
     how = ("whole-image inference" if mode == "whole"
            else f"sliding-window inference (crop {crop_size[0]}x{crop_size[1]}, "
@@ -53,7 +57,8 @@ def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: b
            else f"scales {', '.join(f'{s:g}' for s in scales)}{' + flip' if flip else ''}, "
                 f"softmax averaged")
     return (f"{how} on the image fitted to {long_side}x{short_side} (aspect kept), {tta}; "
-            f"logits resized to the label size, argmax; one confusion matrix over the split, "
+            f"logits resized to the label size, argmax; one confusion matrix over "
+            f"{'the split' if subset is None else f'the first {subset[0]} of {subset[1]} images'}, "
             f"label {cfg.data.ignore_index} ignored; classes absent from prediction and label "
             f"left out of the mean")
 
@@ -93,6 +98,8 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     model.to(device).eval()
 
     rank, world = _world()
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of images, got {limit}")
     total = len(dataset) if limit is None else min(limit, len(dataset))
     shard = torch.utils.data.Subset(dataset, range(rank, total, world))
     workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -124,7 +131,8 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
         torch.cuda.synchronize(device)
     result = cm.summary()
     result.update(
-        protocol=describe_protocol(cfg, mode, scales, flip, crop_size, stride),
+        protocol=describe_protocol(cfg, mode, scales, flip, crop_size, stride,
+                                   None if total == len(dataset) else (total, len(dataset))),
         mode=mode, scales=list(scales), flip=bool(flip), crop_size=list(crop_size),
         stride=list(stride), num_images=total, seconds=time.perf_counter() - start,
     )
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         "<checkpoint stem>_eval_<split>_<protocol>.json, e.g. "
                         "last_eval_val_whole.json or last_eval_val_slide_s0.75-1-1.25_flip_fast"
                         "_limit50.json)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=int, help="data loader workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -248,8 +256,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
 
     rank, world = _world()
     if rank == 0:
+        count = (f"{len(dataset)} images" if not args.limit or args.limit >= len(dataset)
+                 else f"the first {args.limit} of {len(dataset)} images")
         print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
-              f"({len(dataset)} images) on {device}" + (" (fast path)" if args.fast else "")
+              f"({count}) on {device}" + (" (fast path)" if args.fast else "")
               + (f" and {world - 1} more process(es)" if world > 1 else ""))
     result = evaluate(model, dataset, cfg, device, mode=args.mode, scales=args.scales,
                       flip=args.flip, crop_size=args.crop, stride=args.stride,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import parse_pair
+from .cli import parse_pair, positive_int
 from .configs import get_config
 from .model import build_model
 from .ppm import PyramidPooling
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="ONNX file or torch.export program (default: onnx)")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="static input HxW (default: the config's crop size)")
-    parser.add_argument("--batch", type=int, default=1, help="static batch size (default: 1)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="static batch size (default: 1)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")

@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet memory", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
-    from .cli import parse_pair
+    from .cli import parse_pair, positive_int
     parser.add_argument("--config", required=True,
                         help="configuration name, or 'all' for the 12 published ones")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per device (default: the published per-GPU batch, the "
                              "global batch over 8 GPUs: 2, or 1 for Cityscapes)")
     parser.add_argument("--size", type=parse_pair, help="input HxW (default: the crop size)")

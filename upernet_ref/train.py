@@ -37,6 +37,7 @@ from torch import nn
 
 from . import configs
 from .checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
+from .cli import positive_int
 from .configs import Config
 from .distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
                           all_gather_object, all_reduce_max, all_reduce_sum, barrier,
@@ -140,6 +141,9 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
 
     # ---- data
     if train_dataset is None:
+        if data_root and cfg.data.dataset == "demo":
+            say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
+                f"demo scenes")
         train_dataset, built_val = build_datasets(cfg, data_root)
         val_dataset = val_dataset if val_dataset is not None else built_val
     if len(train_dataset) == 0:
@@ -401,6 +405,9 @@ def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: i
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     start = int(ckpt["iteration"])
+    if start > max_iters:
+        raise ValueError(f"{path} is at iteration {start}, beyond a schedule of {max_iters} "
+                         f"iterations: resume with --max-iters {start} or more")
     states = ckpt.get("rng", [])
     if len(states) == info.world_size:
         set_rng_state(states[info.rank])
@@ -428,11 +435,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="continue from OUT/last.pt (or the given checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--per-device-batch", type=int, default=None,
+    parser.add_argument("--per-device-batch", type=positive_int, default=None,
                         help="images per process per step (default: the largest that fits)")
-    parser.add_argument("--max-iters", type=int, default=None,
+    parser.add_argument("--max-iters", type=positive_int, default=None,
                         help="schedule length (default epochs x iterations per epoch)")
-    parser.add_argument("--stop-at", type=int, default=None,
+    parser.add_argument("--stop-at", type=positive_int, default=None,
                         help="stop with a checkpoint after this iteration (schedule unchanged)")
     parser.add_argument("--weights", default=None, help="initialise the whole model (fine-tune)")
     parser.add_argument("--backbone-weights", default=None,
@@ -454,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = configs.get_config(args.config, overrides)
     except (KeyError, ValueError, TypeError) as err:
-        print(f"upernet train: {err}", file=sys.stderr)
+        print(f"upernet train: error: {err}", file=sys.stderr)
         return 2
     try:
         result = train(cfg, args.data_root, args.out, args.resume, args.device,
@@ -462,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
                        args.backbone_weights, progress=False if args.no_progress else None,
                        validate=not args.no_val)
     except NonFiniteLossError as err:
-        print(f"upernet train: {err}", file=sys.stderr)
+        print(f"upernet train: error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"upernet train: {type(err).__name__}: {err}", file=sys.stderr)
+    except OSError as err:  # a file or folder that cannot be read or written: name it
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"upernet train: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as err:
+        print(f"upernet train: error: {err}", file=sys.stderr)
         return 1
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
