@@ -76,9 +76,10 @@ def test_bad_size_is_a_clear_error(model):
 
 
 def test_bad_config_or_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys):
-    with pytest.raises(SystemExit):  # argparse error naming the valid configurations
-        main(["--config", "nope", "--out", str(tmp_path / "x.onnx")])
+    assert main(["--config", "nope", "--out", str(tmp_path / "x.onnx")]) == 2
     assert "unknown configuration 'nope'" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "x.onnx")]) == 2  # neither config nor checkpoint
+    assert "--config NAME" in capsys.readouterr().err
     missing = tmp_path / "missing.pt"
     assert main(["--config", "upernet_small_test", "--checkpoint", str(missing),
                  "--out", str(tmp_path / "x.onnx")]) == 2
@@ -89,3 +90,16 @@ def test_bad_config_or_checkpoint_is_a_message_not_a_traceback(tmp_path, capsys)
                  "--out", str(tmp_path / "x.onnx")]) == 2
     assert "does not fit the model" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_checkpoint_s_own_configuration_is_used(tmp_path, capsys):
+    from upernet_ref.configs import get_config, to_dict
+    net = build_model("upernet_small_test")
+    path = tmp_path / "ours.pt"
+    torch.save({"model": net.state_dict(), "config": to_dict(get_config("upernet_small_test"))},
+               path)
+    assert main(["--checkpoint", str(path), "--size", "32x32", "--format", "torch-export",
+                 "--out", str(tmp_path / "m.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert "exported upernet_small_test" in captured.out
+    assert "writes .pt2 files" in captured.err  # a name that does not match the format: noted

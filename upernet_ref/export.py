@@ -190,7 +190,8 @@ def export_torch(model: nn.Module, size: tuple[int, int], out: str | Path, batch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configuration name")
+    parser.add_argument("--config", help="configuration name (default: the one stored in "
+                        "--checkpoint; needed for published files and without a checkpoint)")
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation)")
     parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
                         help="ONNX file or torch.export program (default: onnx)")
@@ -202,20 +203,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args = parser.parse_args(argv)
 
-    from .checkpoints import CheckpointError, load_weights
+    from .checkpoints import CheckpointError, load_weights, read_checkpoint_file
+    from .configs import from_dict, list_configs
     try:
-        cfg = get_config(args.config)
-    except KeyError as err:
-        parser.error(str(err))
-    size = args.size or tuple(cfg.data.crop_size)
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    if args.checkpoint:
-        try:
-            load_weights(model, args.checkpoint)
-        except CheckpointError as err:
-            print(f"upernet export: {err}", file=sys.stderr)
-            return 2
+        state = read_checkpoint_file(args.checkpoint) if args.checkpoint else None
+        if args.config:
+            cfg = get_config(args.config)
+        elif isinstance(state, dict) and isinstance(state.get("config"), dict):
+            cfg = from_dict(state["config"])
+        else:
+            raise ValueError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
+                              if args.checkpoint else "pass a checkpoint or")
+                             + f" --config NAME (one of {', '.join(list_configs())})")
+        size = args.size or tuple(cfg.data.crop_size)
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        if state is not None:
+            load_weights(model, state)
+    except (CheckpointError, KeyError, ValueError) as err:
+        print(f"upernet export: error: {err}", file=sys.stderr)
+        return 2
+    expected = ".onnx" if args.format == "onnx" else ".pt2"
+    if not args.out.endswith(expected):
+        print(f"upernet export: note: --format {args.format} writes {expected} files; "
+              f"{args.out} keeps the name given", file=sys.stderr)
     start = time.perf_counter()
     try:
         if args.format == "onnx":
@@ -223,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = export_torch(model, size, args.out, args.batch, not args.no_check)
     except ValueError as err:
-        print(f"upernet export: {err}", file=sys.stderr)
+        print(f"upernet export: error: {err}", file=sys.stderr)
         return 2
     report["seconds"] = round(time.perf_counter() - start, 1)
-    print(f"exported {args.config} at {args.batch}x3x{size[0]}x{size[1]} -> {report['path']}")
+    print(f"exported {cfg.name} at {args.batch}x3x{size[0]}x{size[1]} -> {report['path']}")
     for key, value in report.items():
         if key != "path":
             print(f"  {key}: {value:.3g}" if isinstance(value, float) else f"  {key}: {value}")
