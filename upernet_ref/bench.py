@@ -397,13 +397,17 @@ def format_table(result: dict[str, typing.Any]) -> str:
     if result["mode"] in ("infer", "both"):
         row(eager, "infer", result, "", errors.get("infer"))
         if fast:
-            row(f"fast ({fast['settings']})", "infer", fast, "", errors.get("fast_infer"))
+            row("fast (--fast)", "infer", fast, "", errors.get("fast_infer"))
     if result["mode"] in ("train", "both"):
         row(f"{eager} (batch {result['train_batch']})", "train", result, "train_",
             errors.get("train"))
         if fast:
-            row(f"fast ({fast['train_settings']})", "train", fast, "train_",
+            row(f"fast (batch {result['train_batch']})", "train", fast, "train_",
                 errors.get("fast_train"))
+    if fast.get("settings"):
+        lines.append(f"fast inference: {fast['settings']}")
+    if fast.get("train_settings"):
+        lines.append(f"fast training: {fast['train_settings']}")
     if "speedup" in fast:
         lines.append(f"fast inference speed-up: {fast['speedup']:.2f}x")
     if "train_speedup" in fast:
