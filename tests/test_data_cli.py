@@ -1,6 +1,8 @@
 """`upernet data prepare|check`: SBD conversion, Cityscapes train ids, and every planted defect."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,82 @@ def test_prepare_cityscapes_matches_on_the_fly_mapping(tmp_path):
     for i in range(3):
         assert from_files.samples[i][1].name.endswith("_gtFine_labelTrainIds.png")
         np.testing.assert_array_equal(on_the_fly[i][1].numpy(), from_files[i][1].numpy())
+
+
+def test_prepare_cityscapes_keeps_existing_files_unless_overwrite(tmp_path, capsys):
+    city = make_fake_cityscapes(tmp_path, n=3)  # 5 labelIds files: 3 train, 2 val
+    argv = ["prepare", "cityscapes", "--root", str(city)] + QUIET
+    labels = city / "gtFine" / "train" / "aachen"
+    official = labels / "aachen_000000_000019_gtFine_labelTrainIds.png"  # e.g. cityscapesscripts'
+    official.write_bytes(b"sentinel: written before us")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wrote 4 " in out and "skipped 1 that already exist" in out and "--overwrite" in out
+    assert official.read_bytes() == b"sentinel: written before us"
+    ours = labels / "aachen_000002_000019_gtFine_labelTrainIds.png"
+    ours.write_bytes(b"sentinel: ours, edited")
+    assert main(argv) == 0  # the second run writes nothing
+    out = capsys.readouterr().out
+    assert "wrote 0 " in out and "skipped 5 that already exist" in out
+    assert official.read_bytes() == b"sentinel: written before us"
+    assert ours.read_bytes() == b"sentinel: ours, edited"
+    assert main(argv + ["--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 5 " in out and "skipped" not in out
+    on_the_fly = Cityscapes(city, "train")
+    from_files = Cityscapes(city, "train", use_train_ids_file=True)
+    for i in range(3):  # both sentinels regenerated
+        np.testing.assert_array_equal(on_the_fly[i][1].numpy(), from_files[i][1].numpy())
+    assert not list(city.rglob("*.part"))  # no temporary files left behind
+
+
+def test_prepare_voc_aug_keeps_existing_files_unless_overwrite(tmp_path, capsys):
+    voc = make_fake_voc(tmp_path, n=4)  # train 2008_000000..01, val 2008_000002..03
+    sbd = make_fake_sbd(tmp_path, voc, ["2008_000000", "2009_000001"], ["2009_000002"])
+    argv = ["prepare", "voc-aug", "--voc-root", str(voc), "--sbd-root", str(sbd)] + QUIET
+    aug = voc / "SegmentationClassAug"
+    trainaug = voc / "ImageSets" / "Segmentation" / "trainaug.txt"
+    aug.mkdir()
+    (aug / "2009_000001.png").write_bytes(b"sentinel")
+    trainaug.write_text("2008_000000\n")  # a list of the user's own
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    # 4 VOC labels + 2 SBD-only labels; VOC's 2008_000000 is not converted from SBD at all
+    assert "wrote 5 label PNGs" in out and "skipped 1 that already exist" in out
+    assert "kept the existing" in out and "1 ids" in out and "computed list has 4 ids" in out
+    assert (aug / "2009_000001.png").read_bytes() == b"sentinel"
+    assert trainaug.read_text() == "2008_000000\n"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "wrote 0 label PNGs" in out and "skipped 6 that already exist" in out
+    assert main(argv + ["--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 6 label PNGs" in out and "4 ids" in out and "skipped" not in out
+    seg = scipy.io.loadmat(sbd / "cls" / "2009_000001.mat")["GTcls"][0]["Segmentation"][0]
+    np.testing.assert_array_equal(np.array(Image.open(aug / "2009_000001.png")), seg)
+    assert trainaug.read_text().split() == ["2008_000000", "2008_000001",
+                                            "2009_000001", "2009_000002"]
+    voc_label = np.array(Image.open(voc / "SegmentationClass" / "2008_000000.png"))
+    np.testing.assert_array_equal(np.array(Image.open(aug / "2008_000000.png")), voc_label)
+
+
+def test_prepare_reports_an_unwritable_output_folder(tmp_path, capsys, monkeypatch):
+    city = make_fake_cityscapes(tmp_path, n=1)
+    folders = sorted((city / "gtFine").glob("*/*"))
+    if os.geteuid() == 0:  # root writes into read-only folders: fail the save as they would
+        def refuse(image, fp, *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(fp))
+        monkeypatch.setattr(Image.Image, "save", refuse)
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        assert main(["prepare", "cityscapes", "--root", str(city)] + QUIET) == 1
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert "upernet data prepare: " in err and "cannot write" in err and "Permission denied" in err
+    assert "is not writable" in err and str(folders[0]) in err
 
 
 @pytest.mark.parametrize("dataset", ["voc", "ade20k", "cityscapes", "folder"])

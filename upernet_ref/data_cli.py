@@ -1,9 +1,10 @@
 """`upernet data`: prepare the benchmark datasets and check them before a long training run.
 
     upernet data prepare voc-aug --voc-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE/dataset
-    upernet data prepare cityscapes --root cityscapes
+    upernet data prepare cityscapes --root cityscapes [--overwrite]
     upernet data check --dataset ade20k --root ADEChallengeData2016 [--split validation]
 
+`prepare` keeps output files that already exist (and says how many) unless `--overwrite`.
 `check` prints one line per problem (the file and what is wrong), a summary per split, and
 exits with 1 when anything is wrong (0 when clean). See data/README.md for the layouts.
 """
@@ -32,14 +33,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "voc-aug", help="SBD .mat -> SegmentationClassAug + trainaug.txt",
         description="Convert the SBD .mat labels to PNGs in VOC2012/SegmentationClassAug (VOC's "
                     "own labels where it has them) and write ImageSets/Segmentation/trainaug.txt "
-                    "(SBD + VOC train, minus VOC val).")
+                    "(SBD + VOC train, minus VOC val). Files that already exist are kept "
+                    "unless --overwrite.")
     voc.add_argument("--voc-root", type=Path, required=True, help="VOCdevkit/VOC2012")
     voc.add_argument("--sbd-root", type=Path, required=True, help="benchmark_RELEASE/dataset")
+    voc.add_argument("--overwrite", action="store_true",
+                     help="rewrite label PNGs and trainaug.txt that already exist (default: "
+                          "keep them and report how many)")
     city = which.add_parser(
         "cityscapes", help="write *_gtFine_labelTrainIds.png",
         description="Write gtFine/*/*/*_gtFine_labelTrainIds.png (19 train ids, 255 ignored) "
-                    "next to every *_gtFine_labelIds.png.")
+                    "next to every *_gtFine_labelIds.png. Files that already exist (e.g. from "
+                    "cityscapesscripts, which differ at boundary pixels) are kept unless "
+                    "--overwrite.")
     city.add_argument("--root", type=Path, required=True, help="folder holding gtFine/")
+    city.add_argument("--overwrite", action="store_true",
+                      help="rewrite train-id files that already exist, e.g. cityscapesscripts' "
+                           "(default: keep them and report how many)")
     check = sub.add_parser(
         "check", help="report missing, truncated, mismatched or mislabelled files",
         description="Check a dataset before a long training run: every image / label pair of "
@@ -107,20 +117,40 @@ def check(args: argparse.Namespace) -> int:
     return 0 if bad == 0 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.action == "check":
-        return check(args)
+def report(written: int, what: str, skipped: int) -> str:
+    """`wrote N <what>`, and how many existing files were kept."""
+    kept = f"; skipped {skipped} that already exist (--overwrite regenerates them)"
+    return f"wrote {written} {what}{kept if skipped else ''}"
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Run `prepare voc-aug` or `prepare cityscapes`; 1 with a one-line error on failure."""
     from .prepare import prepare_cityscapes, prepare_voc_aug
     try:
         if args.target == "voc-aug":
-            ids = prepare_voc_aug(args.voc_root, args.sbd_root, args.workers, not args.no_progress)
-            print(f"wrote {args.voc_root / 'ImageSets/Segmentation/trainaug.txt'}: {len(ids)} ids "
-                  "(10,582 on the full VOC 2012 + SBD)")
+            ids, done = prepare_voc_aug(args.voc_root, args.sbd_root, args.workers,
+                                        not args.no_progress, args.overwrite)
+            trainaug = args.voc_root / "ImageSets" / "Segmentation" / "trainaug.txt"
+            labels = [p for p in done.written if p != trainaug]
+            print(report(len(labels), f"label PNGs to {args.voc_root / 'SegmentationClassAug'}",
+                         len([p for p in done.skipped if p != trainaug])))
+            if trainaug in done.written:
+                print(f"wrote {trainaug}: {len(ids)} ids (10,582 on the full VOC 2012 + SBD)")
+            else:
+                kept = trainaug.read_text().split()
+                same = ("the same ids as computed" if sorted(kept) == ids else
+                        f"the computed list has {len(ids)} ids (--overwrite replaces it)")
+                print(f"kept the existing {trainaug}: {len(kept)} ids; {same}")
         else:
-            n = prepare_cityscapes(args.root, args.workers, not args.no_progress)
-            print(f"wrote {n} *_gtFine_labelTrainIds.png files under {args.root / 'gtFine'}")
-    except (DataError, FileNotFoundError) as e:
+            done = prepare_cityscapes(args.root, args.workers, not args.no_progress, args.overwrite)
+            print(report(len(done.written), f"*_gtFine_labelTrainIds.png files under "
+                         f"{args.root / 'gtFine'}", len(done.skipped)))
+    except (DataError, OSError) as e:  # FileNotFoundError, PermissionError, ...: no traceback
         print(f"upernet data prepare: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    return check(args) if args.action == "check" else prepare(args)

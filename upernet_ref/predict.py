@@ -9,6 +9,11 @@ For every image `NAME.ext` it writes into `--out`:
 - `NAME_color.png`: the same indices as a palette PNG (opens in colour; indices kept);
 - `NAME_overlay.jpg`: the colours blended over the image.
 
+An image found in a folder that was given keeps its path inside that folder (`pin/a/x.jpg`
+-> `OUT/a/x.png`, `pin/b/x.jpg` -> `OUT/b/x.png`); an image given as a file goes to the top
+of `--out`. Inputs that would write the same output file (`a/x.jpg` and `b/x.jpg` given as
+files, `x.jpg` next to `x.png`) are refused before anything is predicted, with their names.
+
 The image goes through the published test pipeline (fitted to the base scale, normalised) and
 `inference.inference`, whose probabilities are resized back to the image's own size. An image
 that cannot be read is reported with its path and skipped; the exit status is then 1.
@@ -32,17 +37,53 @@ from .transforms import overlay, test_transform
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def find_images(inputs: list[str]) -> list[Path]:
-    """Files as given, and the images (by extension, sorted) of every folder given."""
-    paths: list[Path] = []
+def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
+    """(image, output name) for the files given and the images (by extension, sorted) of every
+    folder given, searched recursively.
+
+    The output name is the file's stem, or for an image found in a folder its path inside that
+    folder without the extension (`pin/a/x.jpg` -> `a/x`). A file given twice is listed once.
+    """
+    found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found += [(p, p.relative_to(path).with_suffix("").as_posix())
+                      for p in sorted(path.rglob("*"))
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         else:
-            paths.append(path)  # a missing or unreadable file is reported when it is read
-    return paths
+            found.append((path, path.stem))  # a missing or unreadable file is reported when read
+    unique: dict[tuple[Path, str], tuple[Path, str]] = {}
+    for path, name in found:
+        unique.setdefault((path.resolve(), name), (path, name))
+    return list(unique.values())
+
+
+def prediction_paths(out_dir: Path, name: str) -> list[Path]:
+    """The files written for output name `name`: NAME.png, NAME_color.png, NAME_overlay.jpg."""
+    return [out_dir / f"{name}.png", out_dir / f"{name}_color.png", out_dir / f"{name}_overlay.jpg"]
+
+
+def output_clashes(images: list[tuple[Path, str]], out_dir: Path) -> list[tuple[Path, list[Path]]]:
+    """[(output file, the inputs that would all write it)], one entry per group of inputs."""
+    writers: dict[Path, list[Path]] = {}
+    for path, name in images:
+        for out in prediction_paths(out_dir, name):
+            writers.setdefault(out, []).append(path)
+    clashes: dict[tuple[Path, ...], Path] = {}
+    for out, paths in writers.items():
+        if len(paths) > 1:
+            clashes.setdefault(tuple(paths), out)
+    return [(out, list(paths)) for paths, out in clashes.items()]
+
+
+def describe_prediction(labels: torch.Tensor, classes: list[str]) -> str:
+    """`HxW (HxW), classes: sky 61.2%, ground 38.8%` for (H, W) class indices, largest first."""
+    h, w = labels.shape
+    counts = torch.bincount(labels.flatten().long(), minlength=len(classes)).tolist()
+    order = sorted((i for i in range(len(classes)) if counts[i]), key=lambda i: -counts[i])
+    shares = ", ".join(f"{classes[i]} {100 * counts[i] / (h * w):.1f}%" for i in order)
+    return f"{h}x{w} (HxW), classes: {shares}"
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -89,12 +130,15 @@ def predict_image(model: torch.nn.Module, image: torch.Tensor, cfg: Config,
 
 
 def save_prediction(labels: torch.Tensor, image: torch.Tensor,
-                    palette: list[tuple[int, int, int]], out_dir: Path, stem: str,
+                    palette: list[tuple[int, int, int]], out_dir: Path, name: str,
                     alpha: float = 0.5) -> list[Path]:
-    """Write NAME.png (indices), NAME_color.png (palette PNG) and NAME_overlay.jpg."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write NAME.png (indices), NAME_color.png (palette PNG) and NAME_overlay.jpg.
+
+    `name` is the output name from `find_images`; it may hold sub-folders (`a/x`).
+    """
+    paths = prediction_paths(out_dir, name)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     index = labels.numpy().astype(np.uint8)
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}_color.png", out_dir / f"{stem}_overlay.jpg"]
     Image.fromarray(index).save(paths[0])  # 2-D uint8: 8-bit grayscale
     color = Image.fromarray(index)
     flat = [c for rgb in palette for c in rgb]
@@ -108,12 +152,29 @@ def save_prediction(labels: torch.Tensor, image: torch.Tensor,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet predict", description=__doc__.split("\n")[0])
     add_inference_arguments(parser)
-    parser.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    parser.add_argument("--out", default="predictions",
+                        help="output folder (default: predictions) for NAME.png, NAME_color.png "
+                             "and NAME_overlay.jpg; images found in a folder keep their path "
+                             "inside it (pin/a/x.jpg -> OUT/a/x.png), images given as files go "
+                             "to its top; inputs that would write the same file are refused")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files, and folders searched recursively for images")
     args = parser.parse_args(argv)
 
+    out_dir = Path(args.out)
+    images = find_images(args.inputs)
+    if not images:
+        print(f"upernet predict: error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    clashes = output_clashes(images, out_dir)
+    if clashes:
+        lines = "".join(f"\n  {out} <- {', '.join(map(str, paths))}" for out, paths in clashes)
+        print(f"upernet predict: error: these inputs would write the same output file, so "
+              f"nothing was predicted:{lines}\nGive the folder that holds them instead (its "
+              f"sub-folders are kept under --out), rename them, or predict them into separate "
+              f"--out folders.", file=sys.stderr)
+        return 2
     try:
         device = resolve_device(args.device)
         model, cfg = load_model(args, device)
@@ -122,15 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upernet predict: error: {error}", file=sys.stderr)
         return 2
     model.to(device).eval()
-    paths = find_images(args.inputs)
-    if not paths:
-        print(f"upernet predict: error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out)
     options = dict(mode=args.mode, scales=args.scales, flip=args.flip, crop_size=args.crop,
                    stride=args.stride)
     failed = []
-    for path in paths:
+    for path, name in images:
         try:
             image = read_image(path)
         except ValueError as error:
@@ -138,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(path)
             continue
         labels = predict_image(model, image, cfg, device, **options)
-        save_prediction(labels, image, palette, out_dir, path.stem, args.alpha)
-        present = ", ".join(classes[i] for i in labels.unique().tolist() if i < len(classes))
-        print(f"{path} -> {out_dir / path.stem}.png  ({tuple(labels.shape)}; {present})")
-    done = len(paths) - len(failed)
-    print(f"{done} of {len(paths)} images predicted into {out_dir}")
+        written = save_prediction(labels, image, palette, out_dir, name, args.alpha)
+        print(f"{path} -> {written[0]}  {describe_prediction(labels, classes)}")
+    done = len(images) - len(failed)
+    print(f"{done} of {len(images)} images predicted into {out_dir}")
     if failed:
         print(f"upernet predict: {len(failed)} image(s) could not be read: "
               f"{', '.join(str(p) for p in failed)}", file=sys.stderr)

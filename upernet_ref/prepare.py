@@ -2,11 +2,14 @@
 
 - `prepare_voc_aug`: the augmented VOC training set of the paper's VOC numbers (spec section 4):
   SBD `cls/*.mat` (MATLAB struct `GTcls.Segmentation`, 0..20) become palette PNGs in
-  `VOC2012/SegmentationClassAug/`, VOC's own SegmentationClass PNGs are copied over them (VOC
-  wins where both annotate an image: it has the 255 boundaries the VOC val labels have), and
+  `VOC2012/SegmentationClassAug/`, except where VOC's own SegmentationClass PNG is copied instead
+  (VOC wins where both annotate an image: it has the 255 boundaries the VOC val labels have), and
   `trainaug.txt` = (SBD train + SBD val + VOC train) - VOC val: 10,582 ids on the full data.
 - `prepare_cityscapes`: `*_gtFine_labelTrainIds.png` next to every `*_gtFine_labelIds.png`,
   with the same id -> train id table the `Cityscapes` dataset applies on the fly.
+- Both keep every output file that already exists (e.g. cityscapesscripts' own train-id files,
+  which differ from ours at boundary pixels) unless `overwrite=True`, and write each file under a
+  temporary name first, so an interrupted run never leaves a partial file that a rerun would keep.
 - `check_pair` / `check_dataset`: per file, what is wrong (missing files, unreadable or truncated
   images, size mismatch, label values outside the valid set). Fast enough for all of ADE20K:
   image sizes come from the header (PIL opens lazily), truncation from the file's last bytes
@@ -15,10 +18,15 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import multiprocessing
+import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from typing import Callable
 
@@ -117,6 +125,49 @@ def check_dataset(dataset: SegmentationFiles, workers: int = 1, decode_images: b
 # Preparation
 
 
+@dataclass
+class Prepared:
+    """The files a `prepare_*` call wrote, and those it kept because they existed already."""
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+
+def _unwritable(error: OSError, path: Path) -> DataError:
+    """An OSError of writing `path` as a DataError that names the file (and pickles whole)."""
+    hint = ""
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = (f"; the folder {path.parent} is not writable (fix its permissions, or prepare "
+                "a writable copy of the dataset)")
+    return DataError(f"{path}: cannot write ({error.strerror or error}){hint}")
+
+
+def write_file(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)`, then rename tmp -> `path`: a file at `path` is always complete."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _unwritable(error, path) from None
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise _unwritable(error, folder) from None
+
+
+def _split_existing(outputs: list, overwrite: bool, key: Callable = lambda out: out
+                    ) -> tuple[list, list[Path]]:
+    """(the `outputs` to write, the paths of those that exist and are kept unless `overwrite`)."""
+    exists = [not overwrite and key(out).exists() for out in outputs]
+    return ([out for out, e in zip(outputs, exists) if not e],
+            [key(out) for out, e in zip(outputs, exists) if e])
+
+
 def _read_ids(path: Path) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found (see data/README.md)")
@@ -137,25 +188,38 @@ def convert_sbd_mat(paths: tuple[Path, Path]) -> None:
                         f"{seg.shape} and values {describe_values(values)}")
     image = Image.fromarray(seg.astype(np.uint8))  # "L"; putpalette makes it "P"
     image.putpalette([c for rgb in voc_colormap() for c in rgb])
-    image.save(png_path)
+    write_file(png_path, partial(image.save, format="PNG"))
 
 
 def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, workers: int = 1,
-                    progress: bool = True) -> list[str]:
-    """Build SegmentationClassAug/ and ImageSets/Segmentation/trainaug.txt; returns the ids."""
+                    progress: bool = True, overwrite: bool = False) -> tuple[list[str], Prepared]:
+    """Build SegmentationClassAug/ and ImageSets/Segmentation/trainaug.txt.
+
+    Existing files there are kept unless `overwrite`. Returns the trainaug ids computed (those
+    in a kept trainaug.txt may differ) and the files written and kept.
+    """
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     lists = voc_root / "ImageSets" / "Segmentation"
     voc_train, voc_val = _read_ids(lists / "train.txt"), _read_ids(lists / "val.txt")
     sbd_ids = _read_ids(sbd_root / "train.txt") + _read_ids(sbd_root / "val.txt")
     out = voc_root / "SegmentationClassAug"
-    out.mkdir(exist_ok=True)
     mats = sorted((sbd_root / "cls").glob("*.mat"))
     if not mats:
         raise DataError(f"{sbd_root / 'cls'}: no .mat files (expected benchmark_RELEASE/dataset)")
-    parallel_map(convert_sbd_mat, [(m, out / f"{m.stem}.png") for m in mats], workers,
-                 "SBD .mat -> png", progress)
-    for png in sorted((voc_root / "SegmentationClass").glob("*.png")):
-        shutil.copyfile(png, out / png.name)
+    _mkdir(out)
+    # VOC's label wins where both annotate an image, so SBD is converted only for the others:
+    # no file is written twice, and a rerun after an interruption cannot keep an SBD label there.
+    voc_pngs = sorted((voc_root / "SegmentationClass").glob("*.png"))
+    voc_ids = {png.stem for png in voc_pngs}
+    destination = itemgetter(1)  # (source, destination) pairs
+    copies, kept_copies = _split_existing([(png, out / png.name) for png in voc_pngs], overwrite,
+                                          key=destination)
+    conversions, kept_mats = _split_existing([(m, out / f"{m.stem}.png") for m in mats
+                                              if m.stem not in voc_ids], overwrite, key=destination)
+    for png, dst in copies:
+        write_file(dst, partial(shutil.copyfile, png))
+    parallel_map(convert_sbd_mat, conversions, workers, "SBD .mat -> png", progress)
+    done = Prepared([dst for _, dst in copies + conversions], kept_copies + kept_mats)
     ids = sorted(set(sbd_ids + voc_train) - set(voc_val))
     missing = [f"{i}: " + " and ".join(what for what, p in (
         ("no label", out / f"{i}.png"), ("no image", voc_root / "JPEGImages" / f"{i}.jpg"))
@@ -163,21 +227,37 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, workers: int = 1
         if not (out / f"{i}.png").exists() or not (voc_root / "JPEGImages" / f"{i}.jpg").exists()]
     if missing:
         raise DataError(f"{len(missing)} trainaug ids lack files, e.g. " + "; ".join(missing[:5]))
-    (lists / "trainaug.txt").write_text("".join(f"{i}\n" for i in ids))
-    return ids
+    trainaug = lists / "trainaug.txt"
+    if trainaug.exists() and not overwrite:
+        done.skipped.append(trainaug)
+    else:
+        write_file(trainaug, lambda tmp: tmp.write_text("".join(f"{i}\n" for i in ids)))
+        done.written.append(trainaug)
+    return ids, done
+
+
+def train_ids_path(label_path: Path) -> Path:
+    """`*_gtFine_labelTrainIds.png` for a `*_gtFine_labelIds.png`."""
+    return label_path.with_name(label_path.name.replace("_labelIds.png", "_labelTrainIds.png"))
 
 
 def _write_train_ids(label_path: Path) -> None:
     lut = label_lut(19, id_map=CITYSCAPES_ID_TO_TRAIN_ID, num_ids=CITYSCAPES_NUM_IDS)
     train_ids = apply_lut(read_label(label_path), lut, str(label_path)).numpy().astype(np.uint8)
-    out = label_path.with_name(label_path.name.replace("_labelIds.png", "_labelTrainIds.png"))
-    Image.fromarray(train_ids).save(out)  # 8-bit grey
+    image = Image.fromarray(train_ids)  # 8-bit grey
+    write_file(train_ids_path(label_path), partial(image.save, format="PNG"))
 
 
-def prepare_cityscapes(root: str | Path, workers: int = 1, progress: bool = True) -> int:
-    """Write `*_gtFine_labelTrainIds.png` next to each `*_gtFine_labelIds.png`; returns the count."""
+def prepare_cityscapes(root: str | Path, workers: int = 1, progress: bool = True,
+                       overwrite: bool = False) -> Prepared:
+    """Write `*_gtFine_labelTrainIds.png` next to each `*_gtFine_labelIds.png`.
+
+    Existing train-id files are kept unless `overwrite`: cityscapesscripts' own differ from
+    ours at about 0.4% of pixels (object boundaries), and a rerun should not replace them.
+    """
     files = sorted((Path(root) / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
     if not files:
         raise DataError(f"{Path(root) / 'gtFine'}: no */*/*_gtFine_labelIds.png files found")
-    parallel_map(_write_train_ids, files, workers, "labelIds -> labelTrainIds", progress)
-    return len(files)
+    todo, kept = _split_existing(files, overwrite, key=train_ids_path)
+    parallel_map(_write_train_ids, todo, workers, "labelIds -> labelTrainIds", progress)
+    return Prepared([train_ids_path(f) for f in todo], kept)
