@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.warmup, args.repeats, args.dtype, args.compile,
                            peak_tflops=args.peak_tflops)
     except (ValueError, KeyError) as err:
-        print(f"upernet bench: {err}", file=sys.stderr)
+        print(f"upernet bench: error: {err}", file=sys.stderr)
         return 2
     print(format_table(result))
     if args.json:

@@ -146,7 +146,7 @@ def prepare(args: argparse.Namespace) -> int:
             print(report(len(done.written), f"*_gtFine_labelTrainIds.png files under "
                          f"{args.root / 'gtFine'}", len(done.skipped)))
     except (DataError, OSError) as e:  # FileNotFoundError, PermissionError, ...: no traceback
-        print(f"upernet data prepare: {e}", file=sys.stderr)
+        print(f"upernet data prepare: error: {e}", file=sys.stderr)
         return 1
     return 0
 

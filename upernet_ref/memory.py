@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             configs.get_config(name)
     except (KeyError, ValueError) as err:
-        print(f"upernet memory: {err}", file=sys.stderr)
+        print(f"upernet memory: error: {err}", file=sys.stderr)
         return 2
     rows: list[dict[str, typing.Any]] = []
     print(f"{'config':32s} {'amp':5s} {'input':>11s} {'weights':>8s} {'momentum':>9s} "
