@@ -111,7 +111,7 @@ def test_folder_dataset_and_build_dataset(tmp_path):
     voc = make_fake_voc(tmp_path, n=4)
     cfg = override(get_config("upernet_small_test"), ["data.dataset=voc", "data.num_classes=21"])
     assert len(build_dataset(cfg, "train", root=tmp_path)) == 2  # parent of VOCdevkit works too
-    with pytest.raises(ValueError, match="needs a root"):
+    with pytest.raises(ValueError, match="needs its folder: --data-root"):
         build_dataset(cfg, "train")
     demo = build_dataset(get_config("upernet_small_test"), "val", transform=lambda i, m: (i, m))
     image, mask = demo[0]

@@ -344,7 +344,8 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
         from .synthetic import DemoScenes
         return DemoScenes(split, transform=transform)
     if root is None:
-        raise ValueError(f"dataset {cfg.data.dataset!r} needs a root folder (see data/README.md)")
+        raise ValueError(f"dataset {cfg.data.dataset!r} needs its folder: --data-root DIR "
+                         f"(layouts in data/README.md)")
     return open_dataset(cfg.data.dataset, root, split, num_classes=cfg.data.num_classes,
                         reduce_zero_label=cfg.data.reduce_zero_label, transform=transform,
                         on_bad=on_bad)

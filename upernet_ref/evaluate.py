@@ -244,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, device: torch.device) -> int:
     try:
         model, cfg = load_model(args, device)
-        if cfg.data.dataset != "demo" and not args.data_root:
-            raise ValueError(f"dataset {cfg.data.dataset!r} needs --data-root")
         from .datasets import build_dataset
         from .transforms import test_transform
         split = args.split or cfg.data.val_split
