@@ -287,3 +287,19 @@ def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys)
     assert train_mod.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1
+
+
+def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
+    import json
+
+    from upernet_ref.hardware import cpu_has_native_bf16
+    out = tmp_path / "fast"
+    base = ["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
+            "--no-progress", "--no-val", "--device", "cpu", "--fast"]
+    assert train_mod.main(base) == 0
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["amp"] == ("bf16" if cpu_has_native_bf16() else "none")
+    assert saved["channels_last"] is True and saved["compile"] is False  # no compile on CPU
+    assert train_mod.main(base + ["--train.amp=none", "--train.channels_last=false"]) == 0
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["amp"] == "none" and saved["channels_last"] is False  # explicit ones win

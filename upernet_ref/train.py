@@ -446,6 +446,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-val", action="store_true", help="skip periodic validation")
+    parser.add_argument("--fast", action="store_true",
+                        help="the fast training settings for the device (fast_train_overrides: "
+                             "bf16/fp16 autocast where the device is fast at it, channels_last, "
+                             "torch.compile on CUDA); explicit --train.* overrides still win")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -456,9 +460,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def fast_train_overrides(device: str | None) -> list[str]:
+    """`--fast` for training: the choices of `fuse.default_fast_settings` for the device (the
+    same rules as the fast inference path, measured in docs/benchmarks.md) as config overrides."""
+    from .fuse import default_fast_settings
+    name = device if device not in (None, "", "auto") else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    settings = default_fast_settings(torch.device(name))
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[settings.dtype]
+    return [f"train.amp={amp}", f"train.channels_last={settings.channels_last}",
+            f"train.compile={settings.compile}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
+        if args.fast:  # the explicit overrides come after, so they win
+            overrides = fast_train_overrides(args.device) + overrides
         cfg = configs.get_config(args.config, overrides)
     except (KeyError, ValueError, TypeError) as err:
         print(f"upernet train: error: {err}", file=sys.stderr)
