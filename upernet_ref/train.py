@@ -316,7 +316,8 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
                           "eta_sec": sec_per_iter * (end - it)}
                 logger.log(record)
                 if bar is None:
-                    say(f"iter {it}/{end}  epoch {epoch:.2f}  loss {means[0]:.4f}  lr {lr:.3e}  "
+                    stopping = f" (stop at {end})" if end < max_iters else ""
+                    say(f"iter {it}/{max_iters}{stopping}  epoch {epoch:.2f}  loss {means[0]:.4f}  lr {lr:.3e}  "
                         f"{record['img_per_sec']:.1f} img/s  eta {record['eta_sec'] / 60:.1f} min")
                 window_start, window_iters = time.perf_counter(), 0
                 window_sums.zero_()
