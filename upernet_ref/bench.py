@@ -38,9 +38,7 @@ What is measured (per configuration, input size and batch):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import resource
 import statistics
 import sys
@@ -58,6 +56,7 @@ from .flops import count_macs
 from .fuse import FastSettings, default_fast_settings, error_summary, fast_inference_model
 from .hardware import device_peak_tflops, machine_info
 from .model import build_model
+from .runtime import autocast_to
 
 def model_flops_utilization(gmacs: float, images_per_s: float | None,
                             peak_tflops: float | None, factor: int = 1) -> float | None:
@@ -143,12 +142,6 @@ def time_calls(fn: typing.Callable[[], typing.Any], device: torch.device, warmup
             "cpu_s": statistics.median(cpus), "warmup_s": warmup_s, "runs_s": walls}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def bench_inference(model: nn.Module, images: torch.Tensor, device: torch.device,
                     warmup: int, repeats: int, meter: MemoryMeter) -> dict[str, typing.Any]:
     """Latency, images/s and peak memory of `model(images)` under no_grad."""
@@ -184,7 +177,7 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, dtype):
+        with autocast_to(device, dtype):
             out = forward(images)
         loss = F.cross_entropy(out["out"].float(), labels, ignore_index=255)
         if "aux" in out:

@@ -340,7 +340,6 @@ def to_dict(cfg: Config) -> dict:
 def from_dict(data: dict) -> Config:
     """Inverse of `to_dict` (lists become tuples again)."""
     def build(cls, values):
-        hints = typing.get_type_hints(cls)
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in values:

@@ -88,13 +88,10 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     flip = cfg.test.flip if flip is None else flip
     crop_size = tuple(crop_size or cfg.test.crop_size)
     stride = tuple(stride or cfg.test.stride)
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
-    model_was_training = model.training
     param = next(model.parameters(), None)
-    model_device = param.device if param is not None else device
+    model_device = param.device if param is not None else torch.device("cpu")
+    device = model_device if device is None else torch.device(device)
+    model_was_training = model.training
     model.to(device).eval()
 
     rank, world = _world()

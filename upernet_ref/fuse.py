@@ -26,7 +26,6 @@ on the device (figures in `docs/benchmarks.md`):
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import typing
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from .hardware import cpu_has_native_bf16
+from .runtime import autocast_to
 
 
 @torch.no_grad()
@@ -217,13 +217,8 @@ class FastModel(nn.Module):
         self.forward_fn = torch.compile(model) if settings.compile else model
         self.compile_error: str | None = None
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.settings.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.settings.dtype)
-
     def _run(self, fn: typing.Callable, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.autocast():
+        with autocast_to(self.device, self.settings.dtype):
             out = fn(images)
         return {k: v.float().contiguous() for k, v in out.items()}
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -16,14 +17,25 @@ import typing
 import torch
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), read from cpuinfo."""
+@functools.lru_cache(maxsize=1)
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo, read once (empty flags and
+    `platform.processor()` where there is no such file)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            lines = f.read().splitlines()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return platform.processor(), frozenset()
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")),
+                 [])
+    return model, frozenset(flags)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    return bool(cpu_model_and_flags()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s (NVIDIA datasheets; fp32
@@ -69,17 +81,10 @@ def machine_info(device: torch.device) -> dict[str, typing.Any]:
         # other processes competing for the CPU make wall times noisy: recorded, not hidden
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        info["cpu"] = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                            if line.startswith("model name")), platform.processor())
-        flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
-                          if line.startswith("flags")), []))
+    info["cpu"], flags = cpu_model_and_flags()
+    if flags:
         info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni",
                                             "amx_bf16", "amx_tile", "amx_int8"})
-    except OSError:
-        info["cpu"] = platform.processor()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info["gpu"] = torch.cuda.get_device_name(device)

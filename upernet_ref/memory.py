@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import typing
@@ -62,6 +63,15 @@ def estimate_training_memory(cfg: Config | str, batch: int, size: tuple[int, int
         size: input HxW (default: the config's crop size).
         amp: "none" or "bf16" / "fp16" autocast (default: the config's `train.amp`).
     """
+    cfg = configs.get_config(cfg)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    h, w = tuple(size or cfg.data.crop_size)
+    return _estimate(cfg, batch, (h, w), amp or cfg.train.amp)
+
+
+@functools.lru_cache(maxsize=64)  # `upernet memory` asks for batch 2 twice (its row, the search)
+def _estimate(cfg: Config, batch: int, size: tuple[int, int], amp: str) -> MemoryEstimate:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -70,11 +80,7 @@ def estimate_training_memory(cfg: Config | str, batch: int, size: tuple[int, int
     from .runtime import autocast
     from .schedule import build_optimizer
 
-    cfg = configs.get_config(cfg)
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    h, w = tuple(size or cfg.data.crop_size)
-    amp = amp or cfg.train.amp
+    h, w = size
     device = torch.device("cpu")  # fake tensors: no memory is used and nothing is computed
     with FakeTensorMode():
         model = build_model(cfg)

@@ -81,14 +81,18 @@ def set_rng_state(state: dict[str, typing.Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`'s type; no autocast (float32) when `dtype` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context of `train.amp`: none, bf16 or fp16."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in ("bf16", "fp16"):
+    if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return autocast_to(device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
 # --------------------------------------------------------------------------------------------
