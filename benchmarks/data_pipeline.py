@@ -23,9 +23,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, read_file, write_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
-from upernet_ref import transforms as T  # noqa: E402
+from upernet_ref.data import transforms as T  # noqa: E402
 from upernet_ref.configs import get_config  # noqa: E402
-from upernet_ref.synthetic import DemoScenes  # noqa: E402
+from upernet_ref.data.synthetic import DemoScenes  # noqa: E402
 
 
 def make_pair(folder: Path, name: str, size: tuple[int, int], image_format: str, num_classes: int):

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.fuse import fast_inference_model
-from upernet_ref.synthetic import DemoScenes
+from upernet_ref.perf.fast import fast_inference_model
+from upernet_ref.data.synthetic import DemoScenes
 
 SHARED = Path(os.environ.get("UPERNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REALDATA = SHARED / "realdata"
@@ -156,8 +156,8 @@ def run_agreement(args: argparse.Namespace) -> dict:
                            {"train.val_interval": 0, "train.checkpoint_interval": 100000,
                             "train.seed": args.seed})
     from upernet_ref.checkpoints import load_weights
-    from upernet_ref.evaluate import evaluate
-    from upernet_ref.train import train
+    from upernet_ref.evaluation.evaluate import evaluate
+    from upernet_ref.training.trainer import train
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = train(cfg, out_dir=tmp, max_iters=args.iters, validate=False, progress=False,

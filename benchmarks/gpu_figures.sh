@@ -72,7 +72,7 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU {torch.cuda.get_device_name(0)}, capability {p.major}.{p.minor}, "
           f"{p.total_memory / 2**30:.1f} GiB, {torch.cuda.device_count()} device(s)")
-    from upernet_ref.hardware import device_peak_tflops
+    from upernet_ref.perf.hardware import device_peak_tflops
     print(f"bf16 peak for MFU: {device_peak_tflops(torch.device('cuda'))} TFLOP/s (hardware.PEAK_TFLOPS)")
 else:
     print("CUDA: not available")

@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from upernet_ref import bench
-from upernet_ref.bench import format_table, main, model_flops_utilization, run_bench
-from upernet_ref.hardware import PEAK_TFLOPS, peak_tflops_for_name
+from upernet_ref.perf import bench
+from upernet_ref.perf.bench import format_table, model_flops_utilization, run_bench
+from upernet_ref.cli.bench import main
+from upernet_ref.perf.hardware import PEAK_TFLOPS, peak_tflops_for_name
 from upernet_ref.configs import get_config
-from upernet_ref.flops import count_macs
+from upernet_ref.perf.flops import count_macs
 from upernet_ref.model import build_model
 
 

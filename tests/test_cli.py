@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from upernet_ref.cli import COMMANDS, main, parse_pair, parse_scales, positive_int
+from upernet_ref.cli import COMMANDS, main
+from upernet_ref.cli.common import parse_pair, parse_scales, positive_int
 
 
 def test_usage_lists_every_command(capsys):

@@ -18,16 +18,16 @@ import pytest
 import torch
 
 from upernet_ref import build_model, configs
-from upernet_ref.bench import run_bench
+from upernet_ref.perf.bench import run_bench
 from upernet_ref.checkpoints import read_checkpoint_file
-from upernet_ref.evaluate import evaluate
-from upernet_ref.fuse import cuda_autocast_dtype, fast_inference_model
-from upernet_ref.hardware import device_peak_tflops
-from upernet_ref.losses import segmentation_loss
-from upernet_ref.runtime import autocast, choose_per_device_batch
-from upernet_ref.synthetic import DemoScenes
-from upernet_ref.train import train
-from upernet_ref.transforms import train_transform
+from upernet_ref.evaluation.evaluate import evaluate
+from upernet_ref.perf.fast import cuda_autocast_dtype, fast_inference_model
+from upernet_ref.perf.hardware import device_peak_tflops
+from upernet_ref.training.losses import segmentation_loss
+from upernet_ref.training.runtime import autocast, choose_per_device_batch
+from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.training.trainer import train
+from upernet_ref.data.transforms import train_transform
 
 # The agreement measure, the demo images and the 300-iteration demo model of the CPU tests
 # (`trained` is a fixture: here it trains on the GPU, the trainer's default device).
@@ -223,8 +223,8 @@ def test_evaluate_on_cuda_equals_cpu(trained, strict_fp32):
 def test_memory_estimate_is_close_to_the_measured_peak():
     """`upernet memory` (fake tensors) against `torch.cuda.max_memory_allocated`: R-50 os8,
     2 images of 512x512, bf16, the second SGD step (momentum allocated)."""
-    from upernet_ref.memory import estimate_training_memory
-    from upernet_ref.schedule import build_optimizer
+    from upernet_ref.perf.memory import estimate_training_memory
+    from upernet_ref.training.schedule import build_optimizer
     cfg = configs.get_config("upernet_r50_os8_ade20k")
     estimate = estimate_training_memory(cfg, 2, (512, 512), "bf16")
     device = torch.device("cuda")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from helpers_data import (make_fake_ade20k, make_fake_cityscapes, make_fake_folder, make_fake_sbd,
                           make_fake_voc, save_index_png)
-from upernet_ref.data_cli import main
-from upernet_ref.datasets import Cityscapes, VOCSegmentation
+from upernet_ref.cli.data import main
+from upernet_ref.data.datasets import Cityscapes, VOCSegmentation
 
 from shared_paths import REALDATA as REAL
 QUIET = ["--workers", "1", "--no-progress"]

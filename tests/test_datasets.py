@@ -12,10 +12,10 @@ from PIL import Image
 from helpers_data import (make_fake_ade20k, make_fake_cityscapes, make_fake_folder, make_fake_voc,
                           save_index_png)
 from upernet_ref.configs import get_config, override
-from upernet_ref.dataset_classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
+from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                                          CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_PALETTE, VOC_CLASSES,
                                          VOC_PALETTE, voc_colormap)
-from upernet_ref.datasets import (ADE20K, Cityscapes, DataError, FolderDataset, HFSegmentation,
+from upernet_ref.data.datasets import (ADE20K, Cityscapes, DataError, FolderDataset, HFSegmentation,
                                   VOCSegmentation, build_dataset, decode_label, describe_values,
                                   label_lut, read_label)
 

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
-from upernet_ref.logs import read_log
+from upernet_ref.training.logs import read_log
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 
@@ -60,7 +60,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from upernet_ref.train import train
+    from upernet_ref.training.trainer import train
     result = train(_cfg(), out_dir=out, device="cpu", per_device_batch=2, max_iters=3,
                    train_dataset=NoIgnoreScenes(), validate=False, progress=False,
                    tensorboard=False, handle_signals=False, log=lambda *_: None)
@@ -73,7 +73,7 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
 
-    from upernet_ref.train import train
+    from upernet_ref.training.trainer import train
     single = train(_cfg(), out_dir=tmp_path / "one", device="cpu", per_device_batch=2,
                    max_iters=3, train_dataset=NoIgnoreScenes(), validate=False, progress=False,
                    tensorboard=False, log=lambda *_: None)

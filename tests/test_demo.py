@@ -1,7 +1,7 @@
 """The README's main job runs end to end (shortened) and writes what it promises."""
 import re
 
-from upernet_ref.demo import main
+from upernet_ref.cli.demo import main
 
 
 def test_demo_runs_and_writes_its_pictures(tmp_path, capsys):

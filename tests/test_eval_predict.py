@@ -14,9 +14,10 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.evaluate import evaluate, protocol_tag
-from upernet_ref.evaluate import main as eval_main
-from upernet_ref.predict import main as predict_main
+from upernet_ref.evaluation.evaluate import evaluate
+from upernet_ref.cli.eval import protocol_tag
+from upernet_ref.cli.eval import main as eval_main
+from upernet_ref.cli.predict import main as predict_main
 
 from helpers_checkpoints import to_sssegmentation
 
@@ -126,8 +127,8 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
     assert result["num_images"] == 3 and result["config"] == "upernet_small_test"
     assert "sky" in out.out and "mIoU" in out.out and "protocol: whole-image" in out.out
     # the CLI gives what the API gives
-    from upernet_ref.datasets import build_dataset
-    from upernet_ref.transforms import test_transform
+    from upernet_ref.data.datasets import build_dataset
+    from upernet_ref.data.transforms import test_transform
     dataset = build_dataset(CFG, "val", None, test_transform(CFG.data))
     direct = evaluate(model, dataset, CFG, "cpu", progress=False, num_workers=0, limit=3)
     assert result["miou"] == pytest.approx(direct["miou"], abs=1e-9)
@@ -196,8 +197,8 @@ def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, cap
 
 
 def test_evaluate_applies_the_test_pipeline_to_raw_items(checkpoint):
-    from upernet_ref.synthetic import DemoScenes
-    from upernet_ref.transforms import test_transform
+    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.data.transforms import test_transform
     _, model = checkpoint
     raw = evaluate(model, DemoScenes("val"), CFG, "cpu", progress=False, num_workers=0, limit=2)
     ready = evaluate(model, DemoScenes("val", transform=test_transform(CFG.data)), CFG, "cpu",
@@ -301,7 +302,7 @@ def test_eval_on_real_voc_samples(tmp_path, capsys):
     assert result["num_images"] == 2 and len(result["iou"]) == 21
     assert "aeroplane" in out.out or "background" in out.out
     # compared at the original label size, without the 255 boundary pixels
-    from upernet_ref.datasets import build_dataset
+    from upernet_ref.data.datasets import build_dataset
     masks = [build_dataset(cfg, "val", REALDATA)[i][1] for i in range(2)]
     assert result["pixels"] == sum(int((m != 255).sum()) for m in masks)
     assert any((m == 255).any() for m in masks)

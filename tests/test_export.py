@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from upernet_ref import build_model
-from upernet_ref.export import (adaptive_pool_matrix, export_onnx, export_torch,
-                                exportable_model, main)
+from upernet_ref.perf.export import adaptive_pool_matrix, export_onnx, export_torch, exportable_model
+from upernet_ref.cli.export import main
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.fuse import (BF16_FLOAT32_MODULES, Float32, count_batchnorms,
+from upernet_ref.perf.fast import (BF16_FLOAT32_MODULES, Float32, count_batchnorms,
                               cuda_autocast_dtype, default_fast_settings, fast_inference_model,
                               fold_batchnorm, fold_conv_bn, keep_float32)
-from upernet_ref.synthetic import DemoScenes
+from upernet_ref.data.synthetic import DemoScenes
 
 from shared_paths import REALDATA
 CFG = configs.get_config("upernet_small_demo")
@@ -222,7 +222,7 @@ def test_bf16_fast_path_on_a_random_network(model, source):
 def trained(tmp_path_factory) -> nn.Module:
     """`upernet_small_demo` trained for 300 iterations on the demo data (~15 s on 2 cores)."""
     from upernet_ref.checkpoints import load_weights
-    from upernet_ref.train import train
+    from upernet_ref.training.trainer import train
 
     cfg = configs.override(CFG, {"train.val_interval": 0, "train.checkpoint_interval": 100000})
     result = train(cfg, out_dir=tmp_path_factory.mktemp("trained"), max_iters=300,
@@ -242,7 +242,7 @@ def test_trained_model_bf16_fast_path_agrees_on_real_images(trained):
 
 def test_trained_model_bf16_fast_path_agrees_on_demo_val_and_miou_unchanged(trained):
     """Issue 6: >= 99.9% agreement on demo val and the mIoU unchanged to 0.1 point."""
-    from upernet_ref.evaluate import evaluate
+    from upernet_ref.evaluation.evaluate import evaluate
 
     val = DemoScenes("val", num_samples=16, size=tuple(CFG.data.base_scale[::-1]), seed=0)
     fast = fast_inference_model(trained, "cpu", dtype=torch.bfloat16, compile=False)

@@ -7,8 +7,8 @@ from torch import nn
 
 from upernet_ref import build_model
 from upernet_ref import configs
-from upernet_ref.head import resize
-from upernet_ref.inference import inference, num_forward_passes, slide_inference, window_grid
+from upernet_ref.model.head import resize
+from upernet_ref.evaluation.inference import inference, num_forward_passes, slide_inference, window_grid
 
 
 class Pointwise(nn.Module):

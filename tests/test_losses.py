@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from upernet_ref.configs import TrainConfig
-from upernet_ref.losses import cross_entropy, ohem_mask, segmentation_loss
+from upernet_ref.training.losses import cross_entropy, ohem_mask, segmentation_loss
 
 
 def _example(seed: int = 0, b: int = 2, k: int = 5, h: int = 6, w: int = 7):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from upernet_ref import build_model
-from upernet_ref.memory import MB, estimate_training_memory, largest_batch, main
+from upernet_ref.perf.memory import MB, estimate_training_memory, largest_batch
+from upernet_ref.cli.memory import main
 
 CFG = "upernet_small_test"
 SIZE = (64, 64)
@@ -62,7 +63,7 @@ def test_the_estimate_leaves_no_fake_mode_behind():
 
 
 def test_largest_batch_bisects_when_the_affine_guess_is_too_large(monkeypatch):
-    import upernet_ref.memory as memory
+    import upernet_ref.perf.memory as memory
     calls = []
 
     def fake(cfg, batch, size=None, amp=None):  # affine up to 50 images, then a cliff

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from upernet_ref.metrics import ConfusionMatrix, all_reduce_matrix, confusion_matrix, format_table, summarize
+from upernet_ref.evaluation.metrics import ConfusionMatrix, all_reduce_matrix, confusion_matrix, format_table, summarize
 
 
 def naive_metrics(preds, targets, num_classes, ignore=255):

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from upernet_ref import build_model, count_parameters, get_config
-from upernet_ref.backbone import ResNet
+from upernet_ref.model.backbone import ResNet
 from upernet_ref.configs import PUBLISHED, REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K, override
-from upernet_ref.flops import count_macs
+from upernet_ref.perf.flops import count_macs
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

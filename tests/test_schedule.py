@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from upernet_ref.configs import TrainConfig, get_config
-from upernet_ref.schedule import (build_optimizer, build_scheduler, epochs_to_iters,
+from upernet_ref.training.schedule import (build_optimizer, build_scheduler, epochs_to_iters,
                                   iters_per_epoch, poly_lr)
 
 

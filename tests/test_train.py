@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from upernet_ref import distributed, runtime
-from upernet_ref import train as train_mod
+from upernet_ref.training import distributed
+
+from upernet_ref.training import runtime
+from upernet_ref.cli import train as train_cli
+from upernet_ref.training import trainer as train_mod
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
-from upernet_ref.distributed import batch_decomposition
-from upernet_ref.logs import read_log
+from upernet_ref.training.distributed import batch_decomposition
+from upernet_ref.training.logs import read_log
 from upernet_ref.model import build_model
-from upernet_ref.schedule import poly_lr
-from upernet_ref.train import NonFiniteLossError, train
+from upernet_ref.training.schedule import poly_lr
+from upernet_ref.training.trainer import NonFiniteLossError, train
 
 
 class TinyScenes(torch.utils.data.Dataset):
@@ -258,33 +261,33 @@ def test_global_batch_decomposition():
 
 
 def test_command_line(tmp_path, capsys):
-    pytest.importorskip("upernet_ref.transforms")
+    pytest.importorskip("upernet_ref.data.transforms")
     out = tmp_path / "cli"
-    code = train_mod.main(["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
+    code = train_cli.main(["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
                            "--no-progress", "--no-val", "--train.lr=0.02", "train.log_interval=1"])
     assert code == 0
     records = read_log(out / "log.jsonl")
     assert [r["iter"] for r in records] == [1, 2]
     assert records[0]["lr"] == pytest.approx(0.02)
     assert (out / "last.pt").exists() and (out / "config.json").exists()
-    assert train_mod.main(["--config", "upernet_small_test", "--train.lr=fast"]) == 2
+    assert train_cli.main(["--config", "upernet_small_test", "--train.lr=fast"]) == 2
     assert "train.lr is a float" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        train_mod.main(["--config", "upernet_small_test", "--bogus"])
+        train_cli.main(["--config", "upernet_small_test", "--bogus"])
 
 
 def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
     out = tmp_path / "cli"
     base = ["--config", "upernet_small_test", "--out", str(out), "--no-progress", "--no-val"]
-    assert train_mod.main(base + ["--max-iters", "4", "--data-root", str(tmp_path)]) == 0
+    assert train_cli.main(base + ["--max-iters", "4", "--data-root", str(tmp_path)]) == 0
     assert "--data-root" in capsys.readouterr().out  # not used by the demo data: said so
     # resuming beyond the new schedule's end
-    assert train_mod.main(base + ["--max-iters", "2", "--resume"]) == 1
+    assert train_cli.main(base + ["--max-iters", "2", "--resume"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "iteration 4" in err
     assert "--max-iters 4" in err and "Traceback" not in err
     # a weights file that does not exist
-    assert train_mod.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 1
+    assert train_cli.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1
 
@@ -292,14 +295,14 @@ def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys)
 def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
     import json
 
-    from upernet_ref.hardware import cpu_has_native_bf16
+    from upernet_ref.perf.hardware import cpu_has_native_bf16
     out = tmp_path / "fast"
     base = ["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
             "--no-progress", "--no-val", "--device", "cpu", "--fast"]
-    assert train_mod.main(base) == 0
+    assert train_cli.main(base) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == ("bf16" if cpu_has_native_bf16() else "none")
     assert saved["channels_last"] is True and saved["compile"] is False  # no compile on CPU
-    assert train_mod.main(base + ["--train.amp=none", "--train.channels_last=false"]) == 0
+    assert train_cli.main(base + ["--train.amp=none", "--train.channels_last=false"]) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == "none" and saved["channels_last"] is False  # explicit ones win

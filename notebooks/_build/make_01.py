@@ -17,7 +17,7 @@ In this notebook we
 3. read the bottleneck block and the two stems,
 4. tabulate the strides and dilations for output stride 8 / 16 / 32 ("contract dilation"),
 5. measure the feature-map sizes at 512x512,
-6. rebuild a small dilated ResNet by hand and check that it equals `upernet_ref.backbone.ResNet`,
+6. rebuild a small dilated ResNet by hand and check that it equals `upernet_ref.model.backbone.ResNet`,
 7. count the full-size R-50 / R-101 backbones.
 """),
 code(r"""
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from upernet_ref.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
+from upernet_ref.model.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
 from upernet_ref.model import count_parameters, randomize_batchnorm
 
 _ = torch.manual_seed(0)
@@ -381,7 +381,7 @@ for os_ in (8, 16, 32):
         ours, theirs = sketch(x), reference(x)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
-    print(f"os {os_:2d}: sketch == upernet_ref.backbone.ResNet, shapes {[tuple(f.shape[1:]) for f in ours]}")
+    print(f"os {os_:2d}: sketch == upernet_ref.model.backbone.ResNet, shapes {[tuple(f.shape[1:]) for f in ours]}")
 """),
 md(r"""
 ## 8. The full-size backbones
@@ -446,7 +446,7 @@ md(r"""
 - Output stride 8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4); output stride 16: strides
   (1, 2, 2, 1), dilations (1, 1, 1, 2). C2..C5 have 256, 512, 1024, 2048 channels.
 - At 512x512, os 8 gives C3 = C4 = C5 = 64x64; os 16 gives 64, 32, 32; os 32 gives 64, 32, 16.
-- Our hand-built backbone equals `upernet_ref.backbone.ResNet` for all three output strides.
+- Our hand-built backbone equals `upernet_ref.model.backbone.ResNet` for all three output strides.
 
 ## Exercises
 

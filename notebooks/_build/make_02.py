@@ -17,7 +17,7 @@ published models a 3x3 conv + BN + ReLU (the "bottleneck") fuses
 [C5, four branches] = 2048 + 4 x 512 = 4096 channels down to 512.
 
 We build it piece by piece: adaptive pooling, the branches, the upsampling, the concatenation
-and the bottleneck; then check our version against `upernet_ref.ppm.PyramidPooling` and count
+and the bottleneck; then check our version against `upernet_ref.model.ppm.PyramidPooling` and count
 the full-size module.
 """),
 code(r"""
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from upernet_ref.head import resize
+from upernet_ref.model.head import resize
 from upernet_ref.model import count_parameters, randomize_batchnorm
-from upernet_ref.ppm import ConvBNReLU, PyramidPooling
+from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,7 +154,7 @@ and channel: it needs a batch of at least 2, which is why the package's MAC coun
 ## 4. Upsampling back to the size of C5
 
 Every branch is bilinearly upsampled (`align_corners=False`, the convention throughout this
-model, `upernet_ref.head.resize`) to the size of C5, so the four context maps can be stacked on
+model, `upernet_ref.model.head.resize`) to the size of C5, so the four context maps can be stacked on
 the feature map. Here is what the four branches hand on, shown on the scene's brightness (with
 the 1x1 conv left out):
 """),
@@ -192,7 +192,7 @@ md(r"""
 
 Now the module in one piece. Its submodule names follow the package (`branches.K.conv`,
 `branches.K.bn`, `bottleneck.conv`, `bottleneck.bn`) so that `load_state_dict` copies the
-weights from `upernet_ref.ppm.PyramidPooling`. We give the reference's BatchNorm layers random
+weights from `upernet_ref.model.ppm.PyramidPooling`. We give the reference's BatchNorm layers random
 statistics first (fresh ones are the identity), and compare on an odd-sized map too (13x17: the
 3- and 6-bin poolings overlap).
 """),
@@ -288,7 +288,7 @@ md(r"""
 - Published size: 2048 -> 512, 4096 channels before the bottleneck, 23,073,792 parameters, of
   which 18,875,392 in the bottleneck.
 - Its output, at C5's resolution, is the top level of UPerNet's FPN (notebook 03).
-- Our `SketchPPM` equals `upernet_ref.ppm.PyramidPooling` in eval and train mode.
+- Our `SketchPPM` equals `upernet_ref.model.ppm.PyramidPooling` in eval and train mode.
 
 ## Exercises
 

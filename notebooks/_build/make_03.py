@@ -17,7 +17,7 @@ The four levels are then upsampled to 1/4 of the input, concatenated and fused b
 convolution (the paper's "fused feature map"), and a 1x1 classifier predicts the classes. An
 FCN head on C4 gives a second, auxiliary prediction during training only (PSPNet's deep
 supervision). We build each piece, check the hand-built head against
-`upernet_ref.head.UPerHead`, and then look at the whole model: parameters of the 12 published
+`upernet_ref.model.head.UPerHead`, and then look at the whole model: parameters of the 12 published
 configurations, GMACs, and outputs in train and eval mode.
 """),
 code(r"""
@@ -32,10 +32,10 @@ from torch import nn
 
 from upernet_ref.configs import (REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K, get_config,
                                  list_configs)
-from upernet_ref.flops import count_macs
-from upernet_ref.head import FCNHead, UPerHead, resize
+from upernet_ref.perf.flops import count_macs
+from upernet_ref.model.head import FCNHead, UPerHead, resize
 from upernet_ref.model import build_model, count_parameters, randomize_batchnorm
-from upernet_ref.ppm import ConvBNReLU, PyramidPooling
+from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -292,7 +292,7 @@ print(f"{'total':24s} {total:12,d}")
 md(r"""
 ## 9. Compute at 512x512
 
-`upernet_ref.flops.count_macs` runs the model on the `meta` device under PyTorch's FLOP counter
+`upernet_ref.perf.flops.count_macs` runs the model on the `meta` device under PyTorch's FLOP counter
 (convolutions only, as the published GMAC figures). In training mode the auxiliary head is
 counted too. The model card's figures (spec section 1) are printed beside ours.
 """),
@@ -351,7 +351,7 @@ md(r"""
 - Auxiliary FCN head on C4, training only: `{"out", "aux"}` in train mode, `{"out"}` in eval mode.
 - Parameters: 68,914,316 (R-50) and 87,906,444 (R-101) for ADE20K with the aux head, equal to the
   reference for all 12 configurations; 398 / 263 GMACs (R-50, os 8 / os 16) at 512x512 in eval mode.
-- Our hand-built head equals `upernet_ref.head.UPerHead`.
+- Our hand-built head equals `upernet_ref.model.head.UPerHead`.
 
 ## Exercises
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from upernet_ref import transforms as T
+from upernet_ref.data import transforms as T
 from upernet_ref.configs import get_config
-from upernet_ref.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # (nothing here needs it: data is CPU work)
@@ -114,13 +114,13 @@ cityscapes/                              Cityscapes fine: 19 evaluated classes
                                          (..._gtFine_labelTrainIds.png: precomputed 0..18, 255)
 ```
 
-`upernet_ref.datasets` reads all three with torchvision's decoders and turns the raw label
+`upernet_ref.data.datasets` reads all three with torchvision's decoders and turns the raw label
 values into training labels with one 256-entry look-up table per dataset. A raw value the table
 does not know is an error that names the file: labels are never clipped silently.
 """),
 code(r"""
-from upernet_ref.datasets import ADE20K, Cityscapes, VOCSegmentation, decode_label
-from upernet_ref.dataset_classes import CITYSCAPES_ID_TO_TRAIN_ID, VOC_PALETTE, label_lut
+from upernet_ref.data.datasets import ADE20K, Cityscapes, VOCSegmentation, decode_label
+from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, VOC_PALETTE, label_lut
 
 print(inspect.getsource(label_lut))
 """),

@@ -13,7 +13,7 @@ $$\mathcal{L} = 1.0\cdot \mathrm{CE}(\text{out}, y) + 0.4\cdot \mathrm{CE}(\text
 where $V$ is the set of pixels whose label is **not 255** (VOC object borders, ADE20K "other"
 after reduce-zero-label, Cityscapes void), "out" are the UPerNet logits and "aux" the logits
 of the FCN head on C4 (PSPNet's *deep supervision*, used for training only). mmsegmentation
-divides by *all* pixels instead of $|V|$; the reference recipe, and `upernet_ref.losses`, by
+divides by *all* pixels instead of $|V|$; the reference recipe, and `upernet_ref.training.losses`, by
 the valid ones.
 
 We build the loss by hand on a demo scene, check it against the package, and look at the two
@@ -27,11 +27,11 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from upernet_ref import losses
+from upernet_ref.training import losses
 from upernet_ref.configs import TrainConfig, get_config
 from upernet_ref.model import build_model
-from upernet_ref.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
-from upernet_ref.transforms import colorize, test_transform
+from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.data.transforms import colorize, test_transform
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"

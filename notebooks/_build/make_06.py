@@ -21,7 +21,7 @@ import inspect
 import matplotlib.pyplot as plt
 import torch
 
-from upernet_ref import schedule
+from upernet_ref.training import schedule
 from upernet_ref.configs import get_config, list_configs
 
 _ = torch.manual_seed(0)

@@ -17,7 +17,7 @@ validation set, computed with one precise protocol (spec section 4):
 
 In this notebook we build all of it by hand, with numpy, on a demo scene and a deliberately
 corrupted prediction, look at three pitfalls (ignore pixels, absent classes, per-image
-averaging) and finally check that the hand-built numbers equal `upernet_ref.metrics`.
+averaging) and finally check that the hand-built numbers equal `upernet_ref.evaluation.metrics`.
 """),
 code(r"""
 %matplotlib inline
@@ -28,9 +28,9 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-from upernet_ref import metrics
-from upernet_ref.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
-from upernet_ref.transforms import colorize
+from upernet_ref.evaluation import metrics
+from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.data.transforms import colorize
 
 _ = torch.manual_seed(0)
 rng = np.random.default_rng(0)
@@ -217,7 +217,7 @@ print(f"one matrix over the set: {miou_of(total):.4f}  (the protocol)")
 md(r"""
 ## 7. The package
 
-`upernet_ref.metrics` is the same computation in torch: `confusion_matrix` (one bincount, on
+`upernet_ref.evaluation.metrics` is the same computation in torch: `confusion_matrix` (one bincount, on
 the tensors' device), `summarize` (the metrics, NaN for absent classes), a `ConfusionMatrix`
 accumulator whose `reduce()` sums the matrices of all processes under `torch.distributed`
 (each GPU evaluates a shard of the split), and `format_table`.
@@ -256,7 +256,7 @@ md(r"""
 - Pixels labelled 255 are dropped before counting; labels outside the classes are errors.
 - Classes absent from both prediction and truth are NaN and left out of the means.
 - The published number is the mIoU of the summed matrix, not the mean of per-image mIoUs.
-- `upernet_ref.metrics` computes exactly the numbers built here by hand; `upernet eval` and
+- `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
   the trainer's validation use it (see notebook 09 for how the predictions are made).
 
 ## Exercises

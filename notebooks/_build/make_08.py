@@ -5,7 +5,7 @@ cells = [
 md(r"""
 # 08 · Training: the whole recipe, on a laptop
 
-`upernet_ref.train` runs the published recipe (spec section 3) on a CPU, one GPU or many:
+`upernet_ref.training.trainer` runs the published recipe (spec section 3) on a CPU, one GPU or many:
 one loop in which every process takes its part of the **global batch** (16, or 8 for
 Cityscapes), accumulates gradients over micro-batches when memory is short, checks the loss
 is finite, and takes one SGD step and one poly-schedule step. Here we run it end to end on the
@@ -24,12 +24,12 @@ import torch
 
 from upernet_ref import configs
 from upernet_ref.checkpoints import read_checkpoint_file
-from upernet_ref.demo import chance_miou, prediction_figure
-from upernet_ref.distributed import GlobalBatchOrder, batch_decomposition
-from upernet_ref.logs import plot_curves, read_log
+from upernet_ref.cli.demo import chance_miou, prediction_figure
+from upernet_ref.training.distributed import GlobalBatchOrder, batch_decomposition
+from upernet_ref.training.logs import plot_curves, read_log
 from upernet_ref.model import build_model
-from upernet_ref.synthetic import DemoScenes
-from upernet_ref.train import train
+from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.training.trainer import train
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,7 +143,7 @@ code(r"""
 # NBVAL_IGNORE_OUTPUT
 # (GPU only; times vary)
 if device == "cuda":
-    from upernet_ref.transforms import train_transform
+    from upernet_ref.data.transforms import train_transform
     real = configs.override(configs.get_config("upernet_r50_os8_ade20k"), {"train.log_interval": 1, "train.amp": "bf16"})
     scenes = DemoScenes("train", size=(384, 512), transform=train_transform(real.data))
     gpu_run = train(real, out_dir=Path(tempfile.mkdtemp()), device=device, stop_at=5,

@@ -16,7 +16,7 @@ are common and give different numbers (a frequent question in the peers' issue t
 - **multi-scale + flip** (test-time augmentation, TTA): the image at scales 0.5 ... 1.75 and
   mirrored, twelve views whose softmax probabilities are averaged.
 
-Here we run all of them with `upernet_ref.inference` on the same image, with a small model
+Here we run all of them with `upernet_ref.evaluation.inference` on the same image, with a small model
 trained for a few dozen iterations on the demo scenes, and compare what they cost (time, forward
 passes, multiply-accumulates) with what they change.
 """),
@@ -31,14 +31,16 @@ import torch
 from matplotlib.patches import Rectangle
 from torch.utils.flop_counter import FlopCounterMode
 
-from upernet_ref import build_model, get_config, inference
+from upernet_ref import build_model, get_config
+
+from upernet_ref.evaluation import inference
 from upernet_ref.configs import override
-from upernet_ref.evaluate import evaluate
-from upernet_ref.flops import count_macs
-from upernet_ref.losses import segmentation_loss
-from upernet_ref.schedule import build_optimizer, build_scheduler
-from upernet_ref.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
-from upernet_ref.transforms import colorize, denormalize, test_transform, train_transform
+from upernet_ref.evaluation.evaluate import evaluate
+from upernet_ref.perf.flops import count_macs
+from upernet_ref.training.losses import segmentation_loss
+from upernet_ref.training.schedule import build_optimizer, build_scheduler
+from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.data.transforms import colorize, denormalize, test_transform, train_transform
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"

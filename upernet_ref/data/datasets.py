@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from .dataset_classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
+from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                               CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
                               IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, describe_values, label_lut,
                               voc_colormap)
@@ -341,7 +341,7 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
     """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "demo");
     `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
     if cfg.data.dataset == "demo":
-        from .synthetic import DemoScenes
+        from upernet_ref.data.synthetic import DemoScenes
         return DemoScenes(split, transform=transform)
     if root is None:
         raise ValueError(f"dataset {cfg.data.dataset!r} needs its folder: --data-root DIR "

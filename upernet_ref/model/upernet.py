@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import ResNet
-from .configs import Config, ModelConfig, get_config
-from .head import FCNHead, UPerHead, resize
+from upernet_ref.model.backbone import ResNet
+from upernet_ref.configs import Config, ModelConfig, get_config
+from upernet_ref.model.head import FCNHead, UPerHead
+from upernet_ref.model.layers import resize
 
 
 class UPerNet(nn.Module):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import configs
-from .cli import positive_int
+from upernet_ref import configs
+from upernet_ref.cli.common import positive_int
 
 DEMO_CONFIG = "upernet_small_demo"
 DEMO_ITERS = 900  # 3x the recipe's 300: about a minute on 2 CPU cores, mIoU ~78% instead of ~66%
@@ -47,7 +47,7 @@ def how_to_run() -> str:
 
 def chance_miou(dataset, num_classes: int, seed: int = 0) -> float:
     """mIoU of uniformly random predictions on `dataset` (raw items): the level to beat."""
-    from .metrics import confusion_matrix, summarize
+    from upernet_ref.evaluation.metrics import confusion_matrix, summarize
 
     g = torch.Generator().manual_seed(seed)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -63,8 +63,8 @@ def prediction_figure(model: torch.nn.Module, dataset, cfg: configs.Config, coun
     """A matplotlib grid of `count` raw items: image | ground truth | prediction (palette colours)."""
     import matplotlib.pyplot as plt
 
-    from .inference import inference
-    from .transforms import colorize, test_transform
+    from upernet_ref.evaluation.inference import inference
+    from upernet_ref.data.transforms import colorize, test_transform
 
     transform = test_transform(cfg.data)
     model.eval()
@@ -116,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             parser.error(str(err))
 
-    from .evaluate import evaluate
-    from .metrics import format_table
-    from .synthetic import DemoScenes
-    from .train import train
+    from upernet_ref.evaluation.evaluate import evaluate
+    from upernet_ref.evaluation.metrics import format_table
+    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.training.trainer import train
 
     start = time.perf_counter()
     if not args.no_summary:
         print("The 12 published UPerNet configurations (parameters and GMACs computed from the models):\n")
-        from .summary import forward_once, print_summary
+        from upernet_ref.perf.configs_table import forward_once, print_summary
         print_summary()
         print()
         print(how_to_run())
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted:
         return 130
 
-    from .checkpoints import load_weights
-    from .distributed import resolve_device
-    from .model import build_model
+    from upernet_ref.checkpoints import load_weights
+    from upernet_ref.training.distributed import resolve_device
+    from upernet_ref.model.upernet import build_model
 
     model = build_model(cfg)
     load_weights(model, result.last_checkpoint)

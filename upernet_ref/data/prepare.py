@@ -35,8 +35,8 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from .dataset_classes import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, voc_colormap
-from .datasets import (DataError, SegmentationFiles, apply_lut, describe_values, label_lut,
+from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, voc_colormap
+from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, describe_values, label_lut,
                        read_image, read_label)
 
 

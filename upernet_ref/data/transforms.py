@@ -29,7 +29,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .configs import DataConfig
+from upernet_ref.configs import DataConfig
 
 IGNORE_COLOR = (255, 255, 255)  # how colorize draws label 255
 

@@ -5,15 +5,13 @@ device (no memory, no compute), so the table doubles as a check against the spec
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from .cli import parse_pair
-from .configs import REPORTED_PARAMS, get_config, list_configs
-from .flops import count_macs
-from .model import build_model, count_parameters
+from upernet_ref.configs import REPORTED_PARAMS, get_config, list_configs
+from upernet_ref.perf.flops import count_macs
+from upernet_ref.model.upernet import build_model, count_parameters
 
 
 def summary_rows(names: list[str] | None = None) -> list[dict]:
@@ -65,12 +63,12 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
         image: uint8 (3, H, W) RGB; by default a demo scene at the configuration's crop size.
         size: resize the image to this (H, W) first.
     """
-    from .transforms import test_transform  # the data side is imported only when used
+    from upernet_ref.data.transforms import test_transform  # the data side is imported only when used
 
     cfg = get_config(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if image is None:
-        from .synthetic import DemoScenes
+        from upernet_ref.data.synthetic import DemoScenes
         image, _ = DemoScenes("val", num_samples=1, size=size or cfg.data.crop_size)[0]
     x, _ = test_transform(cfg.data)(image, torch.zeros(image.shape[-2:], dtype=torch.int64))
     if size is not None:
@@ -85,23 +83,3 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
     return {"name": name, "input": tuple(batch.shape), "logits": tuple(logits.shape),
             "prediction_classes": int(logits.argmax(1).unique().numel()), "seconds": seconds,
             "device": str(device)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet configs", description=__doc__)
-    parser.add_argument("--forward", metavar="NAME", help="also run one forward pass of NAME")
-    parser.add_argument("--size", type=parse_pair, default=(512, 512),
-                        help="forward-pass input size HxW")
-    parser.add_argument("--device", default=None,
-                        help="device of the forward pass (default: cuda if available)")
-    args = parser.parse_args(argv)
-    print_summary()
-    if args.forward:
-        try:
-            get_config(args.forward)
-        except KeyError as err:
-            parser.error(str(err.args[0]))
-        r = forward_once(args.forward, size=args.size, device=args.device)
-        print(f"\n{r['name']}: input {r['input']} -> logits {r['logits']} on {r['device']} "
-              f"in {r['seconds']:.2f} s (random weights)")
-    return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .configs import TrainConfig
+from upernet_ref.configs import TrainConfig
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,

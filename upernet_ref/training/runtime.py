@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configs import Config
-from .losses import segmentation_loss
+from upernet_ref.configs import Config
+from upernet_ref.training.losses import segmentation_loss
 
 
 def seed_everything(seed: int) -> None:

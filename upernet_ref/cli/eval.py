@@ -1,142 +1,20 @@
-"""`upernet eval`: mIoU of a checkpoint on a split, with the published protocol (spec section 4).
-
-    upernet eval --config upernet_r50_os8_ade20k --checkpoint ckpt.pth --data-root data/ade
-    upernet eval --checkpoint runs/demo/last.pt            # config stored in the checkpoint
-    upernet eval ... --mode slide --scales 0.5,0.75,1,1.25,1.5,1.75 --flip
-
-`evaluate(model, dataset, cfg, ...)` is the programmatic API (the trainer calls it for periodic
-validation): every image is run through `inference.inference` at the test scale, its prediction
-compared with the label at the original size, and one confusion matrix is accumulated on the
-device over the whole split. With several processes (torchrun) each rank evaluates every
-`world_size`-th image and the matrices are summed before the metrics are computed.
-"""
+"""`upernet eval`: the command line of `upernet_ref.evaluation.evaluate`."""
 from __future__ import annotations
-
 import argparse
 import json
 import math
 import sys
-import time
 import typing
 from pathlib import Path
-
 import torch
-import torch.distributed as dist
 from torch import nn
-
-from . import configs
-from .configs import Config
-from .distributed import cleanup, init_distributed
-from .inference import inference
-from .cli import parse_pair, parse_scales, positive_int
-from .metrics import ConfusionMatrix, format_table
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _first(batch: list) -> typing.Any:  # DataLoader collate for batch_size=1, sizes vary
-    return batch[0]
-
-
-def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: bool,
-                      crop_size: tuple[int, int], stride: tuple[int, int],
-                      subset: tuple[int, int] | None = None) -> str:
-    """One sentence saying how the numbers were obtained (printed and stored with them).
-
-    `subset`: (images evaluated, images in the split) when only the first ones were.
-    """
-    long_side, short_side = cfg.data.base_scale
-    how = ("whole-image inference" if mode == "whole"
-           else f"sliding-window inference (crop {crop_size[0]}x{crop_size[1]}, "
-                f"stride {stride[0]}x{stride[1]})")
-    tta = ("single scale, no flip" if scales == (1.0,) and not flip
-           else f"scales {', '.join(f'{s:g}' for s in scales)}{' + flip' if flip else ''}, "
-                f"softmax averaged")
-    return (f"{how} on the image fitted to {long_side}x{short_side} (aspect kept), {tta}; "
-            f"logits resized to the label size, argmax; one confusion matrix over "
-            f"{'the split' if subset is None else f'the first {subset[0]} of {subset[1]} images'}, "
-            f"label {cfg.data.ignore_index} ignored; classes absent from prediction and label "
-            f"left out of the mean")
-
-
-def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
-             device: str | torch.device | None = None, mode: str | None = None,
-             scales: typing.Sequence[float] | None = None, flip: bool | None = None,
-             crop_size: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
-             progress: bool = True, num_workers: int | None = None,
-             limit: int | None = None) -> dict[str, typing.Any]:
-    """mIoU / mAcc / aAcc (fractions) and per-class IoU / Acc of `model` over `dataset`.
-
-    Args:
-        dataset: items `(image, mask)`; `image` either normalised by `test_transform` or raw
-            uint8 (then `test_transform(cfg.data)` is applied here); `mask` at the original size.
-        cfg: the configuration (`cfg.test` gives the defaults of mode / scales / flip / crop /
-            stride, `cfg.data` the ignore index and number of classes).
-        device: where to run (default: the model's device).
-        limit: evaluate only the first `limit` images (quick checks).
-
-    Returns the `metrics.summarize` dict plus `protocol` (a sentence), `mode`, `scales`, `flip`,
-    `num_images`, `seconds` and `classes` (when the dataset has them). The model's train/eval
-    mode and device are restored afterwards.
-    """
-    mode = mode or cfg.test.mode
-    scales = tuple(float(s) for s in (scales or cfg.test.scales))
-    flip = cfg.test.flip if flip is None else flip
-    crop_size = tuple(crop_size or cfg.test.crop_size)
-    stride = tuple(stride or cfg.test.stride)
-    param = next(model.parameters(), None)
-    model_device = param.device if param is not None else torch.device("cpu")
-    device = model_device if device is None else torch.device(device)
-    model_was_training = model.training
-    model.to(device).eval()
-
-    rank, world = _world()
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of images, got {limit}")
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    shard = torch.utils.data.Subset(dataset, range(rank, total, world))
-    workers = cfg.data.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers,
-                                         collate_fn=_first)
-    transform = None
-    num_classes = cfg.data.num_classes
-    cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device=device)
-    start = time.perf_counter()
-    items = loader
-    if progress and rank == 0:
-        from tqdm import tqdm
-        items = tqdm(loader, total=len(shard), desc=f"eval ({mode})", unit="img", leave=False)
-    try:
-        for image, mask in items:
-            if image.dtype == torch.uint8:  # a raw dataset: apply the published test pipeline
-                if transform is None:
-                    from .transforms import test_transform
-                    transform = test_transform(cfg.data)
-                image, mask = transform(image, mask)
-            probs = inference(model, image.to(device), cfg.test, out_size=tuple(mask.shape[-2:]),
-                              mode=mode, scales=scales, flip=flip, crop_size=crop_size,
-                              stride=stride)
-            cm.update(probs.argmax(1)[0], mask.to(device))
-    finally:
-        model.train(model_was_training).to(model_device)  # the caller's model as it was
-    cm.reduce()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    result = cm.summary()
-    result.update(
-        protocol=describe_protocol(cfg, mode, scales, flip, crop_size, stride,
-                                   None if total == len(dataset) else (total, len(dataset))),
-        mode=mode, scales=list(scales), flip=bool(flip), crop_size=list(crop_size),
-        stride=list(stride), num_images=total, seconds=time.perf_counter() - start,
-    )
-    classes = getattr(dataset, "classes", None)
-    if classes is not None:
-        result["classes"] = list(classes)
-    return result
+from upernet_ref import configs
+from upernet_ref.configs import Config
+from upernet_ref.training.distributed import cleanup, init_distributed
+from upernet_ref.cli.common import parse_pair, parse_scales, positive_int
+from upernet_ref.evaluation.metrics import format_table
+from upernet_ref.evaluation.evaluate import (_world, evaluate)
+from upernet_ref.evaluation.evaluate import __doc__ as _LIB_DOC
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,8 +42,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Config]:
     """Config (from --config or the checkpoint) and the model with the checkpoint's weights
     (the fast inference model for `device` with --fast)."""
-    from .checkpoints import load_weights, read_checkpoint_file
-    from .model import build_model
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
+    from upernet_ref.model.upernet import build_model
 
     path = Path(args.checkpoint)
     if not path.is_file():
@@ -182,7 +60,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     model = build_model(cfg)
     load_weights(model, state)
     if getattr(args, "fast", False):
-        from .fuse import fast_inference_model
+        from upernet_ref.perf.fast import fast_inference_model
         model = fast_inference_model(model, device)
     return model, cfg
 
@@ -214,7 +92,7 @@ def _jsonable(x: typing.Any) -> typing.Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet eval", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="upernet eval", description=_LIB_DOC.split("\n")[0])
     add_inference_arguments(parser)
     parser.add_argument("--data-root", help="dataset folder (not needed for the demo dataset)")
     parser.add_argument("--split", help="default: the config's validation split")
@@ -241,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, device: torch.device) -> int:
     try:
         model, cfg = load_model(args, device)
-        from .datasets import build_dataset
-        from .transforms import test_transform
+        from upernet_ref.data.datasets import build_dataset
+        from upernet_ref.data.transforms import test_transform
         split = args.split or cfg.data.val_split
         dataset = build_dataset(cfg, split, args.data_root, test_transform(cfg.data))
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:

@@ -20,19 +20,15 @@ that cannot be read is reported with its path and skipped; the exit status is th
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .configs import Config
-from .distributed import resolve_device
-from .evaluate import add_inference_arguments, load_model
-from .inference import inference
-from .transforms import overlay, test_transform
+from upernet_ref.configs import Config
+from upernet_ref.evaluation.inference import inference
+from upernet_ref.data.transforms import overlay, test_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -105,9 +101,9 @@ def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int
     """
     name, n = cfg.data.dataset, cfg.data.num_classes
     if name == "demo":
-        from .synthetic import DEMO_CLASSES as classes, DEMO_PALETTE as palette
+        from upernet_ref.data.synthetic import DEMO_CLASSES as classes, DEMO_PALETTE as palette
     elif name in ("voc", "ade20k", "cityscapes"):
-        from . import dataset_classes
+        from upernet_ref.data import classes as dataset_classes
         classes = getattr(dataset_classes, f"{name.upper()}_CLASSES")
         palette = getattr(dataset_classes, f"{name.upper()}_PALETTE")
     else:
@@ -147,63 +143,3 @@ def save_prediction(labels: torch.Tensor, image: torch.Tensor,
     blended = overlay(image, labels, palette, alpha)  # (3, H, W) uint8
     Image.fromarray(blended.permute(1, 2, 0).numpy()).save(paths[2], quality=90)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet predict", description=__doc__.split("\n")[0])
-    add_inference_arguments(parser)
-    parser.add_argument("--out", default="predictions",
-                        help="output folder (default: predictions) for NAME.png, NAME_color.png "
-                             "and NAME_overlay.jpg; images found in a folder keep their path "
-                             "inside it (pin/a/x.jpg -> OUT/a/x.png), images given as files go "
-                             "to its top; inputs that would write the same file are refused")
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
-    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image files, and folders searched recursively for images")
-    args = parser.parse_args(argv)
-
-    out_dir = Path(args.out)
-    images = find_images(args.inputs)
-    if not images:
-        print(f"upernet predict: error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
-    clashes = output_clashes(images, out_dir)
-    if clashes:
-        lines = "".join(f"\n  {out} <- {', '.join(map(str, paths))}" for out, paths in clashes)
-        print(f"upernet predict: error: these inputs would write the same output file, so "
-              f"nothing was predicted:{lines}\nGive the folder that holds them instead (its "
-              f"sub-folders are kept under --out), rename them, or predict them into separate "
-              f"--out folders.", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-        model, cfg = load_model(args, device)
-        classes, palette = class_names_and_palette(cfg)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        print(f"upernet predict: error: {error}", file=sys.stderr)
-        return 2
-    model.to(device).eval()
-    options = dict(mode=args.mode, scales=args.scales, flip=args.flip, crop_size=args.crop,
-                   stride=args.stride)
-    failed = []
-    for path, name in images:
-        try:
-            image = read_image(path)
-        except ValueError as error:
-            print(f"upernet predict: error: {error}", file=sys.stderr)
-            failed.append(path)
-            continue
-        labels = predict_image(model, image, cfg, device, **options)
-        written = save_prediction(labels, image, palette, out_dir, name, args.alpha)
-        print(f"{path} -> {written[0]}  {describe_prediction(labels, classes)}")
-    done = len(images) - len(failed)
-    print(f"{done} of {len(images)} images predicted into {out_dir}")
-    if failed:
-        print(f"upernet predict: {len(failed)} image(s) could not be read: "
-              f"{', '.join(str(p) for p in failed)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

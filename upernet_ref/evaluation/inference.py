@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import TestConfig
-from .head import resize
+from upernet_ref.configs import TestConfig
+from upernet_ref.model.head import resize
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

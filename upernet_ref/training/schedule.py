@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .configs import TrainConfig
+from upernet_ref.configs import TrainConfig
 
 
 def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float = 1e-4,

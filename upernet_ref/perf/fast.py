@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hardware import cpu_has_native_bf16
-from .runtime import autocast_to
+from upernet_ref.perf.hardware import cpu_has_native_bf16
+from upernet_ref.training.runtime import autocast_to
 
 
 @torch.no_grad()

@@ -19,11 +19,8 @@ eager model accepts can therefore be exported; what is not supported is a dynami
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,10 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import parse_pair, positive_int
-from .configs import get_config
-from .model import build_model
-from .ppm import PyramidPooling
+from upernet_ref.model.ppm import PyramidPooling
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -186,68 +180,3 @@ def export_torch(model: nn.Module, size: tuple[int, int], out: str | Path, batch
             exported = loaded(x).cpu().numpy()
         report.update({f"export_vs_eager_{k}": v for k, v in compare(eager, exported).items()})
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="configuration name (default: the one stored in "
-                        "--checkpoint; needed for published files and without a checkpoint)")
-    parser.add_argument("--checkpoint", help="weights to load (default: random initialisation)")
-    parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
-                        help="ONNX file or torch.export program (default: onnx)")
-    parser.add_argument("--size", type=parse_pair, default=None,
-                        help="static input HxW (default: the config's crop size)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="static batch size (default: 1)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
-    parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
-    args = parser.parse_args(argv)
-
-    from .checkpoints import CheckpointError, load_weights, read_checkpoint_file
-    from .configs import from_dict, list_configs
-    try:
-        state = read_checkpoint_file(args.checkpoint) if args.checkpoint else None
-        if args.config:
-            cfg = get_config(args.config)
-        elif isinstance(state, dict) and isinstance(state.get("config"), dict):
-            cfg = from_dict(state["config"])
-        else:
-            raise ValueError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
-                              if args.checkpoint else "pass a checkpoint or")
-                             + f" --config NAME (one of {', '.join(list_configs())})")
-        size = args.size or tuple(cfg.data.crop_size)
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
-        if state is not None:
-            load_weights(model, state)
-    except (CheckpointError, KeyError, ValueError) as err:
-        print(f"upernet export: error: {err}", file=sys.stderr)
-        return 2
-    expected = ".onnx" if args.format == "onnx" else ".pt2"
-    if not args.out.endswith(expected):
-        print(f"upernet export: note: --format {args.format} writes {expected} files; "
-              f"{args.out} keeps the name given", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        if args.format == "onnx":
-            report = export_onnx(model, size, args.out, args.batch, args.opset, not args.no_check)
-        else:
-            report = export_torch(model, size, args.out, args.batch, not args.no_check)
-    except ValueError as err:
-        print(f"upernet export: error: {err}", file=sys.stderr)
-        return 2
-    report["seconds"] = round(time.perf_counter() - start, 1)
-    print(f"exported {cfg.name} at {args.batch}x3x{size[0]}x{size[1]} -> {report['path']}")
-    for key, value in report.items():
-        if key != "path":
-            print(f"  {key}: {value:.3g}" if isinstance(value, float) else f"  {key}: {value}")
-    agreement = [v for k, v in report.items() if k.endswith("argmax_agreement")]
-    if agreement and min(agreement) < 0.999:
-        print("upernet export: the exported model disagrees with PyTorch on more than 0.1% of "
-              "pixels", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

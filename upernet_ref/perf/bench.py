@@ -37,26 +37,21 @@ What is measured (per configuration, input size and batch):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import statistics
-import sys
 import time
 import typing
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import parse_pair, positive_int
-from .configs import Config, get_config
-from .flops import count_macs
-from .fuse import FastSettings, default_fast_settings, error_summary, fast_inference_model
-from .hardware import device_peak_tflops, machine_info
-from .model import build_model
-from .runtime import autocast_to
+from upernet_ref.configs import Config
+from upernet_ref.perf.flops import count_macs
+from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_summary, fast_inference_model
+from upernet_ref.perf.hardware import device_peak_tflops, machine_info
+from upernet_ref.model.upernet import build_model
+from upernet_ref.training.runtime import autocast_to
 
 def model_flops_utilization(gmacs: float, images_per_s: float | None,
                             peak_tflops: float | None, factor: int = 1) -> float | None:
@@ -410,56 +405,3 @@ def format_table(result: dict[str, typing.Any]) -> str:
             lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")
     lines.append(f"memory: {result.get('memory_method', '')}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configuration name")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--batch", type=positive_int, default=1,
-                        help="images per batch (default: 1; a training step uses at least 2)")
-    parser.add_argument("--size", type=parse_pair, default=None,
-                        help="input HxW (default: the config's crop size)")
-    parser.add_argument("--mode", choices=("infer", "train", "both"), default="infer",
-                        help="time inference, a training step, or both (default: infer)")
-    parser.add_argument("--fast", action="store_true", help="also measure the fast path")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                        default="auto", help="fast path autocast dtype (auto: per device)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="fast path torch.compile (auto: per device)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed runs before timing (default: 1)")
-    parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="timed runs; the median is reported (default: 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's dense bf16/fp16 peak for MFU (default: hardware.PEAK_TFLOPS "
-                             "by device name)")
-    parser.add_argument("--json", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("upernet bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cfg = get_config(args.config)
-        result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
-                           args.warmup, args.repeats, args.dtype, args.compile,
-                           peak_tflops=args.peak_tflops)
-    except (ValueError, KeyError) as err:
-        print(f"upernet bench: error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,12 +20,10 @@ stop; a non-finite loss stops *before* the update, leaving the last good checkpo
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -35,19 +33,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import configs
-from .checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
-from .cli import positive_int
-from .configs import Config
-from .distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
+from upernet_ref import configs
+from upernet_ref.checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
+from upernet_ref.configs import Config
+from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
                           all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           batch_decomposition, cleanup, init_distributed, use_sync_bn)
-from .logs import RunLogger
-from .losses import segmentation_loss
-from .model import build_model
-from .runtime import (StopFlag, autocast, choose_per_device_batch, deterministic_mode, rng_state,
+from upernet_ref.training.logs import RunLogger
+from upernet_ref.training.losses import segmentation_loss
+from upernet_ref.model.upernet import build_model
+from upernet_ref.training.runtime import (StopFlag, autocast, choose_per_device_batch, deterministic_mode, rng_state,
                       seed_everything, set_rng_state)
-from .schedule import build_optimizer, build_scheduler
+from upernet_ref.training.schedule import build_optimizer, build_scheduler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,8 +67,8 @@ class TrainResult:
 
 def build_datasets(cfg: Config, data_root: str | None):
     """(train set with the published train pipeline, raw val set or None)."""
-    from .datasets import build_dataset
-    from .transforms import train_transform
+    from upernet_ref.data.datasets import build_dataset
+    from upernet_ref.data.transforms import train_transform
 
     train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data))
     try:
@@ -234,7 +231,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         nonlocal best_miou
         if not validate or val_dataset is None:
             return None
-        from .evaluate import evaluate
+        from upernet_ref.evaluation.evaluate import evaluate
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             res = evaluate(raw_model, val_dataset, cfg, dev, progress=False)  # RNG untouched
         record = {"kind": "val", "iter": iteration, "miou": res["miou"], "macc": res.get("macc"),
@@ -418,92 +415,3 @@ def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: i
         seed_everything(cfg.train.seed + 1000 * start + info.rank)
     say(f"resumed from {path} at iteration {start}")
     return start, float(ckpt.get("best_miou", -1.0))
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="upernet train", description=__doc__.split("\n\n")[0],
-        epilog="Any --section.field=value (e.g. --train.lr=0.02, --data.num_workers=8) overrides "
-               "the configuration, type-checked. Several GPUs or machines: start this command "
-               "with torchrun (see README).")
-    parser.add_argument("--config", required=True, help="configuration name (upernet configs)")
-    parser.add_argument("--data-root", default=None, help="dataset folder (not for the demo data)")
-    parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
-    parser.add_argument("--resume", nargs="?", const=True, default=False,
-                        help="continue from OUT/last.pt (or the given checkpoint)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--per-device-batch", type=positive_int, default=None,
-                        help="images per process per step (default: the largest that fits)")
-    parser.add_argument("--max-iters", type=positive_int, default=None,
-                        help="schedule length (default epochs x iterations per epoch)")
-    parser.add_argument("--stop-at", type=positive_int, default=None,
-                        help="stop with a checkpoint after this iteration (schedule unchanged)")
-    parser.add_argument("--weights", default=None, help="initialise the whole model (fine-tune)")
-    parser.add_argument("--backbone-weights", default=None,
-                        help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-val", action="store_true", help="skip periodic validation")
-    parser.add_argument("--fast", action="store_true",
-                        help="the fast training settings for the device (fast_train_overrides: "
-                             "bf16/fp16 autocast where the device is fast at it, channels_last, "
-                             "torch.compile on CUDA); explicit --train.* overrides still win")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        key = item[2:] if item.startswith("--") else item
-        if "=" not in key or "." not in key.split("=", 1)[0]:
-            parser.error(f"unrecognized argument {item!r} (overrides look like --train.lr=0.02)")
-        overrides.append(key)
-    return args, overrides
-
-
-def fast_train_overrides(device: str | None) -> list[str]:
-    """`--fast` for training: the choices of `fuse.default_fast_settings` for the device (the
-    same rules as the fast inference path, measured in docs/benchmarks.md) as config overrides."""
-    from .fuse import default_fast_settings
-    name = device if device not in (None, "", "auto") else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    settings = default_fast_settings(torch.device(name))
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[settings.dtype]
-    return [f"train.amp={amp}", f"train.channels_last={settings.channels_last}",
-            f"train.compile={settings.compile}"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.fast:  # the explicit overrides come after, so they win
-            overrides = fast_train_overrides(args.device) + overrides
-        cfg = configs.get_config(args.config, overrides)
-    except (KeyError, ValueError, TypeError) as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, args.data_root, args.out, args.resume, args.device,
-                       args.per_device_batch, args.max_iters, args.stop_at, args.weights,
-                       args.backbone_weights, progress=False if args.no_progress else None,
-                       validate=not args.no_val)
-    except NonFiniteLossError as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 3
-    except OSError as err:  # a file or folder that cannot be read or written: name it
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"upernet train: error: {where}{err.strerror or err}", file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError) as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 1
-    if result.interrupted:
-        return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result.iteration} iterations; checkpoint {result.last_checkpoint}; "
-              f"log {result.out_dir / 'log.jsonl'}; curves {result.out_dir / 'curves.png'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,15 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ConvBNReLU(nn.Sequential):
-    """conv (bias-free) -> BatchNorm -> ReLU; submodules `conv` and `bn` (mmseg's ConvModule)."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
+from upernet_ref.model.layers import ConvBNReLU, resize
 
 
 class PyramidPooling(nn.Module):
@@ -37,6 +29,5 @@ class PyramidPooling(nn.Module):
         outs = [x]
         for scale, branch in zip(self.pool_scales, self.branches):
             pooled = F.adaptive_avg_pool2d(x, scale)  # (B, 2048, s, s)
-            outs.append(F.interpolate(branch(pooled), size=size, mode="bilinear",
-                                      align_corners=False))  # (B, 512, h, w)
+            outs.append(resize(branch(pooled), size))  # (B, 512, h, w)
         return self.bottleneck(torch.cat(outs, dim=1))  # (B, 4096, h, w) -> (B, 512, h, w)

@@ -11,15 +11,10 @@ The FCN auxiliary head on C4 (training only; PSPNet's deep supervision) is `FCNH
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ppm import ConvBNReLU, PyramidPooling
-
-
-def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize with align_corners=False, the convention throughout this model."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+from upernet_ref.model.layers import ConvBNReLU, resize
+from upernet_ref.model.ppm import PyramidPooling
 
 
 class UPerHead(nn.Module):

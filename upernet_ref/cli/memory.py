@@ -1,0 +1,63 @@
+"""`upernet memory`: the command line of `upernet_ref.perf.memory`."""
+from __future__ import annotations
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from upernet_ref import configs
+from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
+from upernet_ref.perf.memory import __doc__ as _LIB_DOC
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upernet memory", description=_LIB_DOC.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=_LIB_DOC.split("\n\n", 2)[2])
+    from upernet_ref.cli.common import parse_pair, positive_int
+    parser.add_argument("--config", required=True,
+                        help="configuration name, or 'all' for the 12 published ones")
+    parser.add_argument("--batch", type=positive_int, default=None,
+                        help="images per device (default: the published per-GPU batch, the "
+                             "global batch over 8 GPUs: 2, or 1 for Cityscapes)")
+    parser.add_argument("--size", type=parse_pair, help="input HxW (default: the crop size)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16", "both"), default="both",
+                        help="autocast to estimate (default: both none and bf16)")
+    parser.add_argument("--memory-gb", type=float, default=80.0,
+                        help="also find the largest batch that fits in 85%% of this (default 80)")
+    parser.add_argument("--json", help="write the estimates to this JSON file")
+    args = parser.parse_args(argv)
+
+    names = list(configs.PUBLISHED) if args.config == "all" else [args.config]
+    amps = ("none", "bf16") if args.amp == "both" else (args.amp,)
+    try:
+        for name in names:
+            configs.get_config(name)
+    except (KeyError, ValueError) as err:
+        print(f"upernet memory: error: {err}", file=sys.stderr)
+        return 2
+    rows: list[dict[str, typing.Any]] = []
+    print(f"{'config':32s} {'amp':5s} {'input':>11s} {'weights':>8s} {'momentum':>9s} "
+          f"{'activ.':>8s} {'temp':>7s} {'total MB':>9s}   largest batch in {args.memory_gb:g} GB")
+    for name in names:
+        for amp in amps:
+            batch = args.batch or max(1, configs.get_config(name).train.batch_size // 8)
+            est = estimate_training_memory(name, batch, args.size, amp)
+            fit, fit_est = largest_batch(name, args.memory_gb, args.size, amp)
+            rows.append({**dataclasses.asdict(est), "memory_gb": args.memory_gb,
+                         "largest_batch": fit, "largest_batch_total_mb": fit_est.total_mb})
+            print(f"{name:32s} {amp:5s} {f'{est.batch}x{est.size[0]}x{est.size[1]}':>11s} "
+                  f"{est.weights_mb:8.0f} {est.optimizer_mb:9.0f} {est.activations_mb:8.0f} "
+                  f"{est.temporary_mb:7.0f} {est.total_mb:9.0f}   {fit} ({fit_est.total_mb:,.0f} MB)",
+                  flush=True)
+    print("estimates from fake tensors (no data): a lower bound; add ~0.5 GB of CUDA context, "
+          "workspaces and fragmentation (see upernet memory --help)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

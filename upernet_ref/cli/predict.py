@@ -1,0 +1,69 @@
+"""`upernet predict`: the command line of `upernet_ref.evaluation.predict`."""
+from __future__ import annotations
+import argparse
+import sys
+from pathlib import Path
+from upernet_ref.training.distributed import resolve_device
+from upernet_ref.cli.eval import add_inference_arguments, load_model
+from upernet_ref.evaluation.predict import (class_names_and_palette, describe_prediction, find_images, output_clashes, predict_image, read_image, save_prediction)
+from upernet_ref.evaluation.predict import __doc__ as _LIB_DOC
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="upernet predict", description=_LIB_DOC.split("\n")[0])
+    add_inference_arguments(parser)
+    parser.add_argument("--out", default="predictions",
+                        help="output folder (default: predictions) for NAME.png, NAME_color.png "
+                             "and NAME_overlay.jpg; images found in a folder keep their path "
+                             "inside it (pin/a/x.jpg -> OUT/a/x.png), images given as files go "
+                             "to its top; inputs that would write the same file are refused")
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files, and folders searched recursively for images")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out)
+    images = find_images(args.inputs)
+    if not images:
+        print(f"upernet predict: error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    clashes = output_clashes(images, out_dir)
+    if clashes:
+        lines = "".join(f"\n  {out} <- {', '.join(map(str, paths))}" for out, paths in clashes)
+        print(f"upernet predict: error: these inputs would write the same output file, so "
+              f"nothing was predicted:{lines}\nGive the folder that holds them instead (its "
+              f"sub-folders are kept under --out), rename them, or predict them into separate "
+              f"--out folders.", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        model, cfg = load_model(args, device)
+        classes, palette = class_names_and_palette(cfg)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
+        print(f"upernet predict: error: {error}", file=sys.stderr)
+        return 2
+    model.to(device).eval()
+    options = dict(mode=args.mode, scales=args.scales, flip=args.flip, crop_size=args.crop,
+                   stride=args.stride)
+    failed = []
+    for path, name in images:
+        try:
+            image = read_image(path)
+        except ValueError as error:
+            print(f"upernet predict: error: {error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        labels = predict_image(model, image, cfg, device, **options)
+        written = save_prediction(labels, image, palette, out_dir, name, args.alpha)
+        print(f"{path} -> {written[0]}  {describe_prediction(labels, classes)}")
+    done = len(images) - len(failed)
+    print(f"{done} of {len(images)} images predicted into {out_dir}")
+    if failed:
+        print(f"upernet predict: {len(failed)} image(s) could not be read: "
+              f"{', '.join(str(p) for p in failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

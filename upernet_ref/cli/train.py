@@ -1,0 +1,100 @@
+"""`upernet train`: the command line of `upernet_ref.training.trainer`."""
+from __future__ import annotations
+import argparse
+import os
+import signal
+import sys
+import torch
+from upernet_ref import configs
+from upernet_ref.cli.common import positive_int
+from upernet_ref.training.trainer import (NonFiniteLossError, train)
+from upernet_ref.training.trainer import __doc__ as _LIB_DOC
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="upernet train", description=_LIB_DOC.split("\n\n")[0],
+        epilog="Any --section.field=value (e.g. --train.lr=0.02, --data.num_workers=8) overrides "
+               "the configuration, type-checked. Several GPUs or machines: start this command "
+               "with torchrun (see README).")
+    parser.add_argument("--config", required=True, help="configuration name (upernet configs)")
+    parser.add_argument("--data-root", default=None, help="dataset folder (not for the demo data)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="continue from OUT/last.pt (or the given checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--per-device-batch", type=positive_int, default=None,
+                        help="images per process per step (default: the largest that fits)")
+    parser.add_argument("--max-iters", type=positive_int, default=None,
+                        help="schedule length (default epochs x iterations per epoch)")
+    parser.add_argument("--stop-at", type=positive_int, default=None,
+                        help="stop with a checkpoint after this iteration (schedule unchanged)")
+    parser.add_argument("--weights", default=None, help="initialise the whole model (fine-tune)")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-val", action="store_true", help="skip periodic validation")
+    parser.add_argument("--fast", action="store_true",
+                        help="the fast training settings for the device (fast_train_overrides: "
+                             "bf16/fp16 autocast where the device is fast at it, channels_last, "
+                             "torch.compile on CUDA); explicit --train.* overrides still win")
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        key = item[2:] if item.startswith("--") else item
+        if "=" not in key or "." not in key.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {item!r} (overrides look like --train.lr=0.02)")
+        overrides.append(key)
+    return args, overrides
+
+
+def fast_train_overrides(device: str | None) -> list[str]:
+    """`--fast` for training: the choices of `fuse.default_fast_settings` for the device (the
+    same rules as the fast inference path, measured in docs/benchmarks.md) as config overrides."""
+    from upernet_ref.perf.fast import default_fast_settings
+    name = device if device not in (None, "", "auto") else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    settings = default_fast_settings(torch.device(name))
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[settings.dtype]
+    return [f"train.amp={amp}", f"train.channels_last={settings.channels_last}",
+            f"train.compile={settings.compile}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.fast:  # the explicit overrides come after, so they win
+            overrides = fast_train_overrides(args.device) + overrides
+        cfg = configs.get_config(args.config, overrides)
+    except (KeyError, ValueError, TypeError) as err:
+        print(f"upernet train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = train(cfg, args.data_root, args.out, args.resume, args.device,
+                       args.per_device_batch, args.max_iters, args.stop_at, args.weights,
+                       args.backbone_weights, progress=False if args.no_progress else None,
+                       validate=not args.no_val)
+    except NonFiniteLossError as err:
+        print(f"upernet train: error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # a file or folder that cannot be read or written: name it
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"upernet train: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as err:
+        print(f"upernet train: error: {err}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result.iteration} iterations; checkpoint {result.last_checkpoint}; "
+              f"log {result.out_dir / 'log.jsonl'}; curves {result.out_dir / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
