@@ -1,7 +1,9 @@
 """Typed, frozen configurations: the 12 published UPerNet recipes and small CPU configs.
 
-Every number here comes from the published sssegmentation UPerNet model card, summarised in
-`shared/spec/UPERNET_SPEC.md` (sections 1-4). A configuration is four frozen dataclasses
+Every number here comes from the published sssegmentation UPerNet model card, summarised with
+its sources in `docs/SPEC.md` ("The 12 published results", "Training recipe", "Published
+figures"); where the paper's own setting differs, `docs/SPEC.md` ("Paper vs published recipe")
+says so. A configuration is four frozen dataclasses
 (model, data, train, test) bundled in a `Config`. The published recipes are named
 `upernet_r{50,101}_os{8,16}_{voc,ade20k,cityscapes}`; the small ones, for laptops, notebooks and
 tests, are `upernet_small_demo` and `upernet_small_test`.
@@ -49,7 +51,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What the data is and how the published pipelines transform it (spec sections 3 and 4)."""
+    """What the data is and how the published pipelines transform it (docs/SPEC.md, "Training recipe" and "Data on disk")."""
 
     dataset: str = "ade20k"  # voc, ade20k, cityscapes, folder, demo
     num_classes: int = 150
@@ -70,7 +72,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation recipe: SGD, poly schedule, CE + 0.4 x auxiliary CE (spec section 3)."""
+    """The optimisation recipe: SGD, poly schedule, CE + 0.4 x auxiliary CE (docs/SPEC.md, "Training recipe")."""
 
     batch_size: int = 16  # global batch, kept whatever the hardware
     epochs: int = 130
@@ -101,7 +103,7 @@ class TrainConfig:
 
     @property
     def max_iters(self) -> int:
-        """Total iterations: epochs x iterations per epoch (spec section 1)."""
+        """Total iterations: epochs x iterations per epoch (docs/SPEC.md, "The 12 published results")."""
         return self.epochs * self.iters_per_epoch
 
 
@@ -129,7 +131,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# The published recipes (spec section 1 and 3)
+# The published recipes (docs/SPEC.md, "The 12 published results" and "Training recipe")
 
 _DATASETS = {
     "voc": dict(
@@ -159,12 +161,18 @@ REPORTED_MIOU = {  # (depth, output_stride) -> mIoU, per dataset
     "cityscapes": {(50, 8): 79.08, (50, 16): 78.94, (101, 8): 80.39, (101, 16): 79.64},
 }
 
-# Reference parameter counts (BatchNorm, with the auxiliary head), spec section 1.
+# Reference parameter counts (BatchNorm, with the auxiliary head), docs/SPEC.md, "Published figures".
 REPORTED_PARAMS = {
     50: {"voc": 68_781_962, "ade20k": 68_914_316, "cityscapes": 68_779_910},
     101: {"voc": 87_774_090, "ade20k": 87_906_444, "cityscapes": 87_772_038},
 }
 REPORTED_PARAMS_NO_AUX_ADE20K = {50: 64_117_750, 101: 83_109_878}
+
+# Reference GMACs of one forward at 512x512 on ADE20K (docs/SPEC.md, "Published figures"):
+# (depth, output_stride) -> (without the auxiliary head, with it); None where not published.
+REPORTED_GMACS: dict[tuple[int, int], tuple[int | None, int]] = {
+    (50, 8): (398, 417), (50, 16): (263, 268), (101, 8): (None, 495), (101, 16): (None, 288),
+}
 
 
 def _published(depth: int, output_stride: int, dataset: str) -> Config:
