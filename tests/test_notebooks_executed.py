@@ -2,8 +2,7 @@
 
 `pytest --nbval` compares a notebook's stored outputs with a fresh run, so a notebook saved
 without outputs passes while checking nothing (shared/STYLE.md). This test closes that hole.
-Regenerate and execute a notebook with its script in `notebooks/_build/`, then
-`jupyter nbconvert --to notebook --execute --inplace NN_name.ipynb`.
+Execute a notebook from its jupytext source with `python notebooks/build.py NN`.
 """
 from __future__ import annotations
 

@@ -1,27 +1,40 @@
-"""Generate notebooks/02_pyramid_pooling.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 02 · The Pyramid Pooling Module
+# %% [markdown]
+# # 02 · The Pyramid Pooling Module
+#
+# Even a dilated ResNet-50 "sees" much less of the image than its theoretical receptive field
+# suggests (Zhou et al. 2015 measured the *empirical* receptive field to be far smaller). PSPNet
+# (Zhao et al., CVPR 2017, section 3.2) adds a **global context prior**: the last feature map is
+# average-pooled to 1x1, 2x2, 3x3 and 6x6 grids, each pooled map is projected by a 1x1 conv,
+# upsampled back and concatenated with the feature map itself.
+#
+# UPerNet (Xiao et al. 2018, section 3.1 and figure 3) puts this Pyramid Pooling Module (PPM) on
+# C5, the last backbone stage, and uses its output as the **top level of the FPN**. In the
+# published models a 3x3 conv + BN + ReLU (the "bottleneck") fuses
+# [C5, four branches] = 2048 + 4 x 512 = 4096 channels down to 512.
+#
+# We build it piece by piece: adaptive pooling, the branches, the upsampling, the concatenation
+# and the bottleneck; then check our version against `upernet_ref.model.ppm.PyramidPooling` and count
+# the full-size module.
 
-Even a dilated ResNet-50 "sees" much less of the image than its theoretical receptive field
-suggests (Zhou et al. 2015 measured the *empirical* receptive field to be far smaller). PSPNet
-(Zhao et al., CVPR 2017, section 3.2) adds a **global context prior**: the last feature map is
-average-pooled to 1x1, 2x2, 3x3 and 6x6 grids, each pooled map is projected by a 1x1 conv,
-upsampled back and concatenated with the feature map itself.
-
-UPerNet (Xiao et al. 2018, section 3.1 and figure 3) puts this Pyramid Pooling Module (PPM) on
-C5, the last backbone stage, and uses its output as the **top level of the FPN**. In the
-published models a 3x3 conv + BN + ReLU (the "bottleneck") fuses
-[C5, four branches] = 2048 + 4 x 512 = 4096 channels down to 512.
-
-We build it piece by piece: adaptive pooling, the branches, the upsampling, the concatenation
-and the bottleneck; then check our version against `upernet_ref.model.ppm.PyramidPooling` and count
-the full-size module.
-"""),
-code(r"""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import inspect
 import math
 
@@ -39,15 +52,16 @@ from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 full_size = device == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
-"""),
-md(r"""
-## 1. A feature map to look at
 
-Pooling is easiest to see on a picture. We draw a small outdoor scene (sky, sun, ground, a house
-and a tree) with numpy and use its brightness as a one-channel "feature map". A 64x64 map is
-exactly the size of C5 for a 512x512 input at output stride 8.
-"""),
-code(r"""
+
+# %% [markdown]
+# ## 1. A feature map to look at
+#
+# Pooling is easiest to see on a picture. We draw a small outdoor scene (sky, sun, ground, a house
+# and a tree) with numpy and use its brightness as a one-channel "feature map". A 64x64 map is
+# exactly the size of C5 for a 512x512 input at output stride 8.
+
+# %%
 def draw_scene(size: int = 64) -> np.ndarray:
     # A toy outdoor scene, float RGB in [0, 1], shape (size, size, 3).
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -77,15 +91,15 @@ axes[1].set_title("brightness = our feature map")
 for ax in axes:
     ax.axis("off")
 plt.show()
-"""),
-md(r"""
-## 2. Adaptive average pooling to 1, 2, 3, 6 bins
 
-`F.adaptive_avg_pool2d(x, s)` averages the map over an s x s grid of bins, whatever the input
-size. The 1x1 bin is the global average (the "image-level feature" of ParseNet / PSPNet); the
-6x6 one keeps a coarse layout: sky on top, ground below, the house on the left.
-"""),
-code(r"""
+# %% [markdown]
+# ## 2. Adaptive average pooling to 1, 2, 3, 6 bins
+#
+# `F.adaptive_avg_pool2d(x, s)` averages the map over an s x s grid of bins, whatever the input
+# size. The 1x1 bin is the global average (the "image-level feature" of ParseNet / PSPNet); the
+# 6x6 one keeps a coarse layout: sky on top, ground below, the house on the left.
+
+# %%
 pool_scales = (1, 2, 3, 6)
 pooled = {s: F.adaptive_avg_pool2d(feature, s) for s in pool_scales}
 for s, p in pooled.items():
@@ -100,14 +114,15 @@ for ax, (s, p) in zip(axes[1:], pooled.items()):
 for ax in axes:
     ax.axis("off")
 plt.show()
-"""),
-md(r"""
-The 1x1 and 2x2 maps keep the mean of the map exactly, the 3x3 and 6x6 ones do not: 64 pixels
-cannot be split into 3 or 6 equal bins. PyTorch's rule
-for bin *i* of *s* over *n* pixels is `[floor(i n / s), ceil((i + 1) n / s))`, so neighbouring
-bins **overlap** by one pixel when *s* does not divide *n*:
-"""),
-code(r"""
+
+
+# %% [markdown]
+# The 1x1 and 2x2 maps keep the mean of the map exactly, the 3x3 and 6x6 ones do not: 64 pixels
+# cannot be split into 3 or 6 equal bins. PyTorch's rule
+# for bin *i* of *s* over *n* pixels is `[floor(i n / s), ceil((i + 1) n / s))`, so neighbouring
+# bins **overlap** by one pixel when *s* does not divide *n*:
+
+# %%
 def bin_edges(n: int, s: int) -> list[tuple[int, int]]:
     return [(math.floor(i * n / s), math.ceil((i + 1) * n / s)) for i in range(s)]
 
@@ -124,41 +139,41 @@ x = torch.randn(2, 5, 64, 45)
 for s in pool_scales:
     torch.testing.assert_close(adaptive_avg_pool_by_hand(x, s), F.adaptive_avg_pool2d(x, s))
 print("hand-written adaptive pooling == F.adaptive_avg_pool2d for scales", pool_scales)
-"""),
-md(r"""
-(This is also why exporting the PPM to ONNX can be awkward: with overlapping bins the adaptive
-pooling is not one fixed-size `AveragePool`.)
 
-## 3. The branches: 1x1 conv + BN + ReLU
+# %% [markdown]
+# (This is also why exporting the PPM to ONNX can be awkward: with overlapping bins the adaptive
+# pooling is not one fixed-size `AveragePool`.)
+#
+# ## 3. The branches: 1x1 conv + BN + ReLU
+#
+# Each pooled map goes through its own 1x1 convolution (2048 -> 512 in the real model), BatchNorm
+# and ReLU. The package's building block is `ConvBNReLU`, the equivalent of mmsegmentation's
+# `ConvModule`:
 
-Each pooled map goes through its own 1x1 convolution (2048 -> 512 in the real model), BatchNorm
-and ReLU. The package's building block is `ConvBNReLU`, the equivalent of mmsegmentation's
-`ConvModule`:
-"""),
-code(r"""
+# %%
 print(inspect.getsource(ConvBNReLU))
-"""),
-code(r"""
+
+# %%
 c5 = torch.randn(2, 64, 8, 8)  # a small C5: 64 channels instead of 2048
 branches = nn.ModuleList(ConvBNReLU(64, 16, 1) for _ in pool_scales).eval()
 for s, branch in zip(pool_scales, branches):
     with torch.no_grad():
         y = branch(F.adaptive_avg_pool2d(c5, s))
     print(f"scale {s}: pool {tuple(c5.shape)} -> {(2, 64, s, s)} -> branch -> {tuple(y.shape)}")
-"""),
-md(r"""
-(In training mode the 1x1 branch's BatchNorm averages over the batch only, one value per image
-and channel: it needs a batch of at least 2, which is why the package's MAC counter uses
-`batch=2`.)
 
-## 4. Upsampling back to the size of C5
+# %% [markdown]
+# (In training mode the 1x1 branch's BatchNorm averages over the batch only, one value per image
+# and channel: it needs a batch of at least 2, which is why the package's MAC counter uses
+# `batch=2`.)
+#
+# ## 4. Upsampling back to the size of C5
+#
+# Every branch is bilinearly upsampled (`align_corners=False`, the convention throughout this
+# model, `upernet_ref.model.head.resize`) to the size of C5, so the four context maps can be stacked on
+# the feature map. Here is what the four branches hand on, shown on the scene's brightness (with
+# the 1x1 conv left out):
 
-Every branch is bilinearly upsampled (`align_corners=False`, the convention throughout this
-model, `upernet_ref.model.head.resize`) to the size of C5, so the four context maps can be stacked on
-the feature map. Here is what the four branches hand on, shown on the scene's brightness (with
-the 1x1 conv left out):
-"""),
-code(r"""
+# %%
 upsampled = {s: resize(p, feature.shape[-2:]) for s, p in pooled.items()}
 fig, axes = plt.subplots(1, 4, figsize=(11, 2.9))
 for ax, (s, u) in zip(axes, upsampled.items()):
@@ -168,15 +183,15 @@ for ax, (s, u) in zip(axes, upsampled.items()):
 plt.show()
 u = upsampled[1]
 print("1x1 branch is constant over the map:", torch.allclose(u, u[..., :1, :1].expand_as(u)))
-"""),
-md(r"""
-## 5. Concatenate and fuse: the bottleneck
 
-The feature map and the four upsampled branches are concatenated along channels, and a 3x3 conv
-+ BN + ReLU fuses them to `channels`: 2048 + 4 x 512 = 4096 -> 512 in the published model. The
-result has C5's spatial size and is the top of UPerNet's feature pyramid.
-"""),
-code(r"""
+# %% [markdown]
+# ## 5. Concatenate and fuse: the bottleneck
+#
+# The feature map and the four upsampled branches are concatenated along channels, and a 3x3 conv
+# + BN + ReLU fuses them to `channels`: 2048 + 4 x 512 = 4096 -> 512 in the published model. The
+# result has C5's spatial size and is the top of UPerNet's feature pyramid.
+
+# %%
 in_channels, channels = 64, 16
 stack = [c5] + [resize(branch(F.adaptive_avg_pool2d(c5, s)), c5.shape[-2:])
                 for s, branch in zip(pool_scales, branches)]
@@ -186,17 +201,18 @@ with torch.no_grad():
     top = bottleneck(cat)
 print("concatenated", tuple(cat.shape), f"= {in_channels} + {len(pool_scales)} x {channels} channels")
 print("bottleneck  ", tuple(top.shape))
-"""),
-md(r"""
-## 6. The whole PPM by hand, checked against the package
 
-Now the module in one piece. Its submodule names follow the package (`branches.K.conv`,
-`branches.K.bn`, `bottleneck.conv`, `bottleneck.bn`) so that `load_state_dict` copies the
-weights from `upernet_ref.model.ppm.PyramidPooling`. We give the reference's BatchNorm layers random
-statistics first (fresh ones are the identity), and compare on an odd-sized map too (13x17: the
-3- and 6-bin poolings overlap).
-"""),
-code(r"""
+
+# %% [markdown]
+# ## 6. The whole PPM by hand, checked against the package
+#
+# Now the module in one piece. Its submodule names follow the package (`branches.K.conv`,
+# `branches.K.bn`, `bottleneck.conv`, `bottleneck.bn`) so that `load_state_dict` copies the
+# weights from `upernet_ref.model.ppm.PyramidPooling`. We give the reference's BatchNorm layers random
+# statistics first (fresh ones are the identity), and compare on an odd-sized map too (13x17: the
+# 3- and 6-bin poolings overlap).
+
+# %%
 class SketchPPM(nn.Module):
     def __init__(self, in_channels: int, channels: int, pool_scales=(1, 2, 3, 6)):
         super().__init__()
@@ -222,15 +238,15 @@ for mode in ("eval", "train"):
         with torch.no_grad():
             torch.testing.assert_close(sketch(x), reference(x))
         print(f"{mode:5s} {shape} -> {tuple(sketch(x).shape)}: sketch == PyramidPooling")
-"""),
-md(r"""
-## 7. The full-size PPM
 
-`PyramidPooling(2048, 512)` as published, on the `meta` device (no memory, no compute). Nearly
-all of its 23 M parameters sit in the 3x3 bottleneck (4096 x 512 x 9); and since that conv runs
-at C5's resolution, output stride 8 makes it 4x as expensive as output stride 16.
-"""),
-code(r"""
+# %% [markdown]
+# ## 7. The full-size PPM
+#
+# `PyramidPooling(2048, 512)` as published, on the `meta` device (no memory, no compute). Nearly
+# all of its 23 M parameters sit in the 3x3 bottleneck (4096 x 512 x 9); and since that conv runs
+# at C5's resolution, output stride 8 makes it 4x as expensive as output stride 16.
+
+# %%
 with torch.device("meta"):
     ppm = PyramidPooling(2048, 512, (1, 2, 3, 6))
 parts = {f"branches.{k} (scale {s})": b for k, (s, b) in enumerate(zip(ppm.pool_scales, ppm.branches))}
@@ -242,8 +258,9 @@ print()
 for name, p in ppm.state_dict().items():
     if name.startswith(("branches.0.", "bottleneck.")) and not name.endswith("num_batches_tracked"):
         print(f"{name:28s} {tuple(p.shape)}")
-"""),
-code(r"""
+
+
+# %%
 def gmacs(module: nn.Module, x: torch.Tensor) -> float:
     # convolution multiply-accumulates of one forward pass, per image, in GMACs
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -257,14 +274,14 @@ for crop, os_ in (((512, 512), 8), ((512, 512), 16), ((512, 1024), 8), ((512, 10
     out = ppm.eval()(c5)
     print(f"{f'{crop[0]}x{crop[1]}, os {os_}':22s} {str(tuple(c5.shape)):>20s} "
           f"{str(tuple(out.shape)):>20s} {gmacs(ppm, c5):8.1f}")
-"""),
-md(r"""
-## 8. On this machine
 
-A real forward pass: the published 2048 -> 512 PPM on C5 of a 512x512 image at output stride 8
-on a GPU; a 256 -> 64 one on a 16x16 map on a CPU. What we print holds for both.
-"""),
-code(r"""
+# %% [markdown]
+# ## 8. On this machine
+#
+# A real forward pass: the published 2048 -> 512 PPM on C5 of a 512x512 image at output stride 8
+# on a GPU; a 256 -> 64 one on a 16x16 map on a CPU. What we print holds for both.
+
+# %%
 if full_size:
     ppm, c5 = PyramidPooling(2048, 512), torch.randn(2, 2048, 64, 64, device=device)
 else:
@@ -278,31 +295,26 @@ print("output channels == head width:", out.shape[1] == ppm.bottleneck.conv.out_
 print("global branch constant over the map:",
       torch.allclose(global_branch, global_branch[..., :1, :1].expand_as(global_branch)))
 print("output is non-negative (ends with ReLU):", bool((out >= 0).all()))
-"""),
-md(r"""
-## Summary
 
-- The PPM pools C5 to 1x1, 2x2, 3x3 and 6x6 (adaptive bins, overlapping when the size is not a
-  multiple of the scale), projects each with a 1x1 conv + BN + ReLU, upsamples bilinearly
-  (`align_corners=False`) to C5's size, concatenates with C5 and fuses with a 3x3 conv + BN + ReLU.
-- Published size: 2048 -> 512, 4096 channels before the bottleneck, 23,073,792 parameters, of
-  which 18,875,392 in the bottleneck.
-- Its output, at C5's resolution, is the top level of UPerNet's FPN (notebook 03).
-- Our `SketchPPM` equals `upernet_ref.model.ppm.PyramidPooling` in eval and train mode.
-
-## Exercises
-
-1. Remove the 1x1 branch (scales (2, 3, 6)). How many parameters does that save? What does the
-   network lose?
-2. Find a C5 size for which every bin of every scale has the same number of pixels. Which
-   input crop sizes give it at output stride 8 and 16?
-3. PSPNet (Zhao et al.) reduces each branch to 1/4 of the input channels (2048 -> 512) and
-   concatenates; UPerNet uses a fixed 512. Write the MAC count of the bottleneck as a function
-   of the C5 size and check it against `gmacs`.
-4. Replace `F.adaptive_avg_pool2d` by `F.avg_pool2d` with a fixed kernel and stride for a 64x64
-   C5. Are the outputs equal for scales 1 and 2? For 3 and 6?
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("02_pyramid_pooling.ipynb", cells))
+# %% [markdown]
+# ## Summary
+#
+# - The PPM pools C5 to 1x1, 2x2, 3x3 and 6x6 (adaptive bins, overlapping when the size is not a
+#   multiple of the scale), projects each with a 1x1 conv + BN + ReLU, upsamples bilinearly
+#   (`align_corners=False`) to C5's size, concatenates with C5 and fuses with a 3x3 conv + BN + ReLU.
+# - Published size: 2048 -> 512, 4096 channels before the bottleneck, 23,073,792 parameters, of
+#   which 18,875,392 in the bottleneck.
+# - Its output, at C5's resolution, is the top level of UPerNet's FPN (notebook 03).
+# - Our `SketchPPM` equals `upernet_ref.model.ppm.PyramidPooling` in eval and train mode.
+#
+# ## Exercises
+#
+# 1. Remove the 1x1 branch (scales (2, 3, 6)). How many parameters does that save? What does the
+#    network lose?
+# 2. Find a C5 size for which every bin of every scale has the same number of pixels. Which
+#    input crop sizes give it at output stride 8 and 16?
+# 3. PSPNet (Zhao et al.) reduces each branch to 1/4 of the input channels (2048 -> 512) and
+#    concatenates; UPerNet uses a fixed 512. Write the MAC count of the bottleneck as a function
+#    of the C5 size and check it against `gmacs`.
+# 4. Replace `F.adaptive_avg_pool2d` by `F.avg_pool2d` with a fixed kernel and stride for a 64x64
+#    C5. Are the outputs equal for scales 1 and 2? For 3 and 6?

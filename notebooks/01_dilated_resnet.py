@@ -1,27 +1,40 @@
-"""Generate notebooks/01_dilated_resnet.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 01 · The dilated ResNet backbone
+# %% [markdown]
+# # 01 · The dilated ResNet backbone
+#
+# UPerNet (Xiao et al. 2018, section 3 and figure 3) builds its feature pyramid on the four stage
+# outputs C2, C3, C4, C5 of a ResNet (He et al. 2016). The published models use ResNet-50/101
+# **"v1c"** (a deep stem of three 3x3 convolutions) and **dilated** convolutions in the last stages,
+# so that C5 stays at 1/8 (output stride 8) or 1/16 (output stride 16) of the input instead of 1/32.
+#
+# In this notebook we
+#
+# 1. look at one dilated 3x3 convolution,
+# 2. see how dilation grows the receptive field without losing resolution,
+# 3. read the bottleneck block and the two stems,
+# 4. tabulate the strides and dilations for output stride 8 / 16 / 32 ("contract dilation"),
+# 5. measure the feature-map sizes at 512x512,
+# 6. rebuild a small dilated ResNet by hand and check that it equals `upernet_ref.model.backbone.ResNet`,
+# 7. count the full-size R-50 / R-101 backbones.
 
-UPerNet (Xiao et al. 2018, section 3 and figure 3) builds its feature pyramid on the four stage
-outputs C2, C3, C4, C5 of a ResNet (He et al. 2016). The published models use ResNet-50/101
-**"v1c"** (a deep stem of three 3x3 convolutions) and **dilated** convolutions in the last stages,
-so that C5 stays at 1/8 (output stride 8) or 1/16 (output stride 16) of the input instead of 1/32.
-
-In this notebook we
-
-1. look at one dilated 3x3 convolution,
-2. see how dilation grows the receptive field without losing resolution,
-3. read the bottleneck block and the two stems,
-4. tabulate the strides and dilations for output stride 8 / 16 / 32 ("contract dilation"),
-5. measure the feature-map sizes at 512x512,
-6. rebuild a small dilated ResNet by hand and check that it equals `upernet_ref.model.backbone.ResNet`,
-7. count the full-size R-50 / R-101 backbones.
-"""),
-code(r"""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import inspect
 
 import matplotlib.pyplot as plt
@@ -36,15 +49,15 @@ from upernet_ref.model import count_parameters, randomize_batchnorm
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 full_size = device == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
-"""),
-md(r"""
-## 1. A dilated 3x3 convolution
 
-A convolution with dilation *d* samples its 3x3 inputs *d* pixels apart: the same nine weights
-cover a (2d+1)x(2d+1) footprint ("atrous" convolution in DeepLab, Chen et al. 2017; "dilated"
-convolution in Yu & Koltun 2016). With `padding=d` the output keeps the input's size.
-"""),
-code(r"""
+# %% [markdown]
+# ## 1. A dilated 3x3 convolution
+#
+# A convolution with dilation *d* samples its 3x3 inputs *d* pixels apart: the same nine weights
+# cover a (2d+1)x(2d+1) footprint ("atrous" convolution in DeepLab, Chen et al. 2017; "dilated"
+# convolution in Yu & Koltun 2016). With `padding=d` the output keeps the input's size.
+
+# %%
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
 for ax, d in zip(axes, (1, 2, 4)):
     grid = np.zeros((11, 11))
@@ -58,12 +71,12 @@ for ax, d in zip(axes, (1, 2, 4)):
     ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
     ax.set_title(f"dilation {d}: 9 taps over {2 * d + 1}x{2 * d + 1}")
 plt.show()
-"""),
-md(r"""
-A dilated 3x3 convolution is an ordinary (2d+1)x(2d+1) convolution whose kernel has *d - 1*
-zeros between the taps. Let's check that with PyTorch:
-"""),
-code(r"""
+
+# %% [markdown]
+# A dilated 3x3 convolution is an ordinary (2d+1)x(2d+1) convolution whose kernel has *d - 1*
+# zeros between the taps. Let's check that with PyTorch:
+
+# %%
 d = 2
 conv = nn.Conv2d(1, 1, 3, padding=d, dilation=d, bias=False)
 x = torch.randn(1, 1, 12, 12)
@@ -75,18 +88,19 @@ with torch.no_grad():
 torch.testing.assert_close(y_dilated, y_sparse)
 print("input", tuple(x.shape), "-> output", tuple(y_dilated.shape))
 print(f"dilated 3x3 == {2 * d + 1}x{2 * d + 1} kernel with zeros between the taps")
-"""),
-md(r"""
-## 2. Dilation grows the receptive field
 
-The *receptive field* of an output pixel is the set of input pixels that can change it. We can
-measure it: the gradient of one output pixel with respect to the input is non-zero exactly there.
-Three stacked 3x3 convolutions see 7x7 pixels; with dilations 1, 2, 4 they see 15x15
-(exponential growth, Yu & Koltun), with the same 27 weights and no loss of resolution.
-Dilations 2, 2, 2 show the price: a checkerboard of pixels that are never looked at
-("gridding", Wang et al. 2018).
-"""),
-code(r"""
+
+# %% [markdown]
+# ## 2. Dilation grows the receptive field
+#
+# The *receptive field* of an output pixel is the set of input pixels that can change it. We can
+# measure it: the gradient of one output pixel with respect to the input is non-zero exactly there.
+# Three stacked 3x3 convolutions see 7x7 pixels; with dilations 1, 2, 4 they see 15x15
+# (exponential growth, Yu & Koltun), with the same 27 weights and no loss of resolution.
+# Dilations 2, 2, 2 show the price: a checkerboard of pixels that are never looked at
+# ("gridding", Wang et al. 2018).
+
+# %%
 def gradient_footprint(dilations: tuple[int, ...], size: int = 33) -> torch.Tensor:
     # |d out[centre] / d input| through stacked 3x3 convs with all-ones weights
     layers = [nn.Conv2d(1, 1, 3, padding=d, dilation=d, bias=False) for d in dilations]
@@ -108,8 +122,8 @@ footprints = {s: gradient_footprint(s) for s in stacks}
 for s, g in footprints.items():
     print(f"dilations {s}: receptive field {extent(g)}x{extent(g)}, "
           f"pixels used {int((g != 0).sum())}")
-"""),
-code(r"""
+
+# %%
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
 for ax, (s, g) in zip(axes, footprints.items()):
     ax.imshow(g.numpy(), cmap="magma")
@@ -117,20 +131,21 @@ for ax, (s, g) in zip(axes, footprints.items()):
     ax.axis("off")
 fig.suptitle("gradient of the centre output pixel w.r.t. the input")
 plt.show()
-"""),
-md(r"""
-The analytic rule, layer by layer: with *jump* j (the product of all strides so far),
 
-$$r_\text{out} = r_\text{in} + (k - 1)\, d\, j, \qquad j_\text{out} = j \cdot s.$$
 
-A stride multiplies the step of *every later layer*; a dilation only that of its own layer. So
-removing a stride of 2 and doubling the dilation of every later 3x3 convolution leaves the
-receptive field of every pixel unchanged, while the feature map keeps 2x the resolution. This is
-how DeepLab and PSPNet reuse ImageNet weights at output stride 8.
+# %% [markdown]
+# The analytic rule, layer by layer: with *jump* j (the product of all strides so far),
+#
+# $$r_\text{out} = r_\text{in} + (k - 1)\, d\, j, \qquad j_\text{out} = j \cdot s.$$
+#
+# A stride multiplies the step of *every later layer*; a dilation only that of its own layer. So
+# removing a stride of 2 and doubling the dilation of every later 3x3 convolution leaves the
+# receptive field of every pixel unchanged, while the feature map keeps 2x the resolution. This is
+# how DeepLab and PSPNet reuse ImageNet weights at output stride 8.
+#
+# We walk a ResNet's main path (the shortcut branches only see less) and apply the rule:
 
-We walk a ResNet's main path (the shortcut branches only see less) and apply the rule:
-"""),
-code(r"""
+# %%
 def receptive_field(model: nn.Module) -> list[tuple[str, int, int]]:
     # (module name, receptive field, jump) after each conv / pool on the main path
     rf, jump, rows = 1, 1, []
@@ -156,14 +171,14 @@ for k, rows in rfs.items():
     for name, rf, jump in rows:
         ends["stem+pool" if not name.startswith("layer") else name.split(".")[0]] = (rf, jump)
     print(f"{k:18s}" + "".join(f"{f'{rf} px /{jump:>3d}':>14s}" for rf, jump in ends.values()))
-"""),
-md(r"""
-(Each entry is *receptive field / jump*; the jump is the stride of that stage's output.) Output stride 8, 16 and 32 have **the same** receptive
-field at every stage: dilation exactly replaces the removed strides. Without contract dilation
-(every block of a dilated stage at the full dilation) the receptive field grows beyond that of
-the ImageNet network the weights were trained in.
-"""),
-code(r"""
+
+# %% [markdown]
+# (Each entry is *receptive field / jump*; the jump is the stride of that stage's output.) Output stride 8, 16 and 32 have **the same** receptive
+# field at every stage: dilation exactly replaces the removed strides. Without contract dilation
+# (every block of a dilated stage at the full dilation) the receptive field grows beyond that of
+# the ImageNet network the weights were trained in.
+
+# %%
 assert rfs["os 8"][-1][1] == rfs["os 16"][-1][1] == rfs["os 32"][-1][1]
 assert rfs["os 8, no contract"][-1][1] > rfs["os 8"][-1][1]
 fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -174,18 +189,18 @@ ax.set_ylabel("receptive field (pixels)")
 ax.set_title("ResNet-50: theoretical receptive field")
 ax.legend()
 plt.show()
-"""),
-md(r"""
-## 3. The bottleneck block
 
-ResNet-50/101 stack *bottleneck* blocks: 1x1 reduce -> 3x3 -> 1x1 expand (x4), plus a shortcut.
-The v1c / "pytorch style" block puts the stride (and the dilation) on the 3x3 convolution; the
-shortcut becomes a strided 1x1 conv + BN when the shape changes. Here is the package's code:
-"""),
-code(r"""
+# %% [markdown]
+# ## 3. The bottleneck block
+#
+# ResNet-50/101 stack *bottleneck* blocks: 1x1 reduce -> 3x3 -> 1x1 expand (x4), plus a shortcut.
+# The v1c / "pytorch style" block puts the stride (and the dilation) on the 3x3 convolution; the
+# shortcut becomes a strided 1x1 conv + BN when the shape changes. Here is the package's code:
+
+# %%
 print(inspect.getsource(Bottleneck))
-"""),
-code(r"""
+
+# %%
 x = torch.randn(2, 256, 16, 16)
 examples = {
     "identity (256 -> 64 -> 256)": Bottleneck(256, 64),
@@ -198,19 +213,19 @@ for name, block in examples.items():
     with torch.no_grad():
         y = block.eval()(x)
     print(f"{name:30s} {tuple(x.shape)} -> {tuple(y.shape)}, {count_parameters(block):,} params")
-"""),
-md(r"""
-The dilated block keeps 16x16 and has exactly the parameters of the plain one: dilation is free
-in parameters, and costs compute only through the larger feature maps that follow.
 
-## 4. Two stems: deep (v1c) and plain (7x7)
+# %% [markdown]
+# The dilated block keeps 16x16 and has exactly the parameters of the plain one: dilation is free
+# in parameters, and costs compute only through the larger feature maps that follow.
+#
+# ## 4. Two stems: deep (v1c) and plain (7x7)
+#
+# The stem brings the image to 1/4 before `layer1`. The published models use the v1c *deep* stem:
+# three 3x3 convolutions (3 -> 32 -> 32 -> 64, the first with stride 2), then a 3x3 max pool with
+# stride 2. torchvision's ImageNet ResNets use one 7x7/2 convolution instead; the package keeps it
+# as `stem="plain"` (same module names as torchvision) so those weights fit.
 
-The stem brings the image to 1/4 before `layer1`. The published models use the v1c *deep* stem:
-three 3x3 convolutions (3 -> 32 -> 32 -> 64, the first with stride 2), then a 3x3 max pool with
-stride 2. torchvision's ImageNet ResNets use one 7x7/2 convolution instead; the package keeps it
-as `stem="plain"` (same module names as torchvision) so those weights fit.
-"""),
-code(r"""
+# %%
 stems = {}
 for stem in ("deep", "plain"):
     net = ResNet(50, stem=stem)
@@ -223,18 +238,19 @@ for stem in ("deep", "plain"):
     print(f"{stem:5s} stem: {n:6,d} params, receptive field after the max pool {rf:2d} px, "
           f"C2 of a 64x64 image {tuple(c2.shape)}")
 print(stems["deep"].stem)
-"""),
-md(r"""
-The deep stem has 3x the parameters of the 7x7 one (still tiny next to the 23 M of the whole
-backbone) and sees a larger neighbourhood through three non-linearities.
 
-## 5. Strides and dilations for output stride 8, 16, 32
 
-The rule: walk the four stages with their ImageNet strides (1, 2, 2, 2); once the output stride is
-reached, every further stride becomes a dilation instead. Let's derive the package's table from
-that rule:
-"""),
-code(r"""
+# %% [markdown]
+# The deep stem has 3x the parameters of the 7x7 one (still tiny next to the 23 M of the whole
+# backbone) and sees a larger neighbourhood through three non-linearities.
+#
+# ## 5. Strides and dilations for output stride 8, 16, 32
+#
+# The rule: walk the four stages with their ImageNet strides (1, 2, 2, 2); once the output stride is
+# reached, every further stride becomes a dilation instead. Let's derive the package's table from
+# that rule:
+
+# %%
 def strides_and_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     strides, dilations, current, dilation = [], [], 4, 1  # the stem leaves us at 1/4
     for s in (1, 2, 2, 2):
@@ -253,15 +269,16 @@ for os_ in (8, 16, 32):
     assert strides_and_dilations(os_) == STRIDES_DILATIONS[os_]
     s, d = STRIDES_DILATIONS[os_]
     print(f"{os_:14d}  {str(s):>14s}  {str(d):>16s}")
-"""),
-md(r"""
-**Contract dilation** (as in mmsegmentation / sssegmentation): the first block of a dilated stage
-uses half the stage's dilation. That first block is the one that had the stride in the ImageNet
-network, and its 3x3 convolution ran *before* the stride took effect, so its taps were one
-(old) pixel apart: dilation/2 reproduces exactly that geometry (section 2 above). Here are the
-dilations of every 3x3 conv of the real R-50 and R-101, read back from the built modules:
-"""),
-code(r"""
+
+
+# %% [markdown]
+# **Contract dilation** (as in mmsegmentation / sssegmentation): the first block of a dilated stage
+# uses half the stage's dilation. That first block is the one that had the stride in the ImageNet
+# network, and its 3x3 convolution ran *before* the stride took effect, so its taps were one
+# (old) pixel apart: dilation/2 reproduces exactly that geometry (section 2 above). Here are the
+# dilations of every 3x3 conv of the real R-50 and R-101, read back from the built modules:
+
+# %%
 def block_dilations(net: ResNet) -> dict[str, list[int]]:
     return {f"layer{i}": [b.conv2.dilation[0] for b in getattr(net, f"layer{i}")] for i in (1, 2, 3, 4)}
 
@@ -276,15 +293,15 @@ with torch.device("meta"):
                 l3 = str(l3) if len(l3) < 7 else f"[{', '.join(map(str, l3[:3]))}, ... ({len(l3)} blocks)]"
                 print(f"R-{depth:<3d} os {os_:2d} contract={contract!s:5s}  "
                       f"layer3 {l3}  layer4 {dil['layer4']}")
-"""),
-md(r"""
-## 6. Feature-map sizes at 512x512
 
-On the `meta` device a forward pass computes only shapes, so the full R-50 at 512x512 costs
-nothing. Output stride 8 keeps C3, C4, C5 all at 64x64, which is why the dilated network is both
-more accurate and much more expensive (C5 alone holds 2048 x 64 x 64 floats per image).
-"""),
-code(r"""
+# %% [markdown]
+# ## 6. Feature-map sizes at 512x512
+#
+# On the `meta` device a forward pass computes only shapes, so the full R-50 at 512x512 costs
+# nothing. Output stride 8 keeps C3, C4, C5 all at 64x64, which is why the dilated network is both
+# more accurate and much more expensive (C5 alone holds 2048 x 64 x 64 floats per image).
+
+# %%
 shapes = {}
 with torch.device("meta"):
     for os_ in (8, 16, 32):
@@ -293,8 +310,8 @@ with torch.device("meta"):
 print(f"{'R-50, 512x512':14s}" + "".join(f"{c:>22s}" for c in ("C2", "C3", "C4", "C5")))
 for os_, s in shapes.items():
     print(f"{f'os {os_}':14s}" + "".join(f"{str(t):>22s}" for t in s))
-"""),
-code(r"""
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
 xs = np.arange(4)
 for i, (os_, s) in enumerate(shapes.items()):
@@ -307,16 +324,17 @@ for ax, title in zip(axes, ("feature-map side (pixels)", "activation size (MiB p
     ax.set_title(title)
     ax.legend()
 plt.show()
-"""),
-md(r"""
-## 7. A small dilated ResNet by hand
 
-Now the whole backbone, written from the pieces above: a bottleneck, a stage that applies the
-stride and the (contracted) dilation to its first block, and the deep stem. The module names
-follow the package (`stem.0`, `layer3.1.conv2`, `layer2.0.downsample.0`, ...) so that one
-`load_state_dict` copies the weights.
-"""),
-code(r"""
+
+# %% [markdown]
+# ## 7. A small dilated ResNet by hand
+#
+# Now the whole backbone, written from the pieces above: a bottleneck, a stage that applies the
+# stride and the (contracted) dilation to its first block, and the deep stem. The module names
+# follow the package (`stem.0`, `layer3.1.conv2`, `layer2.0.downsample.0`, ...) so that one
+# `load_state_dict` copies the weights.
+
+# %%
 class SketchBottleneck(nn.Module):
     def __init__(self, cin: int, planes: int, stride: int, dilation: int):
         super().__init__()
@@ -363,13 +381,14 @@ class SketchResNet(nn.Module):
             x = getattr(self, f"layer{i}")(x)
             features.append(x)
         return features  # [C2, C3, C4, C5]
-"""),
-md(r"""
-To make the comparison meaningful, the package's BatchNorm layers get random statistics and
-affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
-so a mis-wired BN would go unnoticed), and both networks run in eval mode:
-"""),
-code(r"""
+
+
+# %% [markdown]
+# To make the comparison meaningful, the package's BatchNorm layers get random statistics and
+# affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
+# so a mis-wired BN would go unnoticed), and both networks run in eval mode:
+
+# %%
 x = torch.randn(2, 3, 64, 64, device=device)
 for os_ in (8, 16, 32):
     reference = ResNet(50, output_stride=os_, blocks=(1, 1, 2, 2), base_width=8, stem_width=8)
@@ -382,15 +401,15 @@ for os_ in (8, 16, 32):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
     print(f"os {os_:2d}: sketch == upernet_ref.model.backbone.ResNet, shapes {[tuple(f.shape[1:]) for f in ours]}")
-"""),
-md(r"""
-## 8. The full-size backbones
 
-The real R-50 / R-101 (backbone only, no classifier), counted on the `meta` device. The plain-stem
-R-50 must have exactly torchvision's `resnet50` parameters minus its ImageNet classifier `fc`,
-with the same names.
-"""),
-code(r"""
+# %% [markdown]
+# ## 8. The full-size backbones
+#
+# The real R-50 / R-101 (backbone only, no classifier), counted on the `meta` device. The plain-stem
+# R-50 must have exactly torchvision's `resnet50` parameters minus its ImageNet classifier `fc`,
+# with the same names.
+
+# %%
 import torchvision
 
 with torch.device("meta"):
@@ -406,23 +425,23 @@ tv_no_fc = count_parameters(tv) - count_parameters(tv.fc)
 print(f"{'torchvision resnet50 - fc':22s} {tv_no_fc:12,d}")
 assert counts[50, "plain"] == tv_no_fc
 assert set(plain.state_dict()) == {k for k in tv.state_dict() if not k.startswith("fc.")}
-"""),
-code(r"""
+
+# %%
 with torch.device("meta"):
     for depth in (50, 101):
         for os_ in (8, 16):
             net = ResNet(depth, output_stride=os_)
             feats = net(torch.zeros(2, 3, 512, 512))
             print(f"R-{depth:<3d} os {os_:2d}: " + ", ".join(str(tuple(f.shape)) for f in feats))
-"""),
-md(r"""
-## 9. On this machine
 
-A real forward pass: the full R-50 at 512x512 on a GPU, a narrow one at 64x64 on a CPU. What we
-print does not depend on which: the stride of each stage relative to the input, and the
-channel multiple of the base width.
-"""),
-code(r"""
+# %% [markdown]
+# ## 9. On this machine
+#
+# A real forward pass: the full R-50 at 512x512 on a GPU, a narrow one at 64x64 on a CPU. What we
+# print does not depend on which: the stride of each stage relative to the input, and the
+# channel multiple of the base width.
+
+# %%
 if full_size:
     net, size = ResNet(50, output_stride=8), 512
 else:
@@ -434,34 +453,29 @@ base = net.out_channels[0] // 4
 print("stride of C2..C5:   ", tuple(size // f.shape[-1] for f in feats))
 print("channels / base width:", tuple(f.shape[1] // base for f in feats))
 assert all(torch.isfinite(f).all() for f in feats)
-"""),
-md(r"""
-## Summary
 
-- A dilated 3x3 convolution has 9 weights spread over (2d+1)x(2d+1) pixels; with padding *d* it
-  keeps the resolution.
-- Replacing a stride-2 by doubled dilations in all later 3x3 convs keeps every receptive field
-  of the ImageNet network ($r \mathrel{+}= (k-1)\,d\,j$), provided the first block of the stage
-  uses half the dilation (*contract dilation*).
-- Output stride 8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4); output stride 16: strides
-  (1, 2, 2, 1), dilations (1, 1, 1, 2). C2..C5 have 256, 512, 1024, 2048 channels.
-- At 512x512, os 8 gives C3 = C4 = C5 = 64x64; os 16 gives 64, 32, 32; os 32 gives 64, 32, 16.
-- Our hand-built backbone equals `upernet_ref.model.backbone.ResNet` for all three output strides.
-
-## Exercises
-
-1. Use `receptive_field` to find the theoretical receptive field of C4 in R-101. Is it larger
-   than a 512x512 crop? What does the *effective* receptive field (the gradient footprint of
-   section 2, on a trained network) look like instead?
-2. Set `contract_dilation=False` in `sketch_stage` and in the reference and check that they
-   still agree. By how many pixels does the receptive field of C5 grow?
-3. Compute the extra MACs of os 8 over os 32 for `layer4` alone: a 3x3 conv's cost scales with
-   the number of output pixels.
-4. Write the ResNet-18 (BasicBlock) version of `SketchBottleneck` and compare it with
-   `ResNet(18, ...)`.
-5. Find the smallest input size for which R-50 at os 32 still gives a C5 of at least 2x2.
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("01_dilated_resnet.ipynb", cells))
+# %% [markdown]
+# ## Summary
+#
+# - A dilated 3x3 convolution has 9 weights spread over (2d+1)x(2d+1) pixels; with padding *d* it
+#   keeps the resolution.
+# - Replacing a stride-2 by doubled dilations in all later 3x3 convs keeps every receptive field
+#   of the ImageNet network ($r \mathrel{+}= (k-1)\,d\,j$), provided the first block of the stage
+#   uses half the dilation (*contract dilation*).
+# - Output stride 8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4); output stride 16: strides
+#   (1, 2, 2, 1), dilations (1, 1, 1, 2). C2..C5 have 256, 512, 1024, 2048 channels.
+# - At 512x512, os 8 gives C3 = C4 = C5 = 64x64; os 16 gives 64, 32, 32; os 32 gives 64, 32, 16.
+# - Our hand-built backbone equals `upernet_ref.model.backbone.ResNet` for all three output strides.
+#
+# ## Exercises
+#
+# 1. Use `receptive_field` to find the theoretical receptive field of C4 in R-101. Is it larger
+#    than a 512x512 crop? What does the *effective* receptive field (the gradient footprint of
+#    section 2, on a trained network) look like instead?
+# 2. Set `contract_dilation=False` in `sketch_stage` and in the reference and check that they
+#    still agree. By how many pixels does the receptive field of C5 grow?
+# 3. Compute the extra MACs of os 8 over os 32 for `layer4` alone: a 3x3 conv's cost scales with
+#    the number of output pixels.
+# 4. Write the ResNet-18 (BasicBlock) version of `SketchBottleneck` and compare it with
+#    `ResNet(18, ...)`.
+# 5. Find the smallest input size for which R-50 at os 32 still gives a C5 of at least 2x2.

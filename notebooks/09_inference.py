@@ -1,28 +1,40 @@
-"""Generate notebooks/09_inference.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 09 · Inference: whole image, sliding window, multi-scale + flip
+# %% [markdown]
+# # 09 · Inference: whole image, sliding window, multi-scale + flip
+#
+# The published table (spec sections 1 and 3) uses the simplest test protocol: resize the image
+# to fit the base scale (2048x512 for ADE20K and VOC, aspect kept), run the network **once on the
+# whole image**, resize the logits back to the label's size, take the argmax. Two other protocols
+# are common and give different numbers (a frequent question in the peers' issue trackers):
+#
+# - **sliding window**: crops of the training size (512x512) every `stride` pixels (341), the
+#   logits of overlapping crops averaged; the network then always sees inputs of the size it was
+#   trained on, at the price of several forward passes;
+# - **multi-scale + flip** (test-time augmentation, TTA): the image at scales 0.5 ... 1.75 and
+#   mirrored, twelve views whose softmax probabilities are averaged.
+#
+# Here we run all of them with `upernet_ref.evaluation.inference` on the same image, with a small model
+# trained for a few dozen iterations on the demo scenes, and compare what they cost (time, forward
+# passes, multiply-accumulates) with what they change.
 
-The published table (spec sections 1 and 3) uses the simplest test protocol: resize the image
-to fit the base scale (2048x512 for ADE20K and VOC, aspect kept), run the network **once on the
-whole image**, resize the logits back to the label's size, take the argmax. Two other protocols
-are common and give different numbers (a frequent question in the peers' issue trackers):
-
-- **sliding window**: crops of the training size (512x512) every `stride` pixels (341), the
-  logits of overlapping crops averaged; the network then always sees inputs of the size it was
-  trained on, at the price of several forward passes;
-- **multi-scale + flip** (test-time augmentation, TTA): the image at scales 0.5 ... 1.75 and
-  mirrored, twelve views whose softmax probabilities are averaged.
-
-Here we run all of them with `upernet_ref.evaluation.inference` on the same image, with a small model
-trained for a few dozen iterations on the demo scenes, and compare what they cost (time, forward
-passes, multiply-accumulates) with what they change.
-"""),
-code(r"""
-%matplotlib inline
-import inspect
+# %%
+# %matplotlib inline
 import time
 
 import matplotlib.pyplot as plt
@@ -32,30 +44,29 @@ from matplotlib.patches import Rectangle
 from torch.utils.flop_counter import FlopCounterMode
 
 from upernet_ref import build_model, get_config
-
 from upernet_ref.evaluation import inference
 from upernet_ref.configs import override
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.training.schedule import build_optimizer, build_scheduler
-from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.data.synthetic import DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize, denormalize, test_transform, train_transform
 
 _ = torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 cfg = get_config("upernet_small_demo")
 print(cfg.test)
-"""),
-md(r"""
-## 1. A small model with deterministic weights
 
-`upernet_small_demo` is the full architecture (dilated ResNet, PPM, FPN fusion, auxiliary head)
-shrunk to run on a laptop. A hundred SGD iterations (batch 8, 64x64 crops, poly schedule) on
-the demo scenes are enough for sky, ground and the larger shapes; the point here is the
-inference, not the accuracy (`upernet demo` trains it properly).
-"""),
-code(r"""
+# %% [markdown]
+# ## 1. A small model with deterministic weights
+#
+# `upernet_small_demo` is the full architecture (dilated ResNet, PPM, FPN fusion, auxiliary head)
+# shrunk to run on a laptop. A hundred SGD iterations (batch 8, 64x64 crops, poly schedule) on
+# the demo scenes are enough for sky, ground and the larger shapes; the point here is the
+# inference, not the accuracy (`upernet demo` trains it properly).
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 _ = torch.manual_seed(0)
 model = build_model(cfg).to(device).train()
@@ -75,28 +86,28 @@ for it, (x, y) in zip(range(100), loader):
 model.eval()
 print(f"100 iterations in {time.perf_counter() - start:.1f} s; loss {np.mean(losses[:5]):.2f} -> {np.mean(losses[-5:]):.2f}")
 assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-"""),
-md(r"""
-## 2. The test input
 
-`test_transform` fits the image into the base scale (for the demo config 128x96, so the
-96x128 demo images keep their size) and normalises it; the label stays at its original size,
-which is where the prediction is compared.
-"""),
-code(r"""
+# %% [markdown]
+# ## 2. The test input
+#
+# `test_transform` fits the image into the base scale (for the demo config 128x96, so the
+# 96x128 demo images keep their size) and normalises it; the label stays at its original size,
+# which is where the prediction is compared.
+
+# %%
 val = DemoScenes("val", transform=test_transform(cfg.data))
 image, mask = val[4]
 print("normalised image", tuple(image.shape), image.dtype, "| label", tuple(mask.shape), mask.dtype)
-"""),
-md(r"""
-## 3. Sliding windows
 
-`window_grid` lays crops of `crop_size` every `stride` pixels; the last row and column are
-shifted back inside the image (as mmsegmentation does), so every window is a full crop and every
-pixel is covered. The count map says how many windows saw each pixel: their logits are summed
-and divided by it.
-"""),
-code(r"""
+# %% [markdown]
+# ## 3. Sliding windows
+#
+# `window_grid` lays crops of `crop_size` every `stride` pixels; the last row and column are
+# shifted back inside the image (as mmsegmentation does), so every window is a full crop and every
+# pixel is covered. The count map says how many windows saw each pixel: their logits are summed
+# and divided by it.
+
+# %%
 h, w = image.shape[-2:]
 windows = inference.window_grid((h, w), cfg.test.crop_size, cfg.test.stride)
 print(f"crop {cfg.test.crop_size}, stride {cfg.test.stride} on {(h, w)}: {len(windows)} windows")
@@ -117,20 +128,20 @@ axes[1].set_title("count map (windows per pixel)")
 for ax in axes:
     ax.axis("off")
 plt.show()
-"""),
-md(r"""
-## 4. Four protocols on one image
 
-`inference.inference(model, image, test_cfg, out_size, mode=..., scales=..., flip=...)` returns
-class probabilities at `out_size`. It runs the views one at a time and adds each view's softmax
-into one accumulator at the output size, so twelve views need the memory of one forward at the
-largest scale plus that accumulator. It averages **softmax probabilities, not logits**: logit
-magnitudes differ between scales, and probabilities give each view one normalised vote (as
-mmsegmentation's `aug_test`).
+# %% [markdown]
+# ## 4. Four protocols on one image
+#
+# `inference.inference(model, image, test_cfg, out_size, mode=..., scales=..., flip=...)` returns
+# class probabilities at `out_size`. It runs the views one at a time and adds each view's softmax
+# into one accumulator at the output size, so twelve views need the memory of one forward at the
+# largest scale plus that accumulator. It averages **softmax probabilities, not logits**: logit
+# magnitudes differ between scales, and probabilities give each view one normalised vote (as
+# mmsegmentation's `aug_test`).
+#
+# We count forward passes with a hook and multiply-accumulates with torch's `FlopCounterMode`.
 
-We count forward passes with a hook and multiply-accumulates with torch's `FlopCounterMode`.
-"""),
-code(r"""
+# %%
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 protocols = {
     "whole": dict(mode="whole"),
@@ -164,15 +175,15 @@ for name, options in protocols.items():
         "test.mode": options["mode"], "test.scales": options.get("scales", (1.0,)),
         "test.flip": options.get("flip", False)}).test)
     assert results[name]["forwards"] == expected, name
-"""),
-code(r"""
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 # (times vary; the accuracies depend on the briefly trained weights)
 for name, r in results.items():
     print(f"{name:<20} {1000 * r['seconds']:8.1f} ms per image   pixel accuracy {r['acc']:.3f}")
 assert results["slide + ms + flip"]["seconds"] > results["whole"]["seconds"]
-"""),
-code(r"""
+
+# %%
 fig, axes = plt.subplots(1, 6, figsize=(18, 2.8))
 raw = denormalize(image, cfg.data).permute(1, 2, 0)
 panels = [(raw, "image"), (colorize(mask, DEMO_PALETTE).permute(1, 2, 0), "ground truth")]
@@ -183,42 +194,42 @@ for ax, (img, title) in zip(axes, panels):
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 plt.show()
-"""),
-md(r"""
-The protocols agree on most pixels; they disagree near boundaries and on the small shapes,
-where the extra views (especially the larger scales, which see the shapes bigger) change the
-vote.
-"""),
-code(r"""
+
+# %% [markdown]
+# The protocols agree on most pixels; they disagree near boundaries and on the small shapes,
+# where the extra views (especially the larger scales, which see the shapes bigger) change the
+# vote.
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 # (depends on the briefly trained weights)
 base = results["whole"]["pred"]
 for name, r in results.items():
     print(f"{name:<20} differs from 'whole' on {(r['pred'] != base).float().mean():.1%} of pixels")
-"""),
-md(r"""
-## 5. Sanity checks
 
-- When one window covers the image (crop = image size), sliding-window inference *is*
-  whole-image inference.
-- The result is a probability distribution at the label's size, whatever the views.
-"""),
-code(r"""
+# %% [markdown]
+# ## 5. Sanity checks
+#
+# - When one window covers the image (crop = image size), sliding-window inference *is*
+#   whole-image inference.
+# - The result is a probability distribution at the label's size, whatever the views.
+
+# %%
 one_window = inference.inference(model, image, cfg.test, mode="slide", crop_size=(h, w), stride=(h, w))
 torch.testing.assert_close(one_window, inference.inference(model, image, cfg.test, mode="whole"))
 probs = inference.inference(model, image, cfg.test, out_size=(150, 200), scales=(0.5, 1.5), flip=True)
 print(tuple(probs.shape))
 torch.testing.assert_close(probs.sum(1).cpu(), torch.ones(1, 150, 200))
-"""),
-md(r"""
-## 6. Over a validation set, and at the published size
 
-`evaluate.evaluate` runs `inference` on every image of a split and accumulates one confusion
-matrix (notebook 07). On ten validation scenes (with a model this briefly trained the
-differences between protocols are noise; on the real benchmarks multi-scale + flip usually
-gains a little, at twelve times the cost):
-"""),
-code(r"""
+# %% [markdown]
+# ## 6. Over a validation set, and at the published size
+#
+# `evaluate.evaluate` runs `inference` on every image of a split and accumulates one confusion
+# matrix (notebook 07). On ten validation scenes (with a model this briefly trained the
+# differences between protocols are noise; on the real benchmarks multi-scale + flip usually
+# gains a little, at twelve times the cost):
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 # (depends on the briefly trained weights)
 val_small = torch.utils.data.Subset(val, range(10))
@@ -227,13 +238,13 @@ for name in ("whole", "slide", "whole + ms + flip"):
     print(f"{name:<20} mIoU {r['miou']:.3f}  aAcc {r['aacc']:.3f}")
     assert r["aacc"] > 0.5  # better than always answering "sky" (0.39, notebook 07)
 print("protocol:", r["protocol"])
-"""),
-md(r"""
-What each protocol costs for the published R-50 os8 ADE20K model on a typical ADE20K image
-(fitted to 512x683), counted on the `meta` device (no memory, no compute). Two 512x512 windows
-cover it (each 398 GMACs, spec section 1); multi-scale + flip costs an order of magnitude more.
-"""),
-code(r"""
+
+# %% [markdown]
+# What each protocol costs for the published R-50 os8 ADE20K model on a typical ADE20K image
+# (fitted to 512x683), counted on the `meta` device (no memory, no compute). Two 512x512 windows
+# cover it (each 398 GMACs, spec section 1); multi-scale + flip costs an order of magnitude more.
+
+# %%
 big_cfg = get_config("upernet_r50_os8_ade20k")
 with torch.device("meta"):
     big = build_model(big_cfg).eval()
@@ -253,29 +264,24 @@ for name, options in protocols.items():
     gmacs[name] = total * (2 if test.flip else 1) / 1e9
     print(f"{name:<20}{inference.num_forward_passes(size, test):>4} forwards {gmacs[name]:>9.0f} GMACs")
 assert gmacs["slide"] > gmacs["whole"] and gmacs["slide + ms + flip"] > gmacs["whole + ms + flip"]
-"""),
-md(r"""
-## Summary
 
-- Whole-image inference at the base scale is the published protocol: one forward pass.
-- Sliding windows keep the network at its training input size; windows at the edges are shifted
-  inside, overlapping logits averaged with a count map; the cost grows with the image area.
-- Multi-scale + flip averages the softmax of twelve views; it costs about 12x (more with sliding
-  windows) for a usually small gain on the real benchmarks.
-- `inference.inference` accumulates one view at a time at the output size, so TTA does not need
-  more memory than its largest forward; `upernet eval --mode slide --scales ... --flip` and
-  `upernet predict` expose the same options.
-
-## Exercises
-
-1. Average logits instead of probabilities (write the loop by hand with `whole_inference`) and
-   compare the predictions with `inference.inference`: where do they differ?
-2. Halve the sliding stride: how many forwards, and does the pixel accuracy change?
-3. Find the smallest set of scales that gives the same prediction as the six on this image.
-4. Time `inference.inference` with `flip=True` on a GPU for a 512x2048 Cityscapes-sized input,
-   whole vs sliding (crop 512x1024, stride 341x683).
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("09_inference.ipynb", cells))
+# %% [markdown]
+# ## Summary
+#
+# - Whole-image inference at the base scale is the published protocol: one forward pass.
+# - Sliding windows keep the network at its training input size; windows at the edges are shifted
+#   inside, overlapping logits averaged with a count map; the cost grows with the image area.
+# - Multi-scale + flip averages the softmax of twelve views; it costs about 12x (more with sliding
+#   windows) for a usually small gain on the real benchmarks.
+# - `inference.inference` accumulates one view at a time at the output size, so TTA does not need
+#   more memory than its largest forward; `upernet eval --mode slide --scales ... --flip` and
+#   `upernet predict` expose the same options.
+#
+# ## Exercises
+#
+# 1. Average logits instead of probabilities (write the loop by hand with `whole_inference`) and
+#    compare the predictions with `inference.inference`: where do they differ?
+# 2. Halve the sliding stride: how many forwards, and does the pixel accuracy change?
+# 3. Find the smallest set of scales that gives the same prediction as the six on this image.
+# 4. Time `inference.inference` with `flip=True` on a GPU for a 512x2048 Cityscapes-sized input,
+#    whole vs sliding (crop 512x1024, stride 341x683).

@@ -1,27 +1,40 @@
-"""Generate notebooks/04_data_pipeline.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 04 · Data: datasets on disk, label conventions, and the published pipelines
+# %% [markdown]
+# # 04 · Data: datasets on disk, label conventions, and the published pipelines
+#
+# A segmentation model is only as right as the labels it is fed. This notebook follows one item
+# from the disk to the batch the network sees:
+#
+# 1. the **data contract** every dataset in `upernet_ref` follows, on the embedded demo scenes,
+# 2. how **PASCAL VOC, ADE20K and Cityscapes** are laid out on disk and read,
+# 3. their **label conventions**: 255 = ignore, ADE20K's *reduce-zero-label*, Cityscapes' *train ids*,
+# 4. the published **training pipeline** (spec section 3), one step at a time, image + palette overlay,
+# 5. the **test pipeline**, and
+# 6. **reproducible randomness** in a DataLoader.
+#
+# The printed numbers all come from the embedded demo data, so they are the same on every machine.
+# Where real samples are found (the folder in `UPERNET_REALDATA`, default `../../shared/realdata`),
+# the pictures show them too; otherwise the demo scenes stand in.
 
-A segmentation model is only as right as the labels it is fed. This notebook follows one item
-from the disk to the batch the network sees:
-
-1. the **data contract** every dataset in `upernet_ref` follows, on the embedded demo scenes,
-2. how **PASCAL VOC, ADE20K and Cityscapes** are laid out on disk and read,
-3. their **label conventions**: 255 = ignore, ADE20K's *reduce-zero-label*, Cityscapes' *train ids*,
-4. the published **training pipeline** (spec section 3), one step at a time, image + palette overlay,
-5. the **test pipeline**, and
-6. **reproducible randomness** in a DataLoader.
-
-The printed numbers all come from the embedded demo data, so they are the same on every machine.
-Where real samples are found (the folder in `UPERNET_REALDATA`, default `../../shared/realdata`),
-the pictures show them too; otherwise the demo scenes stand in.
-"""),
-code(r"""
-%matplotlib inline
-%config InlineBackend.figure_formats = ["jpeg"]
+# %%
+# %matplotlib inline
+# %config InlineBackend.figure_formats = ["jpeg"]
 import inspect
 import io
 import os
@@ -61,22 +74,23 @@ def show(pairs, titles, palette, height=2.6):
             ax.axis("off")
     plt.tight_layout()
     plt.show()
-"""),
-md(r"""
-## 1. The data contract, on the embedded demo scenes
 
-Every dataset returns `(image, mask)`: `image` a `uint8` tensor `(3, H, W)` in RGB and `mask` an
-`int64` tensor `(H, W)` of **training** labels `0..C-1`, with **255 = ignore** (docs/DESIGN.md).
-Each dataset also exposes `classes`, `palette`, `ignore_index` and `describe(i)`.
 
-`DemoScenes` is a dataset shipped as code: item *i* is drawn on the fly from a random generator
-seeded with (seed, split, i), so there is nothing to download and every process sees the same
-item. Sky, ground and six shapes painted in depth order, each class with its own colour and
-texture; disc and ring (and triangle and cross) have similar colours, so the network has to use
-shape. Like VOC's outlines, a one-pixel boundary around every region is 255, and so is the odd
-blotch of clutter.
-"""),
-code(r"""
+# %% [markdown]
+# ## 1. The data contract, on the embedded demo scenes
+#
+# Every dataset returns `(image, mask)`: `image` a `uint8` tensor `(3, H, W)` in RGB and `mask` an
+# `int64` tensor `(H, W)` of **training** labels `0..C-1`, with **255 = ignore** (docs/DESIGN.md).
+# Each dataset also exposes `classes`, `palette`, `ignore_index` and `describe(i)`.
+#
+# `DemoScenes` is a dataset shipped as code: item *i* is drawn on the fly from a random generator
+# seeded with (seed, split, i), so there is nothing to download and every process sees the same
+# item. Sky, ground and six shapes painted in depth order, each class with its own colour and
+# texture; disc and ring (and triangle and cross) have similar colours, so the network has to use
+# shape. Like VOC's outlines, a one-pixel boundary around every region is 255, and so is the odd
+# blotch of clutter.
+
+# %%
 demo = DemoScenes("train")
 image, mask = demo[0]
 print("items:", len(demo), "| val items:", len(DemoScenes("val")))
@@ -85,53 +99,53 @@ print("classes:", demo.classes)
 print("labels in item 0:", mask.unique().tolist())
 print("describe(0):", demo.describe(0))
 assert torch.equal(DemoScenes("train")[0][1], mask)  # the same item in every process
-"""),
-code(r"""
+
+# %%
 masks = torch.stack([demo[i][1] for i in range(100)])
 share = torch.bincount(masks.flatten(), minlength=256).float() / masks.numel()
 for c, name in enumerate(DEMO_CLASSES):
     print(f"{c} {name:<9} {share[c]:.3f}")
 print(f"255 ignore    {share[255]:.3f}")
-"""),
-code(r"""
+
+# %%
 show([demo[i] for i in range(5)], [f"train[{i}]" for i in range(5)], DEMO_PALETTE)
-"""),
-md(r"""
-## 2. The three benchmarks on disk (spec section 4)
 
-```
-VOCdevkit/VOC2012/                       PASCAL VOC 2012: 21 classes (0 = background)
-  JPEGImages/2007_000032.jpg
-  SegmentationClass/2007_000032.png      palette ("P") PNG: the pixel value is the class index
-  SegmentationClassAug/*.png             SBD converted to PNG (the 10,582-image "trainaug" set)
-  ImageSets/Segmentation/{train,val,trainaug}.txt
-ADEChallengeData2016/                    ADE20K SceneParsing: 150 classes
-  images/{training,validation}/ADE_val_00000001.jpg
-  annotations/{training,validation}/ADE_val_00000001.png   grey: 0 = other, 1..150
-cityscapes/                              Cityscapes fine: 19 evaluated classes
-  leftImg8bit/{train,val,test}/aachen/aachen_000000_000019_leftImg8bit.png   2048x1024
-  gtFine/{train,val,test}/aachen/aachen_000000_000019_gtFine_labelIds.png    ids 0..33
-                                         (..._gtFine_labelTrainIds.png: precomputed 0..18, 255)
-```
+# %% [markdown]
+# ## 2. The three benchmarks on disk (spec section 4)
+#
+# ```
+# VOCdevkit/VOC2012/                       PASCAL VOC 2012: 21 classes (0 = background)
+#   JPEGImages/2007_000032.jpg
+#   SegmentationClass/2007_000032.png      palette ("P") PNG: the pixel value is the class index
+#   SegmentationClassAug/*.png             SBD converted to PNG (the 10,582-image "trainaug" set)
+#   ImageSets/Segmentation/{train,val,trainaug}.txt
+# ADEChallengeData2016/                    ADE20K SceneParsing: 150 classes
+#   images/{training,validation}/ADE_val_00000001.jpg
+#   annotations/{training,validation}/ADE_val_00000001.png   grey: 0 = other, 1..150
+# cityscapes/                              Cityscapes fine: 19 evaluated classes
+#   leftImg8bit/{train,val,test}/aachen/aachen_000000_000019_leftImg8bit.png   2048x1024
+#   gtFine/{train,val,test}/aachen/aachen_000000_000019_gtFine_labelIds.png    ids 0..33
+#                                          (..._gtFine_labelTrainIds.png: precomputed 0..18, 255)
+# ```
+#
+# `upernet_ref.data.datasets` reads all three with torchvision's decoders and turns the raw label
+# values into training labels with one 256-entry look-up table per dataset. A raw value the table
+# does not know is an error that names the file: labels are never clipped silently.
 
-`upernet_ref.data.datasets` reads all three with torchvision's decoders and turns the raw label
-values into training labels with one 256-entry look-up table per dataset. A raw value the table
-does not know is an error that names the file: labels are never clipped silently.
-"""),
-code(r"""
+# %%
 from upernet_ref.data.datasets import ADE20K, Cityscapes, VOCSegmentation, decode_label
 from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, VOC_PALETTE, label_lut
 
 print(inspect.getsource(label_lut))
-"""),
-md(r"""
-### The label conventions, on small arrays
 
-**VOC** stores a *palette* PNG: what is saved per pixel is the class index (0..20, and 255 for
-the outline around each object); the colours are only the file's palette. Reading it as RGB
-would be wrong, so labels are decoded as indices.
-"""),
-code(r"""
+# %% [markdown]
+# ### The label conventions, on small arrays
+#
+# **VOC** stores a *palette* PNG: what is saved per pixel is the class index (0..20, and 255 for
+# the outline around each object); the colours are only the file's palette. Reading it as RGB
+# would be wrong, so labels are decoded as indices.
+
+# %%
 voc_raw = np.array([[0, 0, 15, 15], [0, 255, 15, 15], [12, 12, 255, 0]], dtype=np.uint8)
 png = Image.fromarray(voc_raw, mode="P")
 png.putpalette([v for rgb in VOC_PALETTE for v in rgb])
@@ -143,24 +157,24 @@ print("decoded indices:\n", decoded)
 voc_train = label_lut(21)[decoded]
 print("training labels (unchanged; 255 = ignore):\n", voc_train)
 assert (voc_train == voc_raw).all()
-"""),
-md(r"""
-**ADE20K** annotations are grey images with 0 = "other" (unlabelled) and 1..150 = the classes.
-*Reduce-zero-label* makes "other" the ignore value and shifts the classes down: 0 -> 255,
-k -> k - 1.
-"""),
-code(r"""
+
+# %% [markdown]
+# **ADE20K** annotations are grey images with 0 = "other" (unlabelled) and 1..150 = the classes.
+# *Reduce-zero-label* makes "other" the ignore value and shifts the classes down: 0 -> 255,
+# k -> k - 1.
+
+# %%
 ade_raw = np.array([[0, 1, 2], [150, 0, 3]], dtype=np.uint8)
 ade_train = label_lut(150, reduce_zero_label=True)[ade_raw]
 print("raw:\n", ade_raw)
 print("training labels:\n", ade_train)
 assert ade_train.tolist() == [[255, 0, 1], [149, 255, 2]]
-"""),
-md(r"""
-**Cityscapes** `*_labelIds.png` hold 34 official ids; only 19 are evaluated. Each of those maps
-to a *train id* 0..18, every other id (unlabelled, ego vehicle, rectification border, ...) to 255.
-"""),
-code(r"""
+
+# %% [markdown]
+# **Cityscapes** `*_labelIds.png` hold 34 official ids; only 19 are evaluated. Each of those maps
+# to a *train id* 0..18, every other id (unlabelled, ego vehicle, rectification border, ...) to 255.
+
+# %%
 city_raw = np.array([[7, 8, 26, 0], [33, 24, 1, 11]], dtype=np.uint8)
 city_lut = label_lut(19, id_map=CITYSCAPES_ID_TO_TRAIN_ID, num_ids=34)
 city_train = city_lut[city_raw]
@@ -168,15 +182,15 @@ print("ids -> train ids:", {k: v for k, v in list(CITYSCAPES_ID_TO_TRAIN_ID.item
 print("raw:\n", city_raw)
 print("training labels:\n", city_train)
 assert city_train.tolist() == [[0, 1, 13, 255], [18, 11, 255, 2]]
-"""),
-md(r"""
-### Real samples (when present)
 
-The next two cells read one real sample of each benchmark through its dataset class, or fall
-back to demo scenes. Their printed text depends on which data is there, so the test run ignores
-it (`# NBVAL_IGNORE_OUTPUT`).
-"""),
-code(r"""
+# %% [markdown]
+# ### Real samples (when present)
+#
+# The next two cells read one real sample of each benchmark through its dataset class, or fall
+# back to demo scenes. Their printed text depends on which data is there, so the test run ignores
+# it (`# NBVAL_IGNORE_OUTPUT`).
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 real = []  # (name, dataset, index)
 if HAVE_REAL:
@@ -191,35 +205,35 @@ if HAVE_REAL:
               f"{' ...' if len(labels) > 8 else ''}; ignored {(mask == 255).float().mean():.3f}")
 else:
     print(f"{REALDATA} not found: showing demo scenes instead")
-"""),
-code(r"""
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 if real:
     show([ds[i] for _, ds, i in real], [name for name, _, _ in real], [ds.palette for _, ds, _ in real])
 else:
     show([demo[i] for i in range(5, 8)], ["demo (no real data)"] * 3, DEMO_PALETTE)
-"""),
-md(r"""
-## 3. The training pipeline, step by step
 
-Spec section 3, in the reference's order:
+# %% [markdown]
+# ## 3. The training pipeline, step by step
+#
+# Spec section 3, in the reference's order:
+#
+# | step | what | image | mask |
+# |---|---|---|---|
+# | rescale | fit into `base_scale` x ratio, ratio ~ U(0.5, 2), aspect kept | bilinear + antialias, uint8 | nearest |
+# | crop | random `crop_size`, redrawn up to 10x while one class covers >= 75% | slice | slice |
+# | flip | left-right with p = 0.5 | jointly | jointly |
+# | photometric | brightness, contrast, saturation, hue, each p = 0.5 | float32 0..255 | - |
+# | normalize | (x - mean) / std, ImageNet statistics on RGB 0..255 | float32 | - |
+# | pad | up to `crop_size`, bottom/right | 0 | 255 |
+#
+# The image stays `uint8` through the geometric steps and the mask is resized with nearest
+# neighbour, so no label value is ever invented. Every random number comes from torch's generator.
 
-| step | what | image | mask |
-|---|---|---|---|
-| rescale | fit into `base_scale` x ratio, ratio ~ U(0.5, 2), aspect kept | bilinear + antialias, uint8 | nearest |
-| crop | random `crop_size`, redrawn up to 10x while one class covers >= 75% | slice | slice |
-| flip | left-right with p = 0.5 | jointly | jointly |
-| photometric | brightness, contrast, saturation, hue, each p = 0.5 | float32 0..255 | - |
-| normalize | (x - mean) / std, ImageNet statistics on RGB 0..255 | float32 | - |
-| pad | up to `crop_size`, bottom/right | 0 | 255 |
-
-The image stays `uint8` through the geometric steps and the mask is resized with nearest
-neighbour, so no label value is ever invented. Every random number comes from torch's generator.
-"""),
-code(r"""
+# %%
 print(inspect.getsource(T.TrainTransform.__call__))
-"""),
-code(r"""
+
+# %%
 print("demo data config: base_scale", demo_cfg.base_scale, "crop_size", demo_cfg.crop_size,
       "ratio_range", demo_cfg.ratio_range, "cat_max_ratio", demo_cfg.cat_max_ratio)
 _ = torch.manual_seed(0)
@@ -229,20 +243,21 @@ for name, step_image, step_mask in trace:
     print(f"{name:<12} image {str(step_image.dtype):<14} {tuple(step_image.shape)}   mask {tuple(step_mask.shape)}")
 print("output:", x.dtype, tuple(x.shape), y.dtype, tuple(y.shape))
 assert tuple(x.shape[1:]) == tuple(y.shape) == demo_cfg.crop_size
-"""),
-code(r"""
+
+
+# %%
 def picture(name, image):
     return T.denormalize(image, demo_cfg) if name in ("normalize", "pad") else as_uint8(image)
 
 
 pairs = [demo[1]] + [(picture(n, i), m) for n, i, m in trace]
 show(pairs, ["input"] + [n for n, _, _ in trace], DEMO_PALETTE, height=2.2)
-"""),
-md(r"""
-The same steps on a real ADE20K image with the published ADE20K data config (crop 512x512,
-base scale 2048x512), when the sample is present (the demo scene otherwise):
-"""),
-code(r"""
+
+# %% [markdown]
+# The same steps on a real ADE20K image with the published ADE20K data config (crop 512x512,
+# base scale 2048x512), when the sample is present (the demo scene otherwise):
+
+# %%
 # NBVAL_IGNORE_OUTPUT
 ade_cfg = get_config("upernet_r50_os8_ade20k").data
 source = real[1][1] if real else DemoScenes("train", size=(384, 512))
@@ -254,15 +269,15 @@ pairs = [source[0]] + [(T.denormalize(i, ade_cfg) if n in ("normalize", "pad") e
                        for n, i, m in trace]
 print([(n, tuple(i.shape[1:])) for n, i, _ in trace])
 show(pairs, ["input"] + [n for n, _, _ in trace], palette, height=2.2)
-"""),
-md(r"""
-### Random rescale
 
-The image is fitted into (long, short) = `base_scale` x ratio: the scale factor is
-min(long / long side, short / short side), so the aspect ratio is kept. For the published
-ADE20K recipe, `base_scale` = (2048, 512) puts the short side of a typical 683x512 photo at 512 x ratio.
-"""),
-code(r"""
+# %% [markdown]
+# ### Random rescale
+#
+# The image is fitted into (long, short) = `base_scale` x ratio: the scale factor is
+# min(long / long side, short / short side), so the aspect ratio is kept. For the published
+# ADE20K recipe, `base_scale` = (2048, 512) puts the short side of a typical 683x512 photo at 512 x ratio.
+
+# %%
 print("ADE20K 683x512 at ratio 0.5, 1, 2:",
       [T.rescale_size(512, 683, (2048 * r, 512 * r)) for r in (0.5, 1.0, 2.0)])
 print("Cityscapes 2048x1024 at ratio 0.5, 1, 2:",
@@ -273,22 +288,23 @@ rescaled = [T.random_rescale(image, mask, demo_cfg.base_scale, demo_cfg.ratio_ra
 print("demo 128x96, four draws:", [tuple(i.shape[1:]) for i, _ in rescaled])
 for _, m in rescaled:  # nearest neighbour: no new label values
     assert set(m.unique().tolist()) <= set(mask.unique().tolist())
-"""),
-code(r"""
+
+# %%
 fig, axes = plt.subplots(1, 4, figsize=(12, 3), gridspec_kw={"width_ratios": [i.shape[2] for i, _ in rescaled]})
 for ax, (i, m) in zip(axes, rescaled):
     ax.imshow(T.overlay(i, m, DEMO_PALETTE, alpha=0.4).permute(1, 2, 0).numpy())
     ax.set_title(f"{tuple(i.shape[1:])}", fontsize=9)
 plt.show()
-"""),
-md(r"""
-### Crop with `cat_max_ratio`
 
-A plain random crop of a scene is often nearly all sky or all road. The reference redraws the
-crop (up to 10 times) until at least two classes are present and none covers 75% or more of its
-labelled pixels (255 does not count). Over many crops of the demo scenes:
-"""),
-code(r"""
+
+# %% [markdown]
+# ### Crop with `cat_max_ratio`
+#
+# A plain random crop of a scene is often nearly all sky or all road. The reference redraws the
+# crop (up to 10 times) until at least two classes are present and none covers 75% or more of its
+# labelled pixels (255 does not count). Over many crops of the demo scenes:
+
+# %%
 def dominated(m, ratio=0.75):
     counts = torch.bincount(m.flatten(), minlength=256)[:255].float()
     counts = counts[counts > 0]
@@ -300,16 +316,16 @@ items = [T.check_pair(*demo[i]) for i in range(40)]
 for cat_max_ratio in (1.0, 0.75):
     crops = [T.random_crop(i, m, (32, 32), cat_max_ratio)[1] for i, m in items for _ in range(5)]
     print(f"cat_max_ratio {cat_max_ratio}: {np.mean([dominated(c) for c in crops]):.3f} of 32x32 crops dominated by one class")
-"""),
-md(r"""
-### Photometric distortion
 
-mmsegmentation's `PhotoMetricDistortion`: brightness + U(-32, 32), contrast x U(0.5, 1.5),
-saturation x U(0.5, 1.5) and hue + U(-18, 18) (of 180, OpenCV's unit; 36 degrees), each with
-probability 0.5, contrast before or after the HSV changes at random. Here it runs on float32
-tensors; the HSV changes use the same max/min/sextant decomposition as OpenCV.
-"""),
-code(r"""
+# %% [markdown]
+# ### Photometric distortion
+#
+# mmsegmentation's `PhotoMetricDistortion`: brightness + U(-32, 32), contrast x U(0.5, 1.5),
+# saturation x U(0.5, 1.5) and hue + U(-18, 18) (of 180, OpenCV's unit; 36 degrees), each with
+# probability 0.5, contrast before or after the HSV changes at random. Here it runs on float32
+# tensors; the HSV changes use the same max/min/sextant decomposition as OpenCV.
+
+# %%
 _ = torch.manual_seed(1)
 image, mask = demo[3]
 variants = [(image, mask)] + [(as_uint8(T.photometric_distortion(image)), mask) for _ in range(5)]
@@ -319,15 +335,15 @@ from torchvision.transforms.v2.functional import adjust_hue
 diff = (T._adjust_hsv(image.float(), None, 18.0) - 255 * adjust_hue(image.float() / 255, 0.1)).abs().max()
 print(f"max difference to torchvision adjust_hue: {diff:.4f}")
 assert diff < 0.01
-"""),
-md(r"""
-### Normalize and pad
 
-Normalization uses the ImageNet statistics on the 0..255 scale (the backbone was pretrained with
-them). Padding comes after, so the padded image is exactly 0 (= the mean colour), and the padded
-label is 255, which the loss ignores. A crop at ratio 0.5 is smaller than `crop_size` here:
-"""),
-code(r"""
+# %% [markdown]
+# ### Normalize and pad
+#
+# Normalization uses the ImageNet statistics on the 0..255 scale (the backbone was pretrained with
+# them). Padding comes after, so the padded image is exactly 0 (= the mean colour), and the padded
+# label is 255, which the loss ignores. A crop at ratio 0.5 is smaller than `crop_size` here:
+
+# %%
 small_cfg = get_config("upernet_small_demo", {"data.ratio_range": (0.5, 0.5)}).data
 _ = torch.manual_seed(0)
 x, y = T.train_transform(small_cfg)(*demo[4])
@@ -335,15 +351,15 @@ print("output:", tuple(x.shape), "| content 48x64 -> padded", tuple(y.shape))
 print(f"normalized content: mean {x[:, :48].mean():.3f}, std {x[:, :48].std():.3f}")
 print("pad rows: image all 0:", bool((x[:, 48:] == 0).all()), "| mask all 255:", bool((y[48:] == 255).all()))
 show([(T.denormalize(x, small_cfg), y)], ["padded (bottom)"], DEMO_PALETTE, height=2.4)
-"""),
-md(r"""
-## 4. The test pipeline
 
-At test time the image is only resized to fit `base_scale` (aspect kept) and normalized. The
-mask is **not** resized: the logits are resized back to the label's original size instead, so
-mIoU is measured on the original annotation (spec section 3).
-"""),
-code(r"""
+# %% [markdown]
+# ## 4. The test pipeline
+#
+# At test time the image is only resized to fit `base_scale` (aspect kept) and normalized. The
+# mask is **not** resized: the logits are resized back to the label's original size instead, so
+# mIoU is measured on the original annotation (spec section 3).
+
+# %%
 image, mask = DemoScenes("val")[0]
 x, y = T.test_transform(demo_cfg)(image, mask)
 print("demo val:", tuple(image.shape[1:]), "-> image", tuple(x.shape[1:]), "| mask", tuple(y.shape))
@@ -352,17 +368,18 @@ for name in ("upernet_r50_os8_voc", "upernet_r50_os8_ade20k", "upernet_r50_os8_c
     size = {"voc": (375, 500), "ade20k": (512, 683), "cityscapes": (1024, 2048)}[name.split("_")[-1]]
     print(f"{name:<28} base_scale {base}: {size} -> {T.rescale_size(*size, base)}")
 assert torch.equal(y, mask)
-"""),
-md(r"""
-## 5. Reproducible randomness in a DataLoader
 
-All the randomness comes from torch's global generator. The main process seeds it with
-`torch.manual_seed`; each DataLoader worker gets its own seed (base seed + worker id, the base
-seed drawn from the main generator), so `torch.manual_seed(s)` reproduces a whole run, with or
-without workers. `T.seed_worker` (a `worker_init_fn`) also seeds numpy and `random` in each
-worker. The notebooks use `num_workers=0`; the trainer uses `data.num_workers` with `seed_worker`.
-"""),
-code(r"""
+
+# %% [markdown]
+# ## 5. Reproducible randomness in a DataLoader
+#
+# All the randomness comes from torch's global generator. The main process seeds it with
+# `torch.manual_seed`; each DataLoader worker gets its own seed (base seed + worker id, the base
+# seed drawn from the main generator), so `torch.manual_seed(s)` reproduces a whole run, with or
+# without workers. `T.seed_worker` (a `worker_init_fn`) also seeds numpy and `random` in each
+# worker. The notebooks use `num_workers=0`; the trainer uses `data.num_workers` with `seed_worker`.
+
+# %%
 def first_batch(seed):
     _ = torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(DemoScenes("train", transform=T.train_transform(demo_cfg)),
@@ -375,34 +392,29 @@ a, b, c = first_batch(0), first_batch(0), first_batch(1)
 print("batch:", tuple(a[0].shape), a[0].dtype, tuple(a[1].shape), a[1].dtype)
 print("same seed, same batch:", torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
 print("other seed, other batch:", not torch.equal(a[0], c[0]))
-"""),
-md(r"""
-How fast is this on one CPU core, decoding included? `python benchmarks/data_pipeline.py`
-times the full training pipeline on ADE20K-sized JPEGs and Cityscapes-sized PNGs; divide a
-GPU's training throughput by its figure to know how many loader workers to give it.
 
-## Summary
-
-- Every dataset yields `(uint8 (3, H, W), int64 (H, W))` with training labels and 255 = ignore;
-  the raw conventions (VOC palette indices, ADE20K reduce-zero-label, Cityscapes id -> train id)
-  are one look-up table each, and unknown values are errors.
-- The training pipeline is rescale -> `cat_max_ratio` crop -> flip -> photometric -> normalize
-  -> pad; geometry is applied jointly, masks use nearest neighbour, padding is 0 / 255.
-- The test pipeline only resizes and normalizes the image; the mask keeps its original size.
-- `torch.manual_seed` reproduces every random draw, in the main process and in workers.
-
-## Exercises
-
-1. Set `cat_max_ratio=1.0` in the demo config and train `upernet_small_demo` for 300 iterations
-   (`upernet train --config upernet_small_demo data.cat_max_ratio=1.0`). Which classes suffer?
-2. Replace nearest with bilinear interpolation for the mask in `resize_pair`. Which label values
-   appear that were not in the input, and why is that a silent bug?
-3. Train ADE20K without reduce-zero-label (`ADE20K(..., reduce_zero_label=False)`, 151 classes).
-   What does the network learn to predict for unlabelled pixels, and how does that change mIoU?
-4. The reference pads centred, mmsegmentation bottom/right (spec section 3). Does it matter for a
-   fully convolutional network? Hint: think about what a padded pixel is after normalization.
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("04_data_pipeline.ipynb", cells))
+# %% [markdown]
+# How fast is this on one CPU core, decoding included? `python benchmarks/data_pipeline.py`
+# times the full training pipeline on ADE20K-sized JPEGs and Cityscapes-sized PNGs; divide a
+# GPU's training throughput by its figure to know how many loader workers to give it.
+#
+# ## Summary
+#
+# - Every dataset yields `(uint8 (3, H, W), int64 (H, W))` with training labels and 255 = ignore;
+#   the raw conventions (VOC palette indices, ADE20K reduce-zero-label, Cityscapes id -> train id)
+#   are one look-up table each, and unknown values are errors.
+# - The training pipeline is rescale -> `cat_max_ratio` crop -> flip -> photometric -> normalize
+#   -> pad; geometry is applied jointly, masks use nearest neighbour, padding is 0 / 255.
+# - The test pipeline only resizes and normalizes the image; the mask keeps its original size.
+# - `torch.manual_seed` reproduces every random draw, in the main process and in workers.
+#
+# ## Exercises
+#
+# 1. Set `cat_max_ratio=1.0` in the demo config and train `upernet_small_demo` for 300 iterations
+#    (`upernet train --config upernet_small_demo data.cat_max_ratio=1.0`). Which classes suffer?
+# 2. Replace nearest with bilinear interpolation for the mask in `resize_pair`. Which label values
+#    appear that were not in the input, and why is that a silent bug?
+# 3. Train ADE20K without reduce-zero-label (`ADE20K(..., reduce_zero_label=False)`, 151 classes).
+#    What does the network learn to predict for unlabelled pixels, and how does that change mIoU?
+# 4. The reference pads centred, mmsegmentation bottom/right (spec section 3). Does it matter for a
+#    fully convolutional network? Hint: think about what a padded pixel is after normalization.

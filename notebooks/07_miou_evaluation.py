@@ -1,26 +1,39 @@
-"""Generate notebooks/07_miou_evaluation.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 07 · Measuring a segmentation: the confusion matrix and mIoU
+# %% [markdown]
+# # 07 · Measuring a segmentation: the confusion matrix and mIoU
+#
+# Every number in the UPerNet table (spec section 1) is a **mean intersection-over-union** on a
+# validation set, computed with one precise protocol (spec section 4):
+#
+# - one `C x C` **confusion matrix** is accumulated over the *whole* split (rows = ground truth,
+#   columns = prediction), pixels labelled **255 are ignored**;
+# - per class, $\mathrm{IoU}_c = \frac{TP_c}{TP_c + FP_c + FN_c}$, and mIoU is their mean,
+#   **leaving out classes absent from both prediction and ground truth** (0/0 = NaN);
+# - side metrics: per-class accuracy $\mathrm{Acc}_c = \frac{TP_c}{TP_c + FN_c}$ (mAcc = their
+#   mean) and the overall pixel accuracy aAcc = correct / valid pixels.
+#
+# In this notebook we build all of it by hand, with numpy, on a demo scene and a deliberately
+# corrupted prediction, look at three pitfalls (ignore pixels, absent classes, per-image
+# averaging) and finally check that the hand-built numbers equal `upernet_ref.evaluation.metrics`.
 
-Every number in the UPerNet table (spec section 1) is a **mean intersection-over-union** on a
-validation set, computed with one precise protocol (spec section 4):
-
-- one `C x C` **confusion matrix** is accumulated over the *whole* split (rows = ground truth,
-  columns = prediction), pixels labelled **255 are ignored**;
-- per class, $\mathrm{IoU}_c = \frac{TP_c}{TP_c + FP_c + FN_c}$, and mIoU is their mean,
-  **leaving out classes absent from both prediction and ground truth** (0/0 = NaN);
-- side metrics: per-class accuracy $\mathrm{Acc}_c = \frac{TP_c}{TP_c + FN_c}$ (mAcc = their
-  mean) and the overall pixel accuracy aAcc = correct / valid pixels.
-
-In this notebook we build all of it by hand, with numpy, on a demo scene and a deliberately
-corrupted prediction, look at three pitfalls (ignore pixels, absent classes, per-image
-averaging) and finally check that the hand-built numbers equal `upernet_ref.evaluation.metrics`.
-"""),
-code(r"""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import inspect
 
 import matplotlib.pyplot as plt
@@ -36,23 +49,24 @@ _ = torch.manual_seed(0)
 rng = np.random.default_rng(0)
 C = len(DEMO_CLASSES)
 print(C, DEMO_CLASSES)
-"""),
-md(r"""
-## 1. A scene and a plausible wrong prediction
 
-We take a validation scene of the embedded demo data and fabricate the kind of prediction a
-half-trained network makes: boundaries a couple of pixels off, one shape confused with its
-look-alike (the *ring* partly predicted as a *disc*, same colour family), and a few scattered
-wrong pixels. A network never predicts 255, so the ignored pixels get the nearest real label.
-"""),
-code(r"""
+# %% [markdown]
+# ## 1. A scene and a plausible wrong prediction
+#
+# We take a validation scene of the embedded demo data and fabricate the kind of prediction a
+# half-trained network makes: boundaries a couple of pixels off, one shape confused with its
+# look-alike (the *ring* partly predicted as a *disc*, same colour family), and a few scattered
+# wrong pixels. A network never predicts 255, so the ignored pixels get the nearest real label.
+
+# %%
 image, gt = DemoScenes("val")[1]
 image, gt = image.numpy(), gt.numpy()               # (3, 96, 128) uint8, (96, 128) int64
 print("image", image.shape, image.dtype, "| labels", gt.shape, gt.dtype)
 print("classes present:", [DEMO_CLASSES[c] for c in np.unique(gt) if c != 255])
 print(f"ignored pixels: {(gt == 255).sum()} of {gt.size} ({(gt == 255).mean():.2%})")
-"""),
-code(r"""
+
+
+# %%
 def corrupt(gt, rng):
     # the nearest valid label for every ignored pixel
     _, (iy, ix) = ndi.distance_transform_edt(gt == 255, return_indices=True)
@@ -70,8 +84,8 @@ def corrupt(gt, rng):
 
 pred = corrupt(gt, rng)
 print("prediction", pred.shape, pred.dtype, "values", np.unique(pred).tolist())
-"""),
-code(r"""
+
+# %%
 wrong = (pred != gt) & (gt != 255)
 panels = [(image.transpose(1, 2, 0), "image"),
           (colorize(torch.from_numpy(gt), DEMO_PALETTE).permute(1, 2, 0), "ground truth (255 white)"),
@@ -83,15 +97,15 @@ for ax, (img, title) in zip(axes, panels):
     ax.set_title(title)
     ax.axis("off")
 plt.show()
-"""),
-md(r"""
-## 2. The confusion matrix
 
-Entry `[t, p]` counts the pixels of true class `t` predicted as `p`. Drop the ignored pixels
-first, then one `bincount` of `t * C + p` fills the whole matrix (this is what
-`metrics.confusion_matrix` does, on the GPU when the tensors are there).
-"""),
-code(r"""
+# %% [markdown]
+# ## 2. The confusion matrix
+#
+# Entry `[t, p]` counts the pixels of true class `t` predicted as `p`. Drop the ignored pixels
+# first, then one `bincount` of `t * C + p` fills the whole matrix (this is what
+# `metrics.confusion_matrix` does, on the GPU when the tensors are there).
+
+# %%
 valid = gt != 255
 t, p = gt[valid], pred[valid]
 matrix = np.bincount(t * C + p, minlength=C * C).reshape(C, C)
@@ -105,8 +119,8 @@ print("valid pixels:", matrix.sum())
 print("     " + " ".join(f"{n[:5]:>6}" for n in DEMO_CLASSES) + "   <- predicted")
 for name, row in zip(DEMO_CLASSES, matrix):
     print(f"{name[:5]:>5}" + " ".join(f"{v:6d}" for v in row))
-"""),
-code(r"""
+
+# %%
 fig, ax = plt.subplots(figsize=(5, 4.2))
 im = ax.imshow(np.log1p(matrix), cmap="viridis")
 ax.set_xticks(range(C), DEMO_CLASSES, rotation=60)
@@ -115,15 +129,15 @@ ax.set_xlabel("prediction")
 ax.set_ylabel("ground truth")
 ax.set_title("log(1 + count)")
 plt.show()
-"""),
-md(r"""
-## 3. TP, FP, FN and the metrics
 
-The diagonal holds the true positives. A row sums to the class's ground-truth pixels
-($TP + FN$), a column to the pixels predicted as that class ($TP + FP$). The union in the IoU is
-row + column - diagonal.
-"""),
-code(r"""
+# %% [markdown]
+# ## 3. TP, FP, FN and the metrics
+#
+# The diagonal holds the true positives. A row sums to the class's ground-truth pixels
+# ($TP + FN$), a column to the pixels predicted as that class ($TP + FP$). The union in the IoU is
+# row + column - diagonal.
+
+# %%
 tp = np.diag(matrix).astype(float)
 fn = matrix.sum(1) - tp                   # missed pixels of the class
 fp = matrix.sum(0) - tp                   # pixels wrongly given the class
@@ -139,20 +153,21 @@ for c in range(C):
 miou, macc = np.nanmean(iou), np.nanmean(acc)
 aacc = tp.sum() / matrix.sum()
 print(f"mIoU {miou:.4f}  mAcc {macc:.4f}  aAcc {aacc:.4f}")
-"""),
-md(r"""
-Read the table: *disc* has no ground-truth pixel but is predicted (the confused ring), so its
-IoU is 0 and its accuracy undefined (NaN); *triangle* is in neither, so both are NaN and it is
-left out of every mean. aAcc is dominated by the big classes (sky, ground), which is why the
-papers report mIoU: every class weighs the same.
 
-## 4. Pitfall 1: the ignored pixels
 
-VOC's object boundaries, ADE20K's "other" and Cityscapes' void are labelled 255. They are not
-a class, and a prediction there is neither right nor wrong. Counting them, e.g. by mapping 255
-to a real class before the bincount, moves the numbers:
-"""),
-code(r"""
+# %% [markdown]
+# Read the table: *disc* has no ground-truth pixel but is predicted (the confused ring), so its
+# IoU is 0 and its accuracy undefined (NaN); *triangle* is in neither, so both are NaN and it is
+# left out of every mean. aAcc is dominated by the big classes (sky, ground), which is why the
+# papers report mIoU: every class weighs the same.
+#
+# ## 4. Pitfall 1: the ignored pixels
+#
+# VOC's object boundaries, ADE20K's "other" and Cityscapes' void are labelled 255. They are not
+# a class, and a prediction there is neither right nor wrong. Counting them, e.g. by mapping 255
+# to a real class before the bincount, moves the numbers:
+
+# %%
 def miou_of(matrix):
     tp = np.diag(matrix).astype(float)
     union = matrix.sum(0) + matrix.sum(1) - tp
@@ -164,40 +179,40 @@ wrong_matrix = np.bincount((as_ground * C + pred).ravel(), minlength=C * C).resh
 print(f"255 ignored (correct): mIoU {miou_of(matrix):.4f}")
 print(f"255 counted as ground: mIoU {miou_of(wrong_matrix):.4f}")
 assert abs(miou_of(matrix) - miou_of(wrong_matrix)) > 1e-3
-"""),
-md(r"""
-Labels are never silently clipped in this package either: a label that is neither a class nor
-255 is an error, not a pixel quietly moved into the last class.
-"""),
-code(r"""
+
+# %% [markdown]
+# Labels are never silently clipped in this package either: a label that is neither a class nor
+# 255 is an error, not a pixel quietly moved into the last class.
+
+# %%
 try:
     metrics.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 9]), num_classes=C)
 except ValueError as error:
     print("ValueError:", error)
-"""),
-md(r"""
-## 5. Pitfall 2: absent classes
 
-A class missing from both prediction and ground truth has IoU 0/0. Treating it as 0 punishes
-the model for something it got right (it predicted nothing, and there was nothing); treating it
-as 1 rewards it for free. The protocol leaves it out (NaN + `nanmean`). On one image, with only
-six of eight classes present, the choice matters a lot; over a whole validation set almost every
-class appears and the three agree more.
-"""),
-code(r"""
+# %% [markdown]
+# ## 5. Pitfall 2: absent classes
+#
+# A class missing from both prediction and ground truth has IoU 0/0. Treating it as 0 punishes
+# the model for something it got right (it predicted nothing, and there was nothing); treating it
+# as 1 rewards it for free. The protocol leaves it out (NaN + `nanmean`). On one image, with only
+# six of eight classes present, the choice matters a lot; over a whole validation set almost every
+# class appears and the three agree more.
+
+# %%
 print(f"absent -> NaN, left out: mIoU {np.nanmean(iou):.4f}  (the protocol)")
 print(f"absent -> 0:             mIoU {np.nan_to_num(iou, nan=0.0).mean():.4f}")
 print(f"absent -> 1:             mIoU {np.nan_to_num(iou, nan=1.0).mean():.4f}")
-"""),
-md(r"""
-## 6. Pitfall 3: per-image average vs one matrix over the split
 
-Averaging per-image mIoUs weighs every image equally, so a small object that is missed in one
-image costs as much as a whole misclassified scene; and per image more classes are absent.
-The published protocol sums the confusion matrices of all images first. Below, ten validation
-scenes get corrupted predictions, some much worse than others.
-"""),
-code(r"""
+# %% [markdown]
+# ## 6. Pitfall 3: per-image average vs one matrix over the split
+#
+# Averaging per-image mIoUs weighs every image equally, so a small object that is missed in one
+# image costs as much as a whole misclassified scene; and per image more classes are absent.
+# The published protocol sums the confusion matrices of all images first. Below, ten validation
+# scenes get corrupted predictions, some much worse than others.
+
+# %%
 val = DemoScenes("val")
 total = np.zeros((C, C), dtype=np.int64)
 per_image = []
@@ -213,19 +228,19 @@ for i in range(10):
 print("per-image mIoU:", " ".join(f"{v:.3f}" for v in per_image))
 print(f"mean of per-image mIoU: {np.mean(per_image):.4f}")
 print(f"one matrix over the set: {miou_of(total):.4f}  (the protocol)")
-"""),
-md(r"""
-## 7. The package
 
-`upernet_ref.evaluation.metrics` is the same computation in torch: `confusion_matrix` (one bincount, on
-the tensors' device), `summarize` (the metrics, NaN for absent classes), a `ConfusionMatrix`
-accumulator whose `reduce()` sums the matrices of all processes under `torch.distributed`
-(each GPU evaluates a shard of the split), and `format_table`.
-"""),
-code(r"""
+# %% [markdown]
+# ## 7. The package
+#
+# `upernet_ref.evaluation.metrics` is the same computation in torch: `confusion_matrix` (one bincount, on
+# the tensors' device), `summarize` (the metrics, NaN for absent classes), a `ConfusionMatrix`
+# accumulator whose `reduce()` sums the matrices of all processes under `torch.distributed`
+# (each GPU evaluates a shard of the split), and `format_table`.
+
+# %%
 print(inspect.getsource(metrics.summarize))
-"""),
-code(r"""
+
+# %%
 package_matrix = metrics.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), C)
 summary = metrics.summarize(package_matrix)
 print(metrics.format_table(summary, DEMO_CLASSES))
@@ -246,30 +261,25 @@ print(f"always 'sky': mIoU {s['miou']:.4f}  aAcc {s['aacc']:.4f}")
 assert abs(s["aacc"] - s["iou"][0]) < 1e-12 and s["iou"][1] == 0.0
 present = sum(not np.isnan(v) for v in s["iou"])
 assert abs(s["miou"] - s["aacc"] / present) < 1e-12
-"""),
-md(r"""
-## Summary
 
-- One confusion matrix (rows = truth, columns = prediction) over the whole split holds
-  everything: IoU, per-class accuracy, pixel accuracy are ratios of its diagonal, rows and
-  columns.
-- Pixels labelled 255 are dropped before counting; labels outside the classes are errors.
-- Classes absent from both prediction and truth are NaN and left out of the means.
-- The published number is the mIoU of the summed matrix, not the mean of per-image mIoUs.
-- `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
-  the trainer's validation use it (see notebook 09 for how the predictions are made).
-
-## Exercises
-
-1. Compute the frequency-weighted IoU (each class's IoU weighted by its ground-truth pixels)
-   from `matrix`. Is it closer to mIoU or to aAcc, and why?
-2. Show that aAcc equals the mean of the per-class accuracies weighted by ground-truth pixels.
-3. Change `corrupt` so that the ring is *entirely* predicted as disc. Which IoUs change, and
-   how does mAcc react compared with mIoU?
-4. Split the ten images over two "processes" (two matrices) and check that summing them before
-   `summarize` gives the single-process result, while averaging the two mIoUs does not.
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("07_miou_evaluation.ipynb", cells))
+# %% [markdown]
+# ## Summary
+#
+# - One confusion matrix (rows = truth, columns = prediction) over the whole split holds
+#   everything: IoU, per-class accuracy, pixel accuracy are ratios of its diagonal, rows and
+#   columns.
+# - Pixels labelled 255 are dropped before counting; labels outside the classes are errors.
+# - Classes absent from both prediction and truth are NaN and left out of the means.
+# - The published number is the mIoU of the summed matrix, not the mean of per-image mIoUs.
+# - `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
+#   the trainer's validation use it (see notebook 09 for how the predictions are made).
+#
+# ## Exercises
+#
+# 1. Compute the frequency-weighted IoU (each class's IoU weighted by its ground-truth pixels)
+#    from `matrix`. Is it closer to mIoU or to aAcc, and why?
+# 2. Show that aAcc equals the mean of the per-class accuracies weighted by ground-truth pixels.
+# 3. Change `corrupt` so that the ring is *entirely* predicted as disc. Which IoUs change, and
+#    how does mAcc react compared with mIoU?
+# 4. Split the ten images over two "processes" (two matrices) and check that summing them before
+#    `summarize` gives the single-process result, while averaging the two mIoUs does not.

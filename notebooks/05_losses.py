@@ -1,26 +1,39 @@
-"""Generate notebooks/05_losses.ipynb (run from anywhere, then execute it in place)."""
-from nbbuild import code, md, write
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-md(r"""
-# 05 · The training loss: cross-entropy with an ignore label, deep supervision, OHEM
+# %% [markdown]
+# # 05 · The training loss: cross-entropy with an ignore label, deep supervision, OHEM
+#
+# UPerNet is trained with pixel-wise **cross-entropy** (spec section 3):
+#
+# $$\mathcal{L} = 1.0\cdot \mathrm{CE}(\text{out}, y) + 0.4\cdot \mathrm{CE}(\text{aux}, y),
+# \qquad \mathrm{CE}(z, y) = \frac{1}{|V|}\sum_{p \in V} -\log \operatorname{softmax}(z_p)_{y_p},$$
+#
+# where $V$ is the set of pixels whose label is **not 255** (VOC object borders, ADE20K "other"
+# after reduce-zero-label, Cityscapes void), "out" are the UPerNet logits and "aux" the logits
+# of the FCN head on C4 (PSPNet's *deep supervision*, used for training only). mmsegmentation
+# divides by *all* pixels instead of $|V|$; the reference recipe, and `upernet_ref.training.losses`, by
+# the valid ones.
+#
+# We build the loss by hand on a demo scene, check it against the package, and look at the two
+# options the published recipes leave off: class weights and **OHEM** (online hard example mining).
 
-UPerNet is trained with pixel-wise **cross-entropy** (spec section 3):
-
-$$\mathcal{L} = 1.0\cdot \mathrm{CE}(\text{out}, y) + 0.4\cdot \mathrm{CE}(\text{aux}, y),
-\qquad \mathrm{CE}(z, y) = \frac{1}{|V|}\sum_{p \in V} -\log \operatorname{softmax}(z_p)_{y_p},$$
-
-where $V$ is the set of pixels whose label is **not 255** (VOC object borders, ADE20K "other"
-after reduce-zero-label, Cityscapes void), "out" are the UPerNet logits and "aux" the logits
-of the FCN head on C4 (PSPNet's *deep supervision*, used for training only). mmsegmentation
-divides by *all* pixels instead of $|V|$; the reference recipe, and `upernet_ref.training.losses`, by
-the valid ones.
-
-We build the loss by hand on a demo scene, check it against the package, and look at the two
-options the published recipes leave off: class weights and **OHEM** (online hard example mining).
-"""),
-code(r"""
-%matplotlib inline
+# %%
+# %matplotlib inline
 import inspect
 
 import matplotlib.pyplot as plt
@@ -39,16 +52,16 @@ image, target = DemoScenes("val")[6]      # uint8 (3, 96, 128), int64 (96, 128)
 K = len(DEMO_CLASSES)
 print(tuple(image.shape), tuple(target.shape), K, "classes")
 print(f"ignored pixels (255): {(target == 255).float().mean().item():.4f} of the image")
-"""),
-md(r"""
-## 1. A plausible set of logits
 
-A trained network's logits favour the right class almost everywhere, with uncertain borders
-and a few confusions. We fabricate such logits: the correct class gets a margin that shrinks
-near region boundaries, plus noise; the ring is partly confused with the disc (same colour
-family in the demo data). Ignored pixels get arbitrary logits: they must not matter.
-"""),
-code(r"""
+# %% [markdown]
+# ## 1. A plausible set of logits
+#
+# A trained network's logits favour the right class almost everywhere, with uncertain borders
+# and a few confusions. We fabricate such logits: the correct class gets a margin that shrinks
+# near region boundaries, plus noise; the ring is partly confused with the disc (same colour
+# family in the demo data). Ignored pixels get arbitrary logits: they must not matter.
+
+# %%
 g = torch.Generator().manual_seed(0)
 safe = target.clamp(max=K - 1)                                # 255 -> any class, for indexing
 onehot = F.one_hot(safe, K).permute(2, 0, 1).float()          # (K, H, W)
@@ -69,15 +82,15 @@ plt.colorbar(im, ax=axes[3])
 for ax in axes:
     ax.set_axis_off()
 plt.show()
-"""),
-md(r"""
-## 2. Cross-entropy by hand, and the ignore label
 
-$-\log \operatorname{softmax}$ of the true class, averaged over the valid pixels only. Averaging
-over *all* pixels (mmsegmentation's default) counts the ignored ones as zero loss and so gives a
-smaller number; the gradients differ by the same factor.
-"""),
-code(r"""
+# %% [markdown]
+# ## 2. Cross-entropy by hand, and the ignore label
+#
+# $-\log \operatorname{softmax}$ of the true class, averaged over the valid pixels only. Averaging
+# over *all* pixels (mmsegmentation's default) counts the ignored ones as zero loss and so gives a
+# smaller number; the gradients differ by the same factor.
+
+# %%
 valid = target != 255
 logp = logits.log_softmax(dim=1)                                         # (1, K, H, W)
 nll = -logp.gather(1, target.clamp(max=K - 1)[:, None]).squeeze(1)       # (1, H, W)
@@ -87,12 +100,12 @@ all_pixels = (nll * valid).sum() / valid.numel()
 print(f"by hand: {by_hand.item():.4f}   package: {ours.item():.4f}   "
       f"divided by all pixels (mmseg): {all_pixels.item():.4f}")
 torch.testing.assert_close(ours, by_hand)
-"""),
-md(r"""
-Changing the logits at ignored pixels changes nothing, not even the gradient; and a crop with
-no valid pixel at all gives a loss of 0 (not the NaN of an empty mean).
-"""),
-code(r"""
+
+# %% [markdown]
+# Changing the logits at ignored pixels changes nothing, not even the gradient; and a crop with
+# no valid pixel at all gives a loss of 0 (not the NaN of an empty mean).
+
+# %%
 wild = logits.clone()
 wild[(target == 255)[:, None].expand_as(wild)] = 1e4
 torch.testing.assert_close(losses.cross_entropy(wild, target), ours)
@@ -100,16 +113,16 @@ z = logits.clone().requires_grad_()
 losses.cross_entropy(z, target).backward()
 print("gradient at ignored pixels:", z.grad[(target == 255)[:, None].expand_as(z)].abs().max().item())
 print("all-ignored crop:", losses.cross_entropy(logits, torch.full_like(target, 255)).item())
-"""),
-md(r"""
-## 3. Deep supervision: the auxiliary loss
 
-During training the model returns `{"out", "aux"}`, both at the input resolution. The total is
-`loss_weight x CE(out) + aux_loss_weight x CE(aux)` (1.0 and 0.4). The auxiliary head on C4
-gives the lower backbone stages a direct, short gradient path; it is dropped at test time.
-Here, with the untrained `upernet_small_demo` network, both terms are near $\log K$.
-"""),
-code(r"""
+# %% [markdown]
+# ## 3. Deep supervision: the auxiliary loss
+#
+# During training the model returns `{"out", "aux"}`, both at the input resolution. The total is
+# `loss_weight x CE(out) + aux_loss_weight x CE(aux)` (1.0 and 0.4). The auxiliary head on C4
+# gives the lower backbone stages a direct, short gradient path; it is dropped at test time.
+# Here, with the untrained `upernet_small_demo` network, both terms are near $\log K$.
+
+# %%
 cfg = get_config("upernet_small_demo")
 model = build_model(cfg).to(device).train()
 x, _ = test_transform(cfg.data)(image, target[0])
@@ -125,29 +138,29 @@ print(f"CE(out) {parts['loss_out'].item():.2f}  CE(aux) {parts['loss_aux'].item(
 torch.testing.assert_close(total, parts["loss_out"] + 0.4 * parts["loss_aux"])
 model.eval()
 print("eval mode returns:", sorted(model(xb)))
-"""),
-md(r"""
-## 4. Class weights
 
-Optional (`train.class_weights`): torch's weighted mean, $\sum_p w_{y_p}\ell_p / \sum_p w_{y_p}$.
-Up-weighting the ring (the class our fake logits get wrong) raises the loss.
-"""),
-code(r"""
+# %% [markdown]
+# ## 4. Class weights
+#
+# Optional (`train.class_weights`): torch's weighted mean, $\sum_p w_{y_p}\ell_p / \sum_p w_{y_p}$.
+# Up-weighting the ring (the class our fake logits get wrong) raises the loss.
+
+# %%
 w = torch.ones(K)
 w[DEMO_CLASSES.index("ring")] = 5.0
 weighted = losses.cross_entropy(logits, target, class_weights=w)
 torch.testing.assert_close(weighted, F.cross_entropy(logits, target, weight=w, ignore_index=255))
 print(f"unweighted {ours.item():.4f}   ring x5 {weighted.item():.4f}")
-"""),
-md(r"""
-## 5. OHEM: train on the hard pixels
 
-Most pixels of a segmentation batch are easy (sky, ground). OHEM (mmsegmentation's
-`OHEMPixelSampler`) keeps only the pixels whose probability of the true class is below a
-threshold (0.7), but **at least `min_kept` per image**: if fewer are hard, the `min_kept`
-lowest-probability ones. The others are treated like ignored pixels.
-"""),
-code(r"""
+# %% [markdown]
+# ## 5. OHEM: train on the hard pixels
+#
+# Most pixels of a segmentation batch are easy (sky, ground). OHEM (mmsegmentation's
+# `OHEMPixelSampler`) keeps only the pixels whose probability of the true class is below a
+# threshold (0.7), but **at least `min_kept` per image**: if fewer are hard, the `min_kept`
+# lowest-probability ones. The others are treated like ignored pixels.
+
+# %%
 prob_true = logits.softmax(1).gather(1, target.clamp(max=K - 1)[:, None]).squeeze(1)
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
 axes[0].imshow(prob_true[0], vmin=0, vmax=1); axes[0].set_title("p(true class)")
@@ -161,39 +174,34 @@ for ax, min_kept in zip(axes[1:], (1000, 8000)):
 for ax in axes:
     ax.set_axis_off()
 plt.show()
-"""),
-code(r"""
+
+# %%
 ohem_cfg = TrainConfig(ohem=True, ohem_thresh=0.7, ohem_min_kept=100, aux_loss_weight=0.0)
 ohem_loss, _ = losses.segmentation_loss({"out": logits}, target, ohem_cfg)
 print(f"plain CE {ours.item():.4f}   OHEM CE {ohem_loss.item():.4f} (mean over the hard pixels only)")
 assert ohem_loss > ours
-"""),
-md(r"""
-The whole loss of the package, for reference:
-"""),
-code(r"""
+
+# %% [markdown]
+# The whole loss of the package, for reference:
+
+# %%
 print(inspect.getsource(losses.segmentation_loss))
-"""),
-md(r"""
-## Summary
 
-- The loss is CE on the main logits + 0.4 x CE on the auxiliary logits, each averaged over the
-  pixels whose label is not 255; ignored pixels contribute neither loss nor gradient.
-- Dividing by all pixels (mmsegmentation) instead of the valid ones scales the loss and the
-  gradients by the valid fraction, which changes the effective learning rate per image.
-- The auxiliary head is deep supervision: training only, `model.eval()` drops it.
-- Class weights and OHEM are options; OHEM keeps the hard pixels (p < 0.7) and at least
-  `min_kept` per image.
-
-## Exercises
-
-1. With `thresh=1.0` and any `min_kept`, OHEM keeps every valid pixel. Check it.
-2. A 512x512 crop with 5% ignored pixels: by what factor does mmsegmentation's loss differ from
-   this one? What learning rate would compensate?
-3. Train `upernet_small_demo` with `train.aux_loss_weight=0` and compare the val mIoU after the
-   same number of iterations (notebook 08 shows how to run a short training).
-"""),
-]
-
-if __name__ == "__main__":
-    print(write("05_losses.ipynb", cells))
+# %% [markdown]
+# ## Summary
+#
+# - The loss is CE on the main logits + 0.4 x CE on the auxiliary logits, each averaged over the
+#   pixels whose label is not 255; ignored pixels contribute neither loss nor gradient.
+# - Dividing by all pixels (mmsegmentation) instead of the valid ones scales the loss and the
+#   gradients by the valid fraction, which changes the effective learning rate per image.
+# - The auxiliary head is deep supervision: training only, `model.eval()` drops it.
+# - Class weights and OHEM are options; OHEM keeps the hard pixels (p < 0.7) and at least
+#   `min_kept` per image.
+#
+# ## Exercises
+#
+# 1. With `thresh=1.0` and any `min_kept`, OHEM keeps every valid pixel. Check it.
+# 2. A 512x512 crop with 5% ignored pixels: by what factor does mmsegmentation's loss differ from
+#    this one? What learning rate would compensate?
+# 3. Train `upernet_small_demo` with `train.aux_loss_weight=0` and compare the val mIoU after the
+#    same number of iterations (notebook 08 shows how to run a short training).
