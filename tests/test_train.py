@@ -281,13 +281,13 @@ def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys)
     base = ["--config", "upernet_small_test", "--out", str(out), "--no-progress", "--no-val"]
     assert train_cli.main(base + ["--max-iters", "4", "--data-root", str(tmp_path)]) == 0
     assert "--data-root" in capsys.readouterr().out  # not used by the demo data: said so
-    # resuming beyond the new schedule's end
-    assert train_cli.main(base + ["--max-iters", "2", "--resume"]) == 1
+    # resuming beyond the new schedule's end: found before any work, so exit 2 (README)
+    assert train_cli.main(base + ["--max-iters", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "iteration 4" in err
     assert "--max-iters 4" in err and "Traceback" not in err
     # a weights file that does not exist
-    assert train_cli.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 1
+    assert train_cli.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1
 

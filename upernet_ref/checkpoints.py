@@ -25,10 +25,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from upernet_ref.errors import UperNetError
+
 SOURCES = ("upernet_ref", "sssegmentation", "mmsegmentation", "torchvision", "mmcls")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UperNetError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
@@ -162,6 +164,14 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items()
                   if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    classifiers = [k for k in expected if k.endswith(("classifier.weight", "classifier.bias"))]
+    if not missing and not unexpected and mismatched and all(
+            m.split(":")[0] in classifiers for m in mismatched):  # only the class count differs
+        key = next(k for k in classifiers if k in state_dict)
+        raise CheckpointError(
+            f"{where} was trained for {state_dict[key].shape[0]} classes, the model has "
+            f"{expected[key].shape[0]}: give the configuration it was trained with (--config), "
+            f"or --data.num_classes={state_dict[key].shape[0]} for your own data")
     if missing or unexpected or mismatched:
         def block(title: str, items: list[str]) -> str:
             shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
@@ -171,27 +181,43 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         raise CheckpointError(f"{where} does not fit the model:\n" + "\n".join(p for p in parts if p))
 
 
-def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str
-               ) -> tuple[str, dict[str, Any]]:
-    """(name for messages, state_dict in this package's names) of a file or dict."""
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in `state_dict` holding a NaN or an infinity."""
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)
+            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
+               where: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(name for messages, state_dict in this package's names) of a file or dict.
+
+    A state_dict with NaN / inf weights or BatchNorm statistics (a diverged run) is refused,
+    naming the tensors: it would load and then predict garbage.
+    """
     is_file = isinstance(checkpoint, (str, os.PathLike))
-    where = str(checkpoint) if is_file else "checkpoint"
+    where = where or (str(checkpoint) if is_file else "checkpoint")
     obj = read_checkpoint_file(checkpoint) if is_file else checkpoint
     try:
-        return where, convert_state_dict(extract_state_dict(obj), source)
+        state_dict = convert_state_dict(extract_state_dict(obj), source)
     except CheckpointError as err:
         raise CheckpointError(f"{where}: {err}") from None
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold NaN or inf values (a diverged "
+                              f"run?): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
+    return where, state_dict
 
 
 def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
-                 source: str = "auto", strict: bool = True) -> nn.Module:
+                 source: str = "auto", strict: bool = True, where: str | None = None) -> nn.Module:
     """Load a checkpoint (file path, checkpoint dict or state_dict) into `model`, strictly.
 
     Accepts our training checkpoints and the published sssegmentation / mmsegmentation files
     as they are released. With `strict=False` only keys present in both are loaded (shape
-    mismatches still fail). Returns the model.
+    mismatches still fail); one with NaN / inf tensors is refused. `where` names a dict in
+    messages (default: the file's path, or "checkpoint"). Returns the model.
     """
-    where, state_dict = _converted(checkpoint, source)
+    where, state_dict = _converted(checkpoint, source, where)
     if strict:
         check_compatible(model, state_dict, where)
         model.load_state_dict(state_dict, strict=True)

@@ -20,7 +20,10 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-class ConfigKeyError(KeyError):
+from upernet_ref.errors import UsageError
+
+
+class ConfigKeyError(UsageError, KeyError):
     """An unknown configuration name or override key; the message lists the valid ones."""
 
     def __str__(self) -> str:  # KeyError would print the repr, newlines escaped

@@ -5,12 +5,14 @@ import json
 import sys
 from pathlib import Path
 import torch
-from upernet_ref.cli.common import parse_pair, positive_int
+from upernet_ref.cli.common import check_writable_folder, command, parse_pair, positive_int
+from upernet_ref.errors import UsageError, before_work
 from upernet_ref.configs import get_config
 from upernet_ref.perf.bench import (format_table, run_bench)
 from upernet_ref.perf.bench import __doc__ as _LIB_DOC
 
 
+@command("upernet bench")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet bench", description=_LIB_DOC.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="configuration name")
@@ -38,23 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("upernet bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with before_work():
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         cfg = get_config(args.config)
-        result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
-                           args.warmup, args.repeats, args.dtype, args.compile,
-                           peak_tflops=args.peak_tflops)
-    except (ValueError, KeyError) as err:
-        print(f"upernet bench: error: {err}", file=sys.stderr)
-        return 2
+        if args.json:
+            check_writable_folder(Path(args.json).parent, "--json")
+    result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
+                       args.warmup, args.repeats, args.dtype, args.compile,
+                       peak_tflops=args.peak_tflops)
     print(format_table(result))
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

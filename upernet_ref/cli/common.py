@@ -1,7 +1,20 @@
-"""What the commands share: argparse types and the one error handler."""
+"""What the commands share: argparse types and the one error handler (`command`)."""
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
+import os
+import re
+import signal
+import sys
+import tempfile
+import typing
+from pathlib import Path
+
+import torch
+
+from upernet_ref.errors import UperNetError, UsageError, before_work, found_before_work
 
 
 # argparse types shared by the subcommands
@@ -41,3 +54,130 @@ def parse_scales(text: str) -> tuple[float, ...]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive scales, got {text!r}")
     return values
+
+
+# --------------------------------------------------------------------------------------------
+# The one error handler: an expected error -> `upernet CMD: error: ...` and the exit code
+
+_OS_PROBLEMS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
+                errno.ENOTDIR: "not a folder", errno.EISDIR: "is a folder, not a file"}
+_EXPECTED = (UperNetError, OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError)
+
+
+def unwrap_worker_message(text: str) -> str:
+    """The original message of an error raised in a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process with the same type but with the
+    worker's whole traceback as message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ... upernet_ref.data.datasets.DataError: <message>"); the user wants the
+    last part only, as they get it without workers.
+    """
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, 0, -1):
+        match = re.match(r"([A-Za-z_][\w.]*): (.*)", lines[i])
+        if match and not lines[i].startswith(" "):
+            return "\n".join([match.group(2)] + lines[i + 1:])
+    return lines[-1]
+
+
+def _os_error_message(err: OSError) -> str:
+    text = unwrap_worker_message(str(err))
+    if err.errno is None:  # an OSError re-raised from a worker: "[Errno 28] No space ...: 'x'"
+        match = re.match(r"\[Errno (\d+)\] ([^:]*)(?:: '(.*)')?$", text)
+        if not match:
+            return text
+        err = OSError(int(match.group(1)), match.group(2), match.group(3))
+    problem = _OS_PROBLEMS.get(err.errno, err.strerror or text)
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {problem}" if names else problem
+
+
+def error_message(err: BaseException) -> str:
+    """The text after `upernet CMD: error: ` for an exception (no traceback, no type names for
+    the project's expected errors)."""
+    if isinstance(err, OSError) and not isinstance(err, UperNetError):
+        return _os_error_message(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError) or isinstance(err, MemoryError):
+        first = (unwrap_worker_message(str(err)).strip().splitlines() or [""])[0]
+        return (f"out of memory ({first[:200]}); try a smaller --per-device-batch, "
+                f"--train.amp=bf16, a smaller image or crop") if first else "out of memory"
+    text = unwrap_worker_message(str(err)).strip()
+    if isinstance(err, KeyError) and not isinstance(err, UperNetError) and len(err.args) == 1:
+        text = str(err.args[0])  # KeyError's str() is the repr of its key
+    if isinstance(err, UperNetError):
+        return text or type(err).__name__
+    lines = text.splitlines() or [type(err).__name__]
+    first = lines[0] if len(lines[0]) <= 300 else lines[0][:297] + "..."
+    return first + (" (...)" if len(lines) > 1 else "")
+
+
+def exit_code(err: BaseException) -> int:
+    """2 before any work, 3 for a non-finite loss, 1 for other failures during the work."""
+    code = getattr(err, "exit_code", 1)
+    if code == 1 and found_before_work(err):
+        return 2
+    return int(code)
+
+
+def report_error(prog: str, err: BaseException) -> int:
+    """Print `prog: error: ...` for `err` on stderr (once per run: rank 0, or the rank that hit
+    a problem during the work) and return the exit code."""
+    code = exit_code(err)
+    if isinstance(err, _EXPECTED):
+        message = error_message(err)
+    else:  # not one of the errors the project expects: a bug, said so, still on one line
+        message = (f"internal error, please report it: {type(err).__name__}: "
+                   f"{error_message(err)} (UPERNET_TRACEBACK=1 shows the traceback)")
+    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and rank > 0:
+        if code == 2:  # every process sets up the same way: rank 0 reports it
+            return code
+        message = f"rank {rank} of {world}: {message}"
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def command(prog: str) -> typing.Callable[[typing.Callable[..., int]], typing.Callable[..., int]]:
+    """Decorate a command's `main(argv) -> int`: the project's expected errors, and errors from
+    DataLoader workers, become one line `prog: error: ...` and the documented exit code.
+
+    argparse's own errors (exit 2, with the usage line) pass through. Ctrl-C outside training's
+    own handler exits 130. `UPERNET_TRACEBACK=1` re-raises instead, for debugging.
+    """
+    def decorate(main: typing.Callable[..., int]) -> typing.Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return int(main(argv) or 0)
+            except SystemExit:
+                raise
+            except KeyboardInterrupt:
+                print(f"\n{prog}: error: interrupted", file=sys.stderr)
+                return 128 + signal.SIGINT
+            except Exception as err:
+                if os.environ.get("UPERNET_TRACEBACK"):
+                    raise
+                return report_error(prog, err)
+        return run
+    return decorate
+
+
+def check_writable_folder(folder: str | Path, what: str) -> Path:
+    """`folder` exists (created if needed) and a file can be written in it; else an OSError
+    naming it (raised before any work, so the command exits 2 and nothing is computed)."""
+    folder = Path(folder)
+    with before_work():
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{what} {folder}: exists and is not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".upernet_write_test_")
+            probe.close()
+        except OSError as err:
+            raise UsageError(f"{what} {folder}: cannot write there "
+                             f"({_OS_PROBLEMS.get(err.errno, err.strerror)})") from None
+    return folder

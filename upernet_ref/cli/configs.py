@@ -1,12 +1,13 @@
 """`upernet configs`: the command line of `upernet_ref.perf.configs_table`."""
 from __future__ import annotations
 import argparse
-from upernet_ref.cli.common import parse_pair
+from upernet_ref.cli.common import command, parse_pair
 from upernet_ref.configs import get_config
 from upernet_ref.perf.configs_table import (forward_once, print_summary)
 from upernet_ref.perf.configs_table import __doc__ as _LIB_DOC
 
 
+@command("upernet configs")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet configs", description=_LIB_DOC)
     parser.add_argument("--forward", metavar="NAME", help="also run one forward pass of NAME")

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from upernet_ref.cli.common import command
 from upernet_ref.data.datasets import DataError, describe_values, open_dataset
 
 DEFAULT_SPLITS = {"voc": ("train", "val", "trainaug"), "ade20k": ("training", "validation"),
@@ -151,6 +152,7 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("upernet data")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     return check(args) if args.action == "check" else prepare(args)

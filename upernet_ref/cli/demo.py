@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from upernet_ref import configs
-from upernet_ref.cli.common import positive_int
+from upernet_ref.cli.common import check_writable_folder, command, positive_int
+from upernet_ref.errors import before_work
 
 DEMO_CONFIG = "upernet_small_demo"
 DEMO_ITERS = 900  # 3x the recipe's 300: about a minute on 2 CPU cores, mIoU ~78% instead of ~66%
@@ -98,6 +99,7 @@ def save_predictions(model: torch.nn.Module, dataset, cfg: configs.Config, path:
     return path
 
 
+@command("upernet demo")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             configs.get_config(args.forward)
         except KeyError as err:
             parser.error(str(err))
+    with before_work():
+        check_writable_folder(args.out, "--out")
 
     from upernet_ref.evaluation.evaluate import evaluate
     from upernet_ref.evaluation.metrics import format_table

@@ -11,7 +11,9 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.training.distributed import cleanup, init_distributed
-from upernet_ref.cli.common import parse_pair, parse_scales, positive_int
+from upernet_ref.cli.common import (check_writable_folder, command, parse_pair, parse_scales,
+                                    positive_int)
+from upernet_ref.errors import UsageError, before_work
 from upernet_ref.evaluation.metrics import format_table
 from upernet_ref.evaluation.evaluate import (_world, evaluate)
 from upernet_ref.evaluation.evaluate import __doc__ as _LIB_DOC
@@ -46,8 +48,6 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     from upernet_ref.model.upernet import build_model
 
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = read_checkpoint_file(path)
     if args.config:
         cfg = configs.get_config(args.config)
@@ -58,7 +58,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
                          f"(one of {', '.join(configs.list_configs())})")
     cfg = configs.override(cfg, args.overrides)
     model = build_model(cfg)
-    load_weights(model, state)
+    load_weights(model, state, where=str(path))
     if getattr(args, "fast", False):
         from upernet_ref.perf.fast import fast_inference_model
         model = fast_inference_model(model, device)
@@ -91,6 +91,7 @@ def _jsonable(x: typing.Any) -> typing.Any:
     return x
 
 
+@command("upernet eval")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet eval", description=_LIB_DOC.split("\n")[0])
     add_inference_arguments(parser)
@@ -105,29 +106,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    try:
+    with before_work():
         info = init_distributed(args.device)  # joins torchrun's group: each rank takes a shard
-    except (ValueError, RuntimeError) as error:
-        print(f"upernet eval: error: {error}", file=sys.stderr)
-        return 2
     try:
         return _run(args, info.device)
     finally:
         cleanup(info)
 
 
-def _run(args: argparse.Namespace, device: torch.device) -> int:
+def results_path(args: argparse.Namespace, cfg: Config, split: str) -> Path:
+    """Where the JSON results go, checked writable before any work: `--json`, or next to the
+    checkpoint (`<stem>_eval_<split>_<protocol>.json`), or in the current folder when the
+    checkpoint's folder cannot be written."""
+    if args.json:
+        path = Path(args.json)
+        check_writable_folder(path.parent, "--json")
+        return path
+    ckpt = Path(args.checkpoint)
+    scales = args.scales or cfg.test.scales
+    flip = cfg.test.flip if args.flip is None else args.flip
+    tag = protocol_tag(args.mode or cfg.test.mode, scales, flip, args.fast, args.limit)
+    name = f"{ckpt.stem}_eval_{split}_{tag}.json"
     try:
+        return check_writable_folder(ckpt.parent, "checkpoint folder") / name
+    except UsageError:
+        return check_writable_folder(Path.cwd(), "current folder (for the results file)") / name
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
+    with before_work():
         model, cfg = load_model(args, device)
         from upernet_ref.data.datasets import build_dataset
         from upernet_ref.data.transforms import test_transform
         split = args.split or cfg.data.val_split
         dataset = build_dataset(cfg, split, args.data_root, test_transform(cfg.data))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        print(f"upernet eval: error: {error}", file=sys.stderr)
-        return 2
+        rank, world = _world()
+        json_path = results_path(args, cfg, split) if rank == 0 else None
 
-    rank, world = _world()
     if rank == 0:
         count = (f"{len(dataset)} images" if not args.limit or args.limit >= len(dataset)
                  else f"the first {args.limit} of {len(dataset)} images")
@@ -146,21 +161,10 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     print(f"{result['num_images']} images in {result['seconds']:.1f} s")
     result.update(config=cfg.name, checkpoint=str(args.checkpoint), split=split,
                   dataset=cfg.data.dataset, fast=bool(args.fast))
-    json_path = Path(args.json) if args.json else None
-    if json_path is None:
-        ckpt = Path(args.checkpoint)
-        tag = protocol_tag(result["mode"], result["scales"], result["flip"], args.fast, args.limit)
-        json_path = ckpt.with_name(f"{ckpt.stem}_eval_{split}_{tag}.json")
-    text = json.dumps(_jsonable(result), indent=2)
-    try:
-        json_path.write_text(text)
-    except OSError:
-        if args.json:
-            raise
-        json_path = Path.cwd() / json_path.name  # checkpoint folder not writable
-        json_path.write_text(text)
+    json_path.write_text(json.dumps(_jsonable(result), indent=2))
     print(f"results written to {json_path}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

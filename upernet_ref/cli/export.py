@@ -4,13 +4,17 @@ import argparse
 import sys
 import time
 import torch
-from upernet_ref.cli.common import parse_pair, positive_int
+from pathlib import Path
+
+from upernet_ref.cli.common import check_writable_folder, command, parse_pair, positive_int
+from upernet_ref.errors import UsageError, before_work
 from upernet_ref.configs import get_config
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.export import (export_onnx, export_torch)
 from upernet_ref.perf.export import __doc__ as _LIB_DOC
 
 
+@command("upernet export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=_LIB_DOC.split("\n\n")[0])
     parser.add_argument("--config", help="configuration name (default: the one stored in "
@@ -26,26 +30,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args = parser.parse_args(argv)
 
-    from upernet_ref.checkpoints import CheckpointError, load_weights, read_checkpoint_file
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     from upernet_ref.configs import from_dict, list_configs
-    try:
+    with before_work():
         state = read_checkpoint_file(args.checkpoint) if args.checkpoint else None
         if args.config:
             cfg = get_config(args.config)
         elif isinstance(state, dict) and isinstance(state.get("config"), dict):
             cfg = from_dict(state["config"])
         else:
-            raise ValueError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
+            raise UsageError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
                               if args.checkpoint else "pass a checkpoint or")
                              + f" --config NAME (one of {', '.join(list_configs())})")
         size = args.size or tuple(cfg.data.crop_size)
         torch.manual_seed(0)
         model = build_model(cfg).eval()
         if state is not None:
-            load_weights(model, state)
-    except (CheckpointError, KeyError, ValueError) as err:
-        print(f"upernet export: error: {err}", file=sys.stderr)
-        return 2
+            load_weights(model, state, where=args.checkpoint)
+        check_writable_folder(Path(args.out).parent, "--out")
     expected = ".onnx" if args.format == "onnx" else ".pt2"
     if not args.out.endswith(expected):
         print(f"upernet export: note: --format {args.format} writes {expected} files; "
@@ -56,9 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             report = export_onnx(model, size, args.out, args.batch, args.opset, not args.no_check)
         else:
             report = export_torch(model, size, args.out, args.batch, not args.no_check)
-    except ValueError as err:
-        print(f"upernet export: error: {err}", file=sys.stderr)
-        return 2
+    except ValueError as err:  # a size the model cannot take: the argument is at fault
+        raise UsageError(str(err)) from None
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(f"exported {cfg.name} at {args.batch}x3x{size[0]}x{size[1]} -> {report['path']}")
     for key, value in report.items():

@@ -5,11 +5,15 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 from upernet_ref import configs
+from upernet_ref.cli.common import check_writable_folder, command
+from upernet_ref.errors import before_work
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
 from upernet_ref.perf.memory import __doc__ as _LIB_DOC
 
 
+@command("upernet memory")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet memory", description=_LIB_DOC.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -30,12 +34,11 @@ def main(argv: list[str] | None = None) -> int:
 
     names = list(configs.PUBLISHED) if args.config == "all" else [args.config]
     amps = ("none", "bf16") if args.amp == "both" else (args.amp,)
-    try:
+    with before_work():
         for name in names:
             configs.get_config(name)
-    except (KeyError, ValueError) as err:
-        print(f"upernet memory: error: {err}", file=sys.stderr)
-        return 2
+        if args.json:
+            check_writable_folder(Path(args.json).parent, "--json")
     rows: list[dict[str, typing.Any]] = []
     print(f"{'config':32s} {'amp':5s} {'input':>11s} {'weights':>8s} {'momentum':>9s} "
           f"{'activ.':>8s} {'temp':>7s} {'total MB':>9s}   largest batch in {args.memory_gb:g} GB")

@@ -5,10 +5,16 @@ import sys
 from pathlib import Path
 from upernet_ref.training.distributed import resolve_device
 from upernet_ref.cli.eval import add_inference_arguments, load_model
-from upernet_ref.evaluation.predict import (class_names_and_palette, describe_prediction, find_images, output_clashes, predict_image, read_image, save_prediction)
+from upernet_ref.cli.common import check_writable_folder, command
+from upernet_ref.data.images import IMAGE_SUFFIXES, read_image
+from upernet_ref.errors import DataError, UsageError, before_work
+from upernet_ref.evaluation.predict import (class_names_and_palette, describe_prediction,
+                                            find_images, output_clashes, predict_image,
+                                            save_prediction)
 from upernet_ref.evaluation.predict import __doc__ as _LIB_DOC
 
 
+@command("upernet predict")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet predict", description=_LIB_DOC.split("\n")[0])
     add_inference_arguments(parser)
@@ -22,26 +28,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="image files, and folders searched recursively for images")
     args = parser.parse_args(argv)
 
-    out_dir = Path(args.out)
-    images = find_images(args.inputs)
-    if not images:
-        print(f"upernet predict: error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
-    clashes = output_clashes(images, out_dir)
-    if clashes:
-        lines = "".join(f"\n  {out} <- {', '.join(map(str, paths))}" for out, paths in clashes)
-        print(f"upernet predict: error: these inputs would write the same output file, so "
-              f"nothing was predicted:{lines}\nGive the folder that holds them instead (its "
-              f"sub-folders are kept under --out), rename them, or predict them into separate "
-              f"--out folders.", file=sys.stderr)
-        return 2
-    try:
+    with before_work():
+        out_dir = Path(args.out)
+        images = find_images(args.inputs)
+        if not images:
+            raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
+                             f"{' '.join(args.inputs)}")
+        clashes = output_clashes(images, out_dir)
+        if clashes:
+            lines = "".join(f"\n  {out} <- {', '.join(map(str, paths))}" for out, paths in clashes)
+            raise UsageError(f"these inputs would write the same output file, so nothing was "
+                             f"predicted:{lines}\nGive the folder that holds them instead (its "
+                             f"sub-folders are kept under --out), rename them, or predict them "
+                             f"into separate --out folders.")
+        check_writable_folder(out_dir, "--out")
         device = resolve_device(args.device)
         model, cfg = load_model(args, device)
         classes, palette = class_names_and_palette(cfg)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:
-        print(f"upernet predict: error: {error}", file=sys.stderr)
-        return 2
     model.to(device).eval()
     options = dict(mode=args.mode, scales=args.scales, flip=args.flip, crop_size=args.crop,
                    stride=args.stride)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, name in images:
         try:
             image = read_image(path)
-        except ValueError as error:
+        except DataError as error:  # reported, and the other images are still predicted
             print(f"upernet predict: error: {error}", file=sys.stderr)
             failed.append(path)
             continue

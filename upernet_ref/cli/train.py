@@ -4,10 +4,13 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
+
 import torch
 from upernet_ref import configs
-from upernet_ref.cli.common import positive_int
-from upernet_ref.training.trainer import (NonFiniteLossError, train)
+from upernet_ref.cli.common import check_writable_folder, command, positive_int
+from upernet_ref.errors import before_work
+from upernet_ref.training.trainer import train
 from upernet_ref.training.trainer import __doc__ as _LIB_DOC
 
 
@@ -64,30 +67,18 @@ def fast_train_overrides(device: str | None) -> list[str]:
             f"train.compile={settings.compile}"]
 
 
+@command("upernet train")
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
+    with before_work():
         if args.fast:  # the explicit overrides come after, so they win
             overrides = fast_train_overrides(args.device) + overrides
         cfg = configs.get_config(args.config, overrides)
-    except (KeyError, ValueError, TypeError) as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = train(cfg, args.data_root, args.out, args.resume, args.device,
-                       args.per_device_batch, args.max_iters, args.stop_at, args.weights,
-                       args.backbone_weights, progress=False if args.no_progress else None,
-                       validate=not args.no_val)
-    except NonFiniteLossError as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 3
-    except OSError as err:  # a file or folder that cannot be read or written: name it
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"upernet train: error: {where}{err.strerror or err}", file=sys.stderr)
-        return 1
-    except (ValueError, RuntimeError) as err:
-        print(f"upernet train: error: {err}", file=sys.stderr)
-        return 1
+        check_writable_folder(args.out or Path("runs") / cfg.name, "--out")
+    result = train(cfg, args.data_root, args.out, args.resume, args.device,
+                   args.per_device_batch, args.max_iters, args.stop_at, args.weights,
+                   args.backbone_weights, progress=False if args.no_progress else None,
+                   validate=not args.no_val)
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -24,43 +24,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode
 
+from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, read_image
+from upernet_ref.errors import DataError
 from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                               CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
                               IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, describe_values, label_lut,
                               voc_colormap)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """A bad sample on disk; the message names the file and the problem."""
-
-
 # ------------------------------------------------------------------------------------------
-# Decoding
-
-
-def _decode(data: bytes, mode: ImageReadMode) -> torch.Tensor:
-    """torchvision's libjpeg / libpng decoders (about 2x faster than PIL on a Cityscapes label).
-
-    torchvision 0.29 marks its image I/O deprecated in favour of TorchCodec; the pinned
-    version has it, so the warning is silenced here (per call: pytest resets global filters).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-
-
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 (3, H, W) RGB; grey and CMYK JPEGs are converted."""
-    try:
-        return _decode(Path(path).read_bytes(), ImageReadMode.RGB)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file is missing") from None
-    except (RuntimeError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})") from None
+# Decoding (images: `upernet_ref.data.images`, the one image reader)
 
 
 def decode_label(data: bytes, name: str = "<label>") -> np.ndarray:
@@ -74,7 +48,7 @@ def decode_label(data: bytes, name: str = "<label>") -> np.ndarray:
     is_png = data[:8] == b"\x89PNG\r\n\x1a\n"
     if is_png and len(data) > 26 and data[24] == 8 and data[25] in (0, 3):  # IHDR: depth, colour type
         try:
-            tensor = _decode(data, ImageReadMode.UNCHANGED)
+            tensor = decode_bytes(data, ImageReadMode.UNCHANGED)
         except RuntimeError as e:
             raise DataError(f"{name}: unreadable or truncated label ({e})") from None
         return tensor[0].numpy()
@@ -287,8 +261,8 @@ class HFSegmentation(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
         row, where = self.hf_dataset[index], self.describe(index)
         image = row[self.image_column]  # a PIL image (datasets.Image feature)
-        rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (3, H, W)
+        image = (pil_to_rgb(image, where) if isinstance(image, Image.Image)  # (3, H, W)
+                 else torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))))
         ann = row[self.annotation_column]
         if isinstance(ann, Image.Image) and ann.mode not in ("L", "P", "I", "I;16"):
             raise DataError(f"{where}: annotation has mode {ann.mode!r}, expected class indices")

@@ -36,8 +36,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, voc_colormap
-from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, describe_values, label_lut,
-                       read_image, read_label)
+from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, describe_values,
+                                      label_lut, read_label)
+from upernet_ref.data.images import read_image
 
 
 def parallel_map(fn: Callable, items: list, workers: int, desc: str, progress: bool = True) -> list:

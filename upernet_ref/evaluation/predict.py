@@ -28,10 +28,8 @@ from PIL import Image
 
 from upernet_ref.configs import Config
 from upernet_ref.evaluation.inference import inference
+from upernet_ref.data.images import IMAGE_SUFFIXES
 from upernet_ref.data.transforms import overlay, test_transform
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     """(image, output name) for the files given and the images (by extension, sorted) of every
@@ -46,7 +44,7 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
         if path.is_dir():
             found += [(p, p.relative_to(path).with_suffix("").as_posix())
                       for p in sorted(path.rglob("*"))
-                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             found.append((path, path.stem))  # a missing or unreadable file is reported when read
     unique: dict[tuple[Path, str], tuple[Path, str]] = {}
@@ -80,18 +78,6 @@ def describe_prediction(labels: torch.Tensor, classes: list[str]) -> str:
     order = sorted((i for i in range(len(classes)) if counts[i]), key=lambda i: -counts[i])
     shares = ", ".join(f"{classes[i]} {100 * counts[i] / (h * w):.1f}%" for i in order)
     return f"{h}x{w} (HxW), classes: {shares}"
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """uint8 (3, H, W) RGB tensor of an image file, or a ValueError naming the file."""
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except Exception as error:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise ValueError(f"{path}: cannot read image ({type(error).__name__}: {error})") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int, int]]]:

@@ -36,6 +36,7 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
 from upernet_ref.configs import Config
+from upernet_ref.errors import UperNetError, before_work
 from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
                           all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           batch_decomposition, cleanup, init_distributed, use_sync_bn)
@@ -47,8 +48,11 @@ from upernet_ref.training.runtime import (StopFlag, autocast, choose_per_device_
 from upernet_ref.training.schedule import build_optimizer, build_scheduler
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before applying that update."""
+class NonFiniteLossError(UperNetError, RuntimeError):
+    """The loss (or a weight) became NaN or infinite; training stopped before applying that
+    update or writing anything non-finite (exit 3)."""
+
+    exit_code = 3
 
 
 @dataclasses.dataclass
@@ -116,7 +120,8 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
     """
     cfg = configs.get_config(cfg)
     out_dir = Path(out_dir or Path("runs") / cfg.name)
-    info = init_distributed(device)
+    with before_work():  # a bad --device or torchrun environment
+        info = init_distributed(device)
     try:
         with deterministic_mode(cfg.train.deterministic, info.device):
                 return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
@@ -136,68 +141,71 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     end = min(max_iters, stop_at) if stop_at else max_iters
     seed_everything(tc.seed)  # same initial weights on every process
 
-    # ---- data
-    if train_dataset is None:
-        if data_root and cfg.data.dataset == "demo":
-            say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
-                f"demo scenes")
-        train_dataset, built_val = build_datasets(cfg, data_root)
-        val_dataset = val_dataset if val_dataset is not None else built_val
-    if len(train_dataset) == 0:
-        raise ValueError(f"the training set of {cfg.name} is empty")
+    # Everything up to the first step is set-up: a problem here (data folder, weights, resume)
+    # is the user's input, reported by `upernet train` with exit status 2.
+    with before_work():
+        # ---- data
+        if train_dataset is None:
+            if data_root and cfg.data.dataset == "demo":
+                say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
+                    f"demo scenes")
+            train_dataset, built_val = build_datasets(cfg, data_root)
+            val_dataset = val_dataset if val_dataset is not None else built_val
+        if len(train_dataset) == 0:
+            raise ValueError(f"the training set of {cfg.name} is empty")
 
-    # ---- model, batch decomposition
-    model = build_model(cfg)
-    if backbone_weights:
-        load_backbone_weights(model, backbone_weights)
-    if weights:
-        load_weights(model, weights)
-    model.to(dev)
-    if tc.channels_last:
-        model.to(memory_format=torch.channels_last)
-    share = batch_decomposition(tc.batch_size, info.world_size)[0]
-    sync_bn = use_sync_bn(tc.norm, info.world_size, dev)
-    # Plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image.
-    smallest = 1 if sync_bn else 2
-    if per_device_batch is None:
-        per_device_batch = choose_per_device_batch(model, cfg, dev, share, smallest)
-        if info.distributed:  # every process must use the same: take the smallest
-            t = torch.tensor([-per_device_batch], device=dev)
-            per_device_batch = -int(all_reduce_max(t).item())
-    per_device_batch, accum = batch_decomposition(tc.batch_size, info.world_size, per_device_batch)
-    if per_device_batch < smallest:
-        raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
-                         "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
-                         "channel; use --per-device-batch 2 or more")
-    if sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x "
-        f"{info.world_size} process(es) x {accum} accumulation step(s); "
-        f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {dev}; amp {tc.amp}; "
-        f"{max_iters} iterations (poly schedule){f', stopping at {end}' if end < max_iters else ''}")
+        # ---- model, batch decomposition
+        model = build_model(cfg)
+        if backbone_weights:
+            load_backbone_weights(model, backbone_weights)
+        if weights:
+            load_weights(model, weights)
+        model.to(dev)
+        if tc.channels_last:
+            model.to(memory_format=torch.channels_last)
+        share = batch_decomposition(tc.batch_size, info.world_size)[0]
+        sync_bn = use_sync_bn(tc.norm, info.world_size, dev)
+        # Plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image.
+        smallest = 1 if sync_bn else 2
+        if per_device_batch is None:
+            per_device_batch = choose_per_device_batch(model, cfg, dev, share, smallest)
+            if info.distributed:  # every process must use the same: take the smallest
+                t = torch.tensor([-per_device_batch], device=dev)
+                per_device_batch = -int(all_reduce_max(t).item())
+        per_device_batch, accum = batch_decomposition(tc.batch_size, info.world_size, per_device_batch)
+        if per_device_batch < smallest:
+            raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
+                             "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
+                             "channel; use --per-device-batch 2 or more")
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x "
+            f"{info.world_size} process(es) x {accum} accumulation step(s); "
+            f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {dev}; amp {tc.amp}; "
+            f"{max_iters} iterations (poly schedule){f', stopping at {end}' if end < max_iters else ''}")
 
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc, max_iters)
-    scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
+        optimizer = build_optimizer(model, tc)
+        scheduler = build_scheduler(optimizer, tc, max_iters)
+        scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
 
-    # ---- resume
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    ckpt_path = _checkpoint_to_resume(resume, last_path, say)
-    if ckpt_path is not None:
-        start, best_miou = restore_training_state(ckpt_path, cfg, info, max_iters, model,
-                                                  optimizer, scheduler, scaler, say)
-    else:
-        start, best_miou = 0, -1.0
-        torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
+        # ---- resume
+        last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+        ckpt_path = _checkpoint_to_resume(resume, last_path, say)
+        if ckpt_path is not None:
+            start, best_miou = restore_training_state(ckpt_path, cfg, info, max_iters, model,
+                                                      optimizer, scheduler, scaler, say)
+        else:
+            start, best_miou = 0, -1.0
+            torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
 
-    raw_model = model  # what is saved and evaluated
-    ddp = None
-    forward_model: nn.Module = model
-    if info.distributed:
-        ddp = forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if tc.compile:  # compile the DDP wrapper, not the inner model: then the gradient
-        forward_model = torch.compile(forward_model)  # all-reduce overlaps the backward pass
+        raw_model = model  # what is saved and evaluated
+        ddp = None
+        forward_model: nn.Module = model
+        if info.distributed:
+            ddp = forward_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        if tc.compile:  # compile the DDP wrapper, not the inner model: then the gradient
+            forward_model = torch.compile(forward_model)  # all-reduce overlaps the backward pass
 
     # ---- data order: fixed by (seed, iteration)
     order = GlobalBatchOrder(len(train_dataset), tc.batch_size, tc.seed)
