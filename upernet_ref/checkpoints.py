@@ -11,14 +11,30 @@ Three layouts exist for the same network (spec section 2):
 `convert_state_dict` renames any of them to this package's names; `load_weights` reads a file as
 published (a dict with "model" or "state_dict", or a bare state_dict, "module." prefixes) and
 loads it strictly, failing with a message that lists missing and unexpected keys and shape
-mismatches. `save_checkpoint` writes through a temporary file and a rename, so a crash while
-saving never destroys the previous checkpoint.
+mismatches (`reinit_classifier=True` fine-tunes into another class count). `save_checkpoint`
+writes through a temporary file and a rename, so a crash while saving never destroys the
+previous checkpoint.
+
+Opening a file never runs code from it. A `.pt`/`.pth` file is a pickle, and a pickle can name
+any Python function to call while it is read (`os.system` included); the checkpoints this project
+points users to come from third parties. So every file is read with
+`torch.load(weights_only=True)`, whose unpickler only rebuilds tensors and plain containers
+(dicts, lists, tuples, numbers, strings), plus numpy arrays of plain numbers for files written
+before our RNG snapshots became tensors. A file that needs anything else is refused, naming what
+it needs; `trust=True` (`--trust-checkpoint`) opens it with the full unpickler, with a warning, for
+a file whose source the user trusts. Hugging Face folders (`model.safetensors` + `config.json`)
+and `.safetensors` files hold raw tensors only and are read with `safetensors`.
 """
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import re
+import sys
 import tempfile
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +48,13 @@ SOURCES = ("upernet_ref", "sssegmentation", "mmsegmentation", "torchvision", "mm
 
 class CheckpointError(UperNetError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+# The Hugging Face layout (huggingface_hub's constants): a folder with these two files.
+SAFETENSORS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# The two 1x1 convs whose output channels are the classes (the paper's per-pixel classifiers).
+CLASSIFIERS = ("decode_head.classifier.", "aux_head.classifier.")
 
 
 # (pattern, replacement) pairs, applied first match wins, per source.
@@ -126,21 +149,137 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "auto") -> d
     return out
 
 
-def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The whole dict stored in a checkpoint file, with a clear error if it cannot be read."""
+# Globals `torch.load(weights_only=True)` may call besides its defaults: numpy's array
+# reconstruction, which the RNG snapshots of checkpoints written before 2026-12 contain
+# (numpy's MT19937 key array). They rebuild arrays of plain numbers and run nothing else;
+# numpy 1.x pickles name the module `numpy.core`, numpy 2.x `numpy._core`.
+def _numpy_array_globals() -> list:
+    import numpy as np
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+            (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+TRUST_HINT = ("if you trust where the file comes from, pass --trust-checkpoint (trust=True in "
+              "Python), or convert it once to a safe folder: upernet export --checkpoint FILE "
+              "--trust-checkpoint --format safetensors --out DIR [--config NAME]")
+
+
+def _refused_globals(path: Path) -> list[str] | None:
+    """What a pickle `weights_only` refused would call, read from its opcodes (nothing is
+    executed); None when the file is not a pickle at all (junk, or truncated)."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):  # torch.save's format: the pickle is data.pkl inside
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            return None
+    else:  # legacy torch.save (several pickles in a row) or a plain pickle
+        names, strings, complete = [], [], 0
+        with open(path, "rb") as f:
+            for _ in range(5):
+                try:
+                    for op, arg, _ in pickletools.genops(f):
+                        if op.name == "GLOBAL":  # "module name"
+                            names.append(arg.replace(" ", "."))
+                        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # after 2 strings
+                            names.append(".".join(strings[-2:]))
+                        elif isinstance(arg, str):
+                            strings.append(arg)
+                    complete += 1
+                except Exception:  # the raw tensor data after the pickles, or junk
+                    break
+        if not complete:
+            return None
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+               for g in _numpy_array_globals()}
+    safe_prefixes = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+    return list(dict.fromkeys(n for n in names if n not in allowed and not n.startswith(safe_prefixes)))
+
+
+def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    """The whole dict stored in a checkpoint, without running code from it.
+
+    Args:
+        path: a `torch.save`d file (ours, sssegmentation's, mmsegmentation's, torchvision's), a
+            Hugging Face folder (`model.safetensors` + `config.json`) or a `.safetensors` file.
+        trust: for a pickle that `weights_only` refuses (it names Python objects to build),
+            open it with the full unpickler anyway, after a warning on stderr. That runs any
+            code the file names: only for files from a source you trust.
+    Returns:
+        The stored dict; for a folder or `.safetensors` file `{"model": state_dict}` plus
+        `"config"` when a `config.json` is there.
+    Raises:
+        CheckpointError: one line naming the file and the problem.
+    """
     path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        return _read_safetensors(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols: the error says it
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        names = _refused_globals(path)
+        if names is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch "
+                                  f"file?)") from None
+        needs = (f"would call {', '.join(names[:5])}{' and more' if len(names) > 5 else ''}"
+                 if names else "needs more than tensors and plain data")
+        if not trust:
+            raise CheckpointError(f"{path}: refused to open: it is a pickle that {needs} while "
+                                  f"loading, which could run any code; {TRUST_HINT}") from None
+        print(f"warning: {path}: --trust-checkpoint: opening it with the full unpickler; it "
+              f"{needs}, and whatever code the file names runs", file=sys.stderr)
+        obj = _load_trusted(path)
     except Exception as err:  # truncated, not a torch file, ...
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        if len(first_line) > 160:
-            first_line = first_line[:157] + "..."
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch "
-                              f"file?): {type(err).__name__}: {first_line}") from None
+                              f"file?): {_first_line(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def _first_line(err: BaseException) -> str:
+    line = (str(err).strip().splitlines() or [""])[0]
+    line = line[:157] + "..." if len(line) > 160 else line
+    return f"{type(err).__name__}: {line}"
+
+
+def _load_trusted(path: Path) -> Any:
+    """The full unpickler, for a file the user said they trust (never the default)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint: {_first_line(err)}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """`{"model": tensors, "config": config.json}` of a Hugging Face folder or .safetensors file."""
+    from safetensors.torch import load_file
+
+    weights = path / SAFETENSORS_NAME if path.is_dir() else path
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: no {SAFETENSORS_NAME} in this folder (a model folder "
+                              f"holds {SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
+                              f"upernet export --format safetensors)" if path.is_dir()
+                              else f"{path}: no such checkpoint file")
+    try:
+        obj: dict[str, Any] = {"model": load_file(weights, device="cpu")}
+    except Exception as err:
+        raise CheckpointError(f"{weights}: not a readable safetensors file: {_first_line(err)}"
+                              ) from None
+    config_file = weights.parent / CONFIG_NAME
+    if config_file.is_file():
+        try:
+            obj["config"] = json.loads(config_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_file}: not valid JSON: {err}") from None
     return obj
 
 
@@ -168,10 +307,11 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     if not missing and not unexpected and mismatched and all(
             m.split(":")[0] in classifiers for m in mismatched):  # only the class count differs
         key = next(k for k in classifiers if k in state_dict)
+        have, want = state_dict[key].shape[0], expected[key].shape[0]
         raise CheckpointError(
-            f"{where} was trained for {state_dict[key].shape[0]} classes, the model has "
-            f"{expected[key].shape[0]}: give the configuration it was trained with (--config), "
-            f"or --data.num_classes={state_dict[key].shape[0]} for your own data")
+            f"{where} was trained for {have} classes, the model has {want}: give the "
+            f"configuration it was trained with (--config), or fine-tune into {want} classes "
+            f"with --reinit-classifier (reinit_classifier=True in Python)")
     if missing or unexpected or mismatched:
         def block(title: str, items: list[str]) -> str:
             shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
@@ -188,15 +328,15 @@ def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
 
 
 def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
-               where: str | None = None) -> tuple[str, dict[str, Any]]:
-    """(name for messages, state_dict in this package's names) of a file or dict.
+               where: str | None = None, trust: bool = False) -> tuple[str, dict[str, Any]]:
+    """(name for messages, state_dict in this package's names) of a file, folder or dict.
 
     A state_dict with NaN / inf weights or BatchNorm statistics (a diverged run) is refused,
     naming the tensors: it would load and then predict garbage.
     """
     is_file = isinstance(checkpoint, (str, os.PathLike))
     where = where or (str(checkpoint) if is_file else "checkpoint")
-    obj = read_checkpoint_file(checkpoint) if is_file else checkpoint
+    obj = read_checkpoint_file(checkpoint, trust) if is_file else checkpoint
     try:
         state_dict = convert_state_dict(extract_state_dict(obj), source)
     except CheckpointError as err:
@@ -208,16 +348,54 @@ def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
     return where, state_dict
 
 
-def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
-                 source: str = "auto", strict: bool = True, where: str | None = None) -> nn.Module:
-    """Load a checkpoint (file path, checkpoint dict or state_dict) into `model`, strictly.
+def _num_classes(state_dict: Mapping[str, Any]) -> int | None:
+    weight = state_dict.get("decode_head.classifier.weight")
+    return int(weight.shape[0]) if weight is not None else None
 
-    Accepts our training checkpoints and the published sssegmentation / mmsegmentation files
-    as they are released. With `strict=False` only keys present in both are loaded (shape
-    mismatches still fail); one with NaN / inf tensors is refused. `where` names a dict in
-    messages (default: the file's path, or "checkpoint"). Returns the model.
+
+def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
+                 source: str = "auto", strict: bool = True, where: str | None = None,
+                 reinit_classifier: bool = False, trust: bool = False,
+                 log: typing.Callable[[str], None] | None = None) -> nn.Module:
+    """Load a checkpoint (file, Hugging Face folder, checkpoint dict or state_dict) into `model`.
+
+    Accepts our training checkpoints, our `save_pretrained` folders and `.safetensors` files, and
+    the published sssegmentation / mmsegmentation files as they are released. Strict: every key
+    must fit, a class-count mismatch is refused in one line naming both counts, and a state_dict
+    with NaN / inf tensors is refused.
+
+    Args:
+        strict: False loads only the keys present in both (shape mismatches still fail).
+        where: names a dict in messages (default: the file's path, or "checkpoint").
+        reinit_classifier: load everything but the two classifiers (`decode_head.classifier`,
+            `aux_head.classifier`) and re-initialise those, so that weights trained on one label
+            set (ADE20K's 150 classes) fine-tune into the model's `num_classes` (smp's
+            `strict=False`, transformers' `ignore_mismatched_sizes`). Says so through `log`.
+        trust: see `read_checkpoint_file` (opening a pickle that needs more than plain data).
+        log: where the one-line note of `reinit_classifier` goes (default: stderr).
+    Returns:
+        The model.
     """
-    where, state_dict = _converted(checkpoint, source, where)
+    where, state_dict = _converted(checkpoint, source, where, trust)
+    have, want = _num_classes(state_dict), _num_classes(model.state_dict())
+    if reinit_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIERS)}
+        for name in ("decode_head", "aux_head"):
+            head = getattr(model, name, None)
+            if head is not None:
+                head.classifier.reset_parameters()  # a fresh layer, as build_model makes it
+        expected = model.state_dict()
+        if not strict:
+            state_dict = {k: v for k, v in state_dict.items() if k in expected}
+        kept = expected if not strict else {k: v for k, v in expected.items()
+                                            if k.startswith(CLASSIFIERS)}
+        check_compatible(model, {**kept, **state_dict}, where)
+        model.load_state_dict(state_dict, strict=False)
+        trained_on = f"{have} classes" if have is not None else "no classifier"
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"{where}: loaded all weights but the classifiers (checkpoint: {trained_on}); "
+            f"decode_head.classifier and aux_head.classifier re-initialised for {want} classes")
+        return model
     if strict:
         check_compatible(model, state_dict, where)
         model.load_state_dict(state_dict, strict=True)
@@ -266,13 +444,14 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_backbone_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],
-                          source: str = "auto") -> nn.Module:
+                          source: str = "auto", trust: bool = False) -> nn.Module:
     """Initialise `model.backbone` from ImageNet weights (torchvision, or open-mmlab's v1c).
 
     Only the backbone's keys are used, and all of them must be there (strict). A torchvision
-    ResNet fits the plain stem (`model.stem="plain"`), resnet50_v1c the deep one.
+    ResNet fits the plain stem (`model.stem="plain"`), resnet50_v1c the deep one. `trust`: see
+    `read_checkpoint_file`.
     """
-    where, state_dict = _converted(checkpoint, source)
+    where, state_dict = _converted(checkpoint, source, trust=trust)
     backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     check_compatible(model.backbone, backbone, where)
     model.backbone.load_state_dict(backbone, strict=True)

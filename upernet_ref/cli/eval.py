@@ -25,8 +25,13 @@ from upernet_ref.evaluation.evaluate import __doc__ as _LIB_DOC
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by `upernet eval` and `upernet predict`."""
-    parser.add_argument("--checkpoint", required=True, help="our checkpoint, or a published "
-                        "sssegmentation / mmsegmentation file (then --config is needed)")
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint, a Hugging Face "
+                        "folder (upernet export --format safetensors), a .safetensors file, or a "
+                        "published sssegmentation / mmsegmentation file (then --config is needed)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open a checkpoint that needs more than tensors and plain data with "
+                             "the full unpickler: this runs any code the file contains, so only "
+                             "for files whose source you trust (see README)")
     parser.add_argument("--config", help="configuration name (default: the one in the checkpoint)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="config override, e.g. test.stride=256x256")
@@ -48,7 +53,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     from upernet_ref.model.upernet import build_model
 
     path = Path(args.checkpoint)
-    state = read_checkpoint_file(path)
+    state = read_checkpoint_file(path, trust=args.trust_checkpoint)
     if args.config:
         cfg = configs.get_config(args.config)
     elif isinstance(state, dict) and isinstance(state.get("config"), dict):

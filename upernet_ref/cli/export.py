@@ -19,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=_LIB_DOC.split("\n\n")[0])
     parser.add_argument("--config", help="configuration name (default: the one stored in "
                         "--checkpoint; needed for published files and without a checkpoint)")
-    parser.add_argument("--checkpoint", help="weights to load (default: random initialisation)")
+    parser.add_argument("--checkpoint", help="weights to load (default: random initialisation): "
+                        "our checkpoint, a Hugging Face folder, a .safetensors file or a "
+                        "published file")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open a checkpoint that needs more than tensors and plain data with "
+                             "the full unpickler: this runs any code the file contains, so only "
+                             "for files whose source you trust (see README)")
     parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
                         help="ONNX file or torch.export program (default: onnx)")
     parser.add_argument("--size", type=parse_pair, default=None,
@@ -33,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     from upernet_ref.configs import from_dict, list_configs
     with before_work():
-        state = read_checkpoint_file(args.checkpoint) if args.checkpoint else None
+        state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
+                 if args.checkpoint else None)
         if args.config:
             cfg = get_config(args.config)
         elif isinstance(state, dict) and isinstance(state.get("config"), dict):

@@ -36,7 +36,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="schedule length (default epochs x iterations per epoch)")
     parser.add_argument("--stop-at", type=positive_int, default=None,
                         help="stop with a checkpoint after this iteration (schedule unchanged)")
-    parser.add_argument("--weights", default=None, help="initialise the whole model (fine-tune)")
+    parser.add_argument("--weights", default=None,
+                        help="initialise the whole model (fine-tune): our checkpoint, a published "
+                             "sssegmentation / mmsegmentation file, a Hugging Face folder "
+                             "(upernet export --format safetensors) or a .safetensors file")
+    parser.add_argument("--reinit-classifier", action="store_true",
+                        help="with --weights: load all but the two classifiers and re-initialise "
+                             "those for the configuration's classes (fine-tune into another "
+                             "class count, e.g. --data.num_classes=5)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open checkpoint files that need more than tensors and plain data "
+                             "with the full unpickler: this runs any code the file contains, so "
+                             "only for files whose source you trust (see README)")
     parser.add_argument("--backbone-weights", default=None,
                         help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,6 +57,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "bf16/fp16 autocast where the device is fast at it, channels_last, "
                              "torch.compile on CUDA); explicit --train.* overrides still win")
     args, rest = parser.parse_known_args(argv)
+    if args.reinit_classifier and not args.weights:
+        parser.error("--reinit-classifier re-initialises the classifiers of --weights FILE: "
+                     "give --weights")
     overrides = []
     for item in rest:
         key = item[2:] if item.startswith("--") else item
@@ -78,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg, args.data_root, args.out, args.resume, args.device,
                    args.per_device_batch, args.max_iters, args.stop_at, args.weights,
                    args.backbone_weights, progress=False if args.no_progress else None,
-                   validate=not args.no_val)
+                   validate=not args.no_val, reinit_classifier=args.reinit_classifier,
+                   trust_checkpoint=args.trust_checkpoint)
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
     if int(os.environ.get("RANK", "0")) == 0:

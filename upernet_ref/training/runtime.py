@@ -64,8 +64,17 @@ def deterministic_mode(enabled: bool, device: torch.device) -> typing.Iterator[N
 
 
 def rng_state() -> dict[str, typing.Any]:
-    """A snapshot of every random generator this process uses (saved in checkpoints)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """A snapshot of every random generator this process uses (saved in checkpoints).
+
+    Only tensors, numbers and tuples, so that `torch.load(weights_only=True)` reads it back
+    (checkpoints are never unpickled with code execution; see `checkpoints`): numpy's MT19937
+    state, an ndarray in `np.random.get_state()`, is stored as an int64 tensor.
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
              "random": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -73,9 +82,15 @@ def rng_state() -> dict[str, typing.Any]:
 
 
 def set_rng_state(state: dict[str, typing.Any]) -> None:
-    """Restore a `rng_state()` snapshot."""
+    """Restore a `rng_state()` snapshot, or one saved before numpy's state became a tensor
+    (then `state["numpy"]` is `np.random.get_state()`'s tuple itself)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["bit_generator"],
+                       np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     random.setstate(state["random"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

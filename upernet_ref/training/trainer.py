@@ -95,7 +95,8 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
           train_dataset: torch.utils.data.Dataset | None = None,
           val_dataset: torch.utils.data.Dataset | None = None, validate: bool = True,
           handle_signals: bool = True, tensorboard: bool = True,
-          log: typing.Callable[[str], None] | None = None) -> TrainResult:
+          log: typing.Callable[[str], None] | None = None, reinit_classifier: bool = False,
+          trust_checkpoint: bool = False) -> TrainResult:
     """Train `cfg` and return what happened (see `TrainResult`).
 
     Args:
@@ -109,11 +110,16 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
         max_iters: schedule length (default `cfg.train.max_iters` = epochs x iters/epoch).
         stop_at: stop (with a checkpoint) after this iteration, keeping the schedule of
             `max_iters` (a time-limited job, or the first half of a resume test).
-        weights: initialise the whole model from a checkpoint (fine-tuning).
+        weights: initialise the whole model from a checkpoint, a Hugging Face folder or a
+            `.safetensors` file (fine-tuning).
         backbone_weights: initialise the backbone from ImageNet weights (as published).
         progress: tqdm bar (default: on rank 0 when stderr is a terminal).
         train_dataset / val_dataset: use these instead of `cfg.data` (tests, notebooks); the
             train set must return transformed fixed-size items.
+        reinit_classifier: with `weights`, load all but the two classifiers and re-initialise
+            those for `cfg`'s classes (fine-tuning into another label set).
+        trust_checkpoint: open checkpoints that `torch.load(weights_only=True)` refuses with the
+            full unpickler (runs code from the file; see `checkpoints.read_checkpoint_file`).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the update was not applied).
@@ -126,14 +132,16 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
         with deterministic_mode(cfg.train.deterministic, info.device):
                 return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
                           stop_at, weights, backbone_weights, progress, train_dataset,
-                          val_dataset, validate, handle_signals, tensorboard, log)
+                          val_dataset, validate, handle_signals, tensorboard, log,
+                          reinit_classifier, trust_checkpoint)
     finally:
         cleanup(info)
 
 
 def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_device_batch,
            max_iters, stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
-           validate, handle_signals, tensorboard, log) -> TrainResult:
+           validate, handle_signals, tensorboard, log, reinit_classifier=False,
+           trust_checkpoint=False) -> TrainResult:
     tc, dev = cfg.train, info.device
     log = log or (lambda message: print(message, flush=True))
     say = log if info.is_main else (lambda *_: None)
@@ -157,9 +165,10 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         # ---- model, batch decomposition
         model = build_model(cfg)
         if backbone_weights:
-            load_backbone_weights(model, backbone_weights)
+            load_backbone_weights(model, backbone_weights, trust=trust_checkpoint)
         if weights:
-            load_weights(model, weights)
+            load_weights(model, weights, reinit_classifier=reinit_classifier,
+                         trust=trust_checkpoint, log=say)
         model.to(dev)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -193,7 +202,8 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
         ckpt_path = _checkpoint_to_resume(resume, last_path, say)
         if ckpt_path is not None:
             start, best_miou = restore_training_state(ckpt_path, cfg, info, max_iters, model,
-                                                      optimizer, scheduler, scaler, say)
+                                                      optimizer, scheduler, scaler, say,
+                                                      trust_checkpoint)
         else:
             start, best_miou = 0, -1.0
             torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
@@ -383,7 +393,8 @@ def _checkpoint_to_resume(resume: bool | str | Path, last_path: Path,
 def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: int,
                            model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: typing.Any, scaler: torch.amp.GradScaler,
-                           say: typing.Callable[[str], None]) -> tuple[int, float]:
+                           say: typing.Callable[[str], None], trust: bool = False
+                           ) -> tuple[int, float]:
     """Load a trainer checkpoint for an exact continuation; returns (iteration, best mIoU).
 
     Weights, momentum, schedule position, AMP scale and this process's RNG state are restored.
@@ -391,7 +402,10 @@ def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: i
     number of processes keeps the data order (it depends on the iteration only) but restarts the
     random streams.
     """
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, trust)
+    if not all(key in ckpt for key in ("model", "optimizer", "scheduler", "iteration")):
+        raise ValueError(f"{path}: not a training checkpoint (no optimizer and schedule state "
+                         f"to continue from); to start from its weights use --weights {path}")
     saved_cfg = ckpt.get("config", {})
     if saved_cfg.get("model") != configs.to_dict(cfg)["model"]:
         raise ValueError(f"{path}: the checkpoint's model configuration differs from "
