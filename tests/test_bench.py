@@ -97,7 +97,7 @@ def test_out_of_memory_is_recorded_and_the_other_phases_still_run(monkeypatch):
     real = bench.bench_training
 
     def eager_does_not_fit(*args, **kwargs):
-        if len(args) < 8:  # the eager step (the fast one also gets its settings)
+        if kwargs.get("settings") is None:  # the eager step (the fast one gets its settings)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
         return real(*args, **kwargs)
 
@@ -128,3 +128,48 @@ def test_training_compile_failure_falls_back_to_uncompiled(monkeypatch):
     assert fast["train_compile_error"] == "RuntimeError: InductorError: Failed to find C compiler"
     assert "torch.compile" not in fast["train_settings"] and fast["train_images_per_s"] > 0
     assert "torch.compile failed" in format_table(result)
+
+
+def test_the_benchmarked_step_is_the_trained_step_with_the_configuration_s_loss(monkeypatch):
+    """bench times `step.train_step` with the configuration's loss and optimizer: class weights,
+    OHEM, the loss weights and data.ignore_index reach the loss; lr, momentum and weight decay
+    the SGD."""
+    from upernet_ref.configs import override
+    from upernet_ref.training import step as step_mod
+
+    seen = []
+    real_loss, real_step = step_mod.segmentation_loss, step_mod.train_step
+
+    def spy_loss(outputs, target, train_cfg, ignore_index=255):
+        seen.append((train_cfg, ignore_index))
+        return real_loss(outputs, target, train_cfg, ignore_index)
+
+    optimizers = []
+
+    def spy_step(model, batch, optimizer, scaler, cfg, **kwargs):
+        optimizers.append(optimizer)
+        return real_step(model, batch, optimizer, scaler, cfg, **kwargs)
+
+    monkeypatch.setattr(step_mod, "segmentation_loss", spy_loss)
+    monkeypatch.setattr(bench, "train_step", spy_step)
+    cfg = override(get_config("upernet_small_test"), {
+        "train.ohem": True, "train.class_weights": tuple(float(k + 1) for k in range(8)),
+        "train.aux_loss_weight": 0.25, "data.ignore_index": 7, "train.lr": 0.123,
+        "train.weight_decay": 0.0})
+    result = run_bench(cfg, "cpu", size=(32, 32), mode="train", warmup=0, repeats=2)
+    assert result["train_images_per_s"] > 0
+    assert len(seen) == 2 and all(c == cfg.train and i == 7 for c, i in seen)
+    group = optimizers[0].param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.123, 0.9, 0.0)
+    import inspect
+    source = inspect.getsource(bench)
+    assert "cross_entropy" not in source and "SGD(" not in source  # no copy of the loss or SGD
+
+
+def test_bench_takes_configuration_overrides(tmp_path):
+    path = tmp_path / "bench.json"
+    assert main(["--config", "upernet_small_test", "--device", "cpu", "--size", "32x32",
+                 "--mode", "train", "--warmup", "0", "--repeats", "1", "--train.amp=bf16",
+                 "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["train_settings"].startswith("bf16 autocast")

@@ -17,7 +17,7 @@ from upernet_ref.training import distributed
 
 from upernet_ref.training import runtime
 from upernet_ref.cli import train as train_cli
-from upernet_ref.training import trainer as train_mod
+from upernet_ref.training import step as step_mod
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
 from upernet_ref.training.distributed import batch_decomposition
@@ -108,7 +108,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = small_cfg(**{"train.checkpoint_interval": 2})
-    real_loss = train_mod.segmentation_loss
+    real_loss = step_mod.segmentation_loss
     calls = {"n": 0}
 
     def loss_with_nan(outputs, target, train_cfg, ignore_index=255):
@@ -118,7 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             total = total * float("nan")
         return total, parts
 
-    monkeypatch.setattr(train_mod, "segmentation_loss", loss_with_nan)
+    monkeypatch.setattr(step_mod, "segmentation_loss", loss_with_nan)
     with pytest.raises(NonFiniteLossError, match="iteration 4"):
         run(cfg, tmp_path, max_iters=10)
     ckpt = read_checkpoint_file(tmp_path / "last.pt")
@@ -264,7 +264,7 @@ def test_command_line(tmp_path, capsys):
     pytest.importorskip("upernet_ref.data.transforms")
     out = tmp_path / "cli"
     code = train_cli.main(["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
-                           "--no-progress", "--no-val", "--train.lr=0.02", "train.log_interval=1"])
+                           "--no-progress", "--no-val", "--train.lr=0.02", "--train.log_interval=1"])
     assert code == 0
     records = read_log(out / "log.jsonl")
     assert [r["iter"] for r in records] == [1, 2]

@@ -5,7 +5,8 @@ import json
 import sys
 from pathlib import Path
 import torch
-from upernet_ref.cli.common import check_writable_folder, command, parse_pair, positive_int
+from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
+                                    parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.configs import get_config
 from upernet_ref.perf.bench import (format_table, run_bench)
@@ -14,7 +15,8 @@ from upernet_ref.perf.bench import __doc__ as _LIB_DOC
 
 @command("upernet bench")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet bench", description=_LIB_DOC.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="upernet bench", description=_LIB_DOC.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", required=True, help="configuration name")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -38,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="the device's dense bf16/fp16 peak for MFU (default: hardware.PEAK_TFLOPS "
                              "by device name)")
     parser.add_argument("--json", help="write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    args, overrides = parse_args_and_overrides(parser, argv)
 
     with before_work():
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
         if args.threads:
             torch.set_num_threads(args.threads)
-        cfg = get_config(args.config)
+        cfg = get_config(args.config, overrides)
         if args.json:
             check_writable_folder(Path(args.json).parent, "--json")
     result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,

@@ -1,4 +1,5 @@
-"""What the commands share: argparse types and the one error handler (`command`)."""
+"""What the commands share: argparse types, the configuration overrides
+(`parse_args_and_overrides`) and the one error handler (`command`)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,33 @@ from pathlib import Path
 import torch
 
 from upernet_ref.errors import UperNetError, UsageError, before_work, found_before_work
+
+
+OVERRIDES_HELP = ("Any --section.field=value (e.g. --train.lr=0.02, --test.stride=256x256, "
+                  "--data.num_workers=8) overrides the configuration, type-checked (the fields "
+                  "are those of the dataclasses in upernet_ref/configs.py).")
+
+
+def parse_args_and_overrides(parser: argparse.ArgumentParser,
+                             argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's own options, and the `--section.field=value` configuration overrides.
+
+    This is the one override syntax of every command that takes a configuration (train, eval,
+    predict, bench, memory, export); the items come back as "section.field=value" strings for
+    `configs.override`, which type-checks them. Anything else unknown is an argparse error.
+    """
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        key = item[2:] if item.startswith("--") else ""
+        name = key.split("=", 1)[0]
+        if "." not in name:
+            parser.error(f"unrecognized argument {item!r} (configuration overrides look like "
+                         f"--train.lr=0.02)")
+        if "=" not in key:
+            parser.error(f"{item}: give the value after '=' ({item}=VALUE)")
+        overrides.append(key)
+    return args, overrides
 
 
 # argparse types shared by the subcommands

@@ -11,7 +11,8 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.training.distributed import cleanup, init_distributed
-from upernet_ref.cli.common import (check_writable_folder, command, parse_pair, parse_scales,
+from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
+                                    parse_args_and_overrides, parse_pair, parse_scales,
                                     positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.evaluation.metrics import format_table
@@ -33,8 +34,6 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                              "the full unpickler: this runs any code the file contains, so only "
                              "for files whose source you trust (see README)")
     parser.add_argument("--config", help="configuration name (default: the one in the checkpoint)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override, e.g. test.stride=256x256")
     parser.add_argument("--mode", choices=("whole", "slide"), help="default: the config's")
     parser.add_argument("--crop", type=parse_pair, help="sliding window HxW")
     parser.add_argument("--stride", type=parse_pair, help="sliding stride HxW")
@@ -98,7 +97,8 @@ def _jsonable(x: typing.Any) -> typing.Any:
 
 @command("upernet eval")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet eval", description=_LIB_DOC.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="upernet eval", description=_LIB_DOC.split("\n")[0],
+                                     epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--data-root", help="dataset folder (not needed for the demo dataset)")
     parser.add_argument("--split", help="default: the config's validation split")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=int, help="data loader workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args, args.overrides = parse_args_and_overrides(parser, argv)
 
     with before_work():
         info = init_distributed(args.device)  # joins torchrun's group: each rank takes a shard

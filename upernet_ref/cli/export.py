@@ -6,8 +6,10 @@ import time
 import torch
 from pathlib import Path
 
-from upernet_ref.cli.common import check_writable_folder, command, parse_pair, positive_int
+from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
+                                    parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
+from upernet_ref import configs
 from upernet_ref.configs import get_config
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.export import (export_onnx, export_torch)
@@ -16,7 +18,8 @@ from upernet_ref.perf.export import __doc__ as _LIB_DOC
 
 @command("upernet export")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet export", description=_LIB_DOC.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="upernet export", description=_LIB_DOC.split("\n\n")[0],
+                                     epilog=OVERRIDES_HELP)
     parser.add_argument("--config", help="configuration name (default: the one stored in "
                         "--checkpoint; needed for published files and without a checkpoint)")
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation): "
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
-    args = parser.parse_args(argv)
+    args, overrides = parse_args_and_overrides(parser, argv)
 
     from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     from upernet_ref.configs import from_dict, list_configs
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
                               if args.checkpoint else "pass a checkpoint or")
                              + f" --config NAME (one of {', '.join(list_configs())})")
+        cfg = configs.override(cfg, overrides)
         size = args.size or tuple(cfg.data.crop_size)
         torch.manual_seed(0)
         model = build_model(cfg).eval()

@@ -7,7 +7,8 @@ import sys
 import typing
 from pathlib import Path
 from upernet_ref import configs
-from upernet_ref.cli.common import check_writable_folder, command
+from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
+                                    parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import before_work
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
 from upernet_ref.perf.memory import __doc__ as _LIB_DOC
@@ -17,36 +18,39 @@ from upernet_ref.perf.memory import __doc__ as _LIB_DOC
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet memory", description=_LIB_DOC.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=_LIB_DOC.split("\n\n", 2)[2])
-    from upernet_ref.cli.common import parse_pair, positive_int
+                                     epilog=_LIB_DOC.split("\n\n", 2)[2] + "\n\n" + OVERRIDES_HELP)
     parser.add_argument("--config", required=True,
                         help="configuration name, or 'all' for the 12 published ones")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per device (default: the published per-GPU batch, the "
                              "global batch over 8 GPUs: 2, or 1 for Cityscapes)")
     parser.add_argument("--size", type=parse_pair, help="input HxW (default: the crop size)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16", "both"), default="both",
-                        help="autocast to estimate (default: both none and bf16)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16", "both"), default=None,
+                        help="autocast to estimate (default: both none and bf16, or the "
+                             "configuration's with --train.amp=...)")
     parser.add_argument("--memory-gb", type=float, default=80.0,
                         help="also find the largest batch that fits in 85%% of this (default 80)")
     parser.add_argument("--json", help="write the estimates to this JSON file")
-    args = parser.parse_args(argv)
+    args, overrides = parse_args_and_overrides(parser, argv)
 
     names = list(configs.PUBLISHED) if args.config == "all" else [args.config]
-    amps = ("none", "bf16") if args.amp == "both" else (args.amp,)
+    amp_given = any(item.startswith("train.amp=") for item in overrides)
+    amps = ((None,) if amp_given and args.amp is None else ("none", "bf16")
+            if args.amp in (None, "both") else (args.amp,))
     with before_work():
-        for name in names:
-            configs.get_config(name)
+        cfgs = [configs.get_config(name, overrides) for name in names]
         if args.json:
             check_writable_folder(Path(args.json).parent, "--json")
     rows: list[dict[str, typing.Any]] = []
     print(f"{'config':32s} {'amp':5s} {'input':>11s} {'weights':>8s} {'momentum':>9s} "
           f"{'activ.':>8s} {'temp':>7s} {'total MB':>9s}   largest batch in {args.memory_gb:g} GB")
-    for name in names:
+    for cfg in cfgs:
+        name = cfg.name
         for amp in amps:
-            batch = args.batch or max(1, configs.get_config(name).train.batch_size // 8)
-            est = estimate_training_memory(name, batch, args.size, amp)
-            fit, fit_est = largest_batch(name, args.memory_gb, args.size, amp)
+            batch = args.batch or max(1, cfg.train.batch_size // 8)
+            est = estimate_training_memory(cfg, batch, args.size, amp)
+            amp = est.amp
+            fit, fit_est = largest_batch(cfg, args.memory_gb, args.size, amp)
             rows.append({**dataclasses.asdict(est), "memory_gb": args.memory_gb,
                          "largest_batch": fit, "largest_batch_total_mb": fit_est.total_mb})
             print(f"{name:32s} {amp:5s} {f'{est.batch}x{est.size[0]}x{est.size[1]}':>11s} "

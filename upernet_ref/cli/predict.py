@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 from upernet_ref.training.distributed import resolve_device
+from upernet_ref.cli.common import OVERRIDES_HELP, parse_args_and_overrides
 from upernet_ref.cli.eval import add_inference_arguments, load_model
 from upernet_ref.cli.common import check_writable_folder, command
 from upernet_ref.data.images import IMAGE_SUFFIXES, read_image
@@ -16,7 +17,8 @@ from upernet_ref.evaluation.predict import __doc__ as _LIB_DOC
 
 @command("upernet predict")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet predict", description=_LIB_DOC.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="upernet predict", description=_LIB_DOC.split("\n")[0],
+                                     epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--out", default="predictions",
                         help="output folder (default: predictions) for NAME.png, NAME_color.png "
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help="image files, and folders searched recursively for images")
-    args = parser.parse_args(argv)
+    args, args.overrides = parse_args_and_overrides(parser, argv)
 
     with before_work():
         out_dir = Path(args.out)

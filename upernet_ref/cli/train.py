@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 from upernet_ref import configs
-from upernet_ref.cli.common import check_writable_folder, command, positive_int
+from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
+                                    parse_args_and_overrides, positive_int)
 from upernet_ref.errors import before_work
 from upernet_ref.training.trainer import train
 from upernet_ref.training.trainer import __doc__ as _LIB_DOC
@@ -21,9 +22,8 @@ from upernet_ref.training.trainer import __doc__ as _LIB_DOC
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="upernet train", description=_LIB_DOC.split("\n\n")[0],
-        epilog="Any --section.field=value (e.g. --train.lr=0.02, --data.num_workers=8) overrides "
-               "the configuration, type-checked. Several GPUs or machines: start this command "
-               "with torchrun (see README).")
+        epilog=OVERRIDES_HELP + " Several GPUs or machines: start this command with torchrun "
+               "(see README).")
     parser.add_argument("--config", required=True, help="configuration name (upernet configs)")
     parser.add_argument("--data-root", default=None, help="dataset folder (not for the demo data)")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
@@ -56,29 +56,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="the fast training settings for the device (fast_train_overrides: "
                              "bf16/fp16 autocast where the device is fast at it, channels_last, "
                              "torch.compile on CUDA); explicit --train.* overrides still win")
-    args, rest = parser.parse_known_args(argv)
+    args, overrides = parse_args_and_overrides(parser, argv)
     if args.reinit_classifier and not args.weights:
         parser.error("--reinit-classifier re-initialises the classifiers of --weights FILE: "
                      "give --weights")
-    overrides = []
-    for item in rest:
-        key = item[2:] if item.startswith("--") else item
-        if "=" not in key or "." not in key.split("=", 1)[0]:
-            parser.error(f"unrecognized argument {item!r} (overrides look like --train.lr=0.02)")
-        overrides.append(key)
     return args, overrides
 
 
 def fast_train_overrides(device: str | None) -> list[str]:
-    """`--fast` for training: the choices of `fuse.default_fast_settings` for the device (the
-    same rules as the fast inference path, measured in docs/benchmarks.md) as config overrides."""
+    """`--fast` for training: the device's `fast.default_fast_settings` (the rules of the fast
+    inference path, measured in docs/benchmarks.md) as configuration overrides."""
     from upernet_ref.perf.fast import default_fast_settings
     name = device if device not in (None, "", "auto") else (
         "cuda" if torch.cuda.is_available() else "cpu")
-    settings = default_fast_settings(torch.device(name))
-    amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[settings.dtype]
-    return [f"train.amp={amp}", f"train.channels_last={settings.channels_last}",
-            f"train.compile={settings.compile}"]
+    overrides = default_fast_settings(torch.device(name)).train_overrides()
+    return [f"{key}={value}" for key, value in overrides.items()]
 
 
 @command("upernet train")

@@ -11,10 +11,12 @@ What is measured (per configuration, input size and batch):
   untimed ones (`torch.no_grad`, eval mode; CUDA synchronised); images/s = batch / latency.
   Also the median process CPU time per batch (`time.process_time`, all threads): on a shared
   machine the wall time includes waiting for other processes, the CPU time does not.
-- Training: one full step (forward in train mode with the auxiliary head, cross-entropy +
-  0.4 x auxiliary loss, backward, SGD with momentum and weight decay), timed the same way;
-  train images/s = train batch / step time. BatchNorm in train mode needs > 1 value per channel
-  at the PPM's 1x1 pool, so the train batch is at least 2.
+- Training: the trainer's own step (`step.train_step`: forward in train mode with the auxiliary
+  head under the configuration's autocast, its loss with class weights / OHEM / loss weights /
+  ignore index, backward, its SGD from `schedule.build_optimizer`), timed the same way; train
+  images/s = train batch / step time. BatchNorm in train mode needs > 1 value per channel at the
+  PPM's 1x1 pool, so the train batch is at least 2. Override the configuration as for
+  training (`--train.amp=bf16`, `--train.ohem=true`, ...).
 - Peak memory: CUDA: `torch.cuda.max_memory_allocated` over the phase (weights included).
   CPU: the peak resident set size (Linux VmHWM, reset before each phase by writing 5 to
   /proc/self/clear_refs) minus the resident set size before the model was built, i.e. weights
@@ -24,9 +26,10 @@ What is measured (per configuration, input size and batch):
   backward) over the device's dense bf16/fp16 tensor-core peak from `hardware.PEAK_TFLOPS`
   (matched on the device name, `hardware.peak_tflops_for_name`; `--peak-tflops` for other
   GPUs). The eager rows use the same bf16 peak, so eager and fast MFUs compare directly.
-- `--fast`: the same figures for the fast path: `fuse.fast_inference_model` for inference
+- `--fast`: the same figures for the fast path: `fast.fast_inference_model` for inference
   (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
-  channels_last + autocast (+ compile) for training (`fuse.default_fast_settings`). With
+  the same training step with channels_last + autocast (+ compile) over the configuration's
+  (`fast.default_fast_settings`, `FastSettings.train_overrides`, as `upernet train --fast`). With
   torch.compile the first (compiling) call is never timed; if compiling fails, the fast path
   runs uncompiled and the JSON says why (`compile_error`, `train_compile_error`).
 - CUDA: `torch.backends.cudnn.benchmark` is on during the run (as in training); "eager fp32"
@@ -43,15 +46,17 @@ import time
 import typing
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_summary, fast_inference_model
 from upernet_ref.perf.hardware import device_peak_tflops, machine_info
 from upernet_ref.model.upernet import build_model
-from upernet_ref.training.runtime import autocast_to
+from upernet_ref.training.schedule import build_optimizer
+from upernet_ref.training.step import train_step
+
 
 def model_flops_utilization(gmacs: float, images_per_s: float | None,
                             peak_tflops: float | None, factor: int = 1) -> float | None:
@@ -152,33 +157,26 @@ def bench_inference(model: nn.Module, images: torch.Tensor, device: torch.device
 
 def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    device: torch.device, warmup: int, repeats: int, meter: MemoryMeter,
-                   settings: FastSettings | None = None,
-                   aux_weight: float = 0.4) -> dict[str, typing.Any]:
-    """Time full SGD steps; with `settings`, channels_last + autocast (+ compile).
+                   cfg: Config, settings: FastSettings | None = None) -> dict[str, typing.Any]:
+    """Time the trainer's own step (`step.train_step`): the configuration's loss (class weights,
+    OHEM, loss weights, ignore index), autocast and channels_last, and its SGD
+    (`schedule.build_optimizer`). With `settings`, the fast path's choices override those
+    (`FastSettings.train_overrides`).
 
     With compile, the first step (which compiles) is one of the warmup steps and always
     untimed; if it fails, the steps run uncompiled and `train_compile_error` says why.
     """
-    model.train()
-    forward = model
     if settings is not None:
-        if settings.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
-        if settings.compile:
-            forward = torch.compile(model)
-    dtype = settings.dtype if settings is not None else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        cfg = configs.override(cfg, settings.train_overrides())
+    model.train()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.train.compile else model
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_to(device, dtype):
-            out = forward(images)
-        loss = F.cross_entropy(out["out"].float(), labels, ignore_index=255)
-        if "aux" in out:
-            loss = loss + aux_weight * F.cross_entropy(out["aux"].float(), labels, ignore_index=255)
-        loss.backward()
-        optimizer.step()
+        train_step(forward, (images, labels), optimizer, scaler, cfg)
 
     meter.reset()
     compile_error, first_s = None, 0.0
@@ -200,17 +198,16 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                "train_cpu_ms": 1000 * t["cpu_s"], "train_images_per_s": batch / t["median_s"],
                "train_first_calls_s": first_s + t["warmup_s"],
                "train_runs_ms": [1000 * r for r in t["runs_s"]],
-               "train_peak_memory_mb": meter.peak_mb()}
-    if settings is not None:
-        figures["train_settings"] = train_settings_text(settings, compiled=forward is not model)
-        figures["train_compile_error"] = compile_error
+               "train_peak_memory_mb": meter.peak_mb(),
+               "train_settings": train_settings_text(cfg, compiled=forward is not model),
+               "train_compile_error": compile_error}
     return figures
 
 
-def train_settings_text(settings: FastSettings, compiled: bool) -> str:
-    """E.g. "bfloat16 autocast, channels_last, torch.compile"."""
-    dtype = str(settings.dtype or "float32").replace("torch.", "")
-    return (f"{dtype} autocast, {'channels_last' if settings.channels_last else 'NCHW'}"
+def train_settings_text(cfg: Config, compiled: bool) -> str:
+    """E.g. "bf16 autocast, channels_last, torch.compile" or "fp32, NCHW"."""
+    amp = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
+    return (f"{amp}, {'channels_last' if cfg.train.channels_last else 'NCHW'}"
             f"{', torch.compile' if compiled else ''}")
 
 
@@ -327,7 +324,7 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
         state = {k: v.clone() for k, v in model.state_dict().items()}
         result["train_batch"] = train_batch
         figures = attempt("train", train_batch, lambda: bench_training(
-            model, images, labels, device, warmup, repeats, meter))
+            model, images, labels, device, warmup, repeats, meter, cfg))
         if figures is not None:
             result.update(figures)
             result["train_mfu"] = model_flops_utilization(
@@ -343,12 +340,12 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
             torch.manual_seed(seed)
             model = build_model(cfg).to(device)
             model.load_state_dict(state)
-            train_settings = FastSettings(settings.dtype, settings.channels_last, settings.compile)
+            fast_cfg = configs.override(cfg, settings.train_overrides())
             figures = attempt("fast_train", train_batch, lambda: bench_training(
-                model, images, labels, device, fast_warmup, repeats, meter, train_settings))
+                model, images, labels, device, fast_warmup, repeats, meter, cfg,
+                settings=settings))
             fast_figures = result.setdefault("fast", {})
-            fast_figures["train_settings"] = train_settings_text(train_settings,
-                                                                 train_settings.compile)
+            fast_figures["train_settings"] = train_settings_text(fast_cfg, settings.compile)
             if figures is not None:
                 fast_figures.update(figures)
                 fast_figures["train_mfu"] = model_flops_utilization(

@@ -109,6 +109,14 @@ class FastSettings:
         return (f"BN folded, {dtype}{keep}, {'channels_last' if self.channels_last else 'NCHW'}"
                 f"{', torch.compile' if self.compile else ''}")
 
+    def train_overrides(self) -> dict[str, typing.Any]:
+        """These choices as configuration overrides of the training step (`upernet train
+        --fast`, the fast rows of `upernet bench`): autocast, channels_last, torch.compile.
+        BN folding and the float32 modules are inference-only."""
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[self.dtype]
+        return {"train.amp": amp, "train.channels_last": self.channels_last,
+                "train.compile": self.compile}
+
 
 def _to_float(x: typing.Any) -> typing.Any:
     if isinstance(x, torch.Tensor) and x.is_floating_point():

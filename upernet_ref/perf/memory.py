@@ -6,7 +6,8 @@
 
 Will the published per-GPU batch (16 images over 8 GPUs = 2 per GPU; 1 for Cityscapes) fit on
 my GPU, and how large a batch fits on one 80 GB GPU? The answer is computed on any machine, in
-seconds, by running two SGD steps of the real model, loss and optimizer on *fake* tensors
+seconds, by running two of the trainer's own steps (`step.train_step`: the real model, loss and
+optimizer) on *fake* tensors
 (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no data, no arithmetic) while torch's
 memory tracker (`torch.distributed._tools.mem_tracker.MemTracker`) follows every tensor's
 lifetime. The peak of the second step is reported, split into weights, optimizer state (SGD
@@ -71,32 +72,27 @@ def _estimate(cfg: Config, batch: int, size: tuple[int, int], amp: str) -> Memor
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from upernet_ref.training.losses import segmentation_loss
     from upernet_ref.model.upernet import build_model
-    from upernet_ref.training.runtime import autocast
     from upernet_ref.training.schedule import build_optimizer
+    from upernet_ref.training.step import train_step
 
     h, w = size
-    device = torch.device("cpu")  # fake tensors: no memory is used and nothing is computed
-    with FakeTensorMode():
+    cfg = configs.override(cfg, {"train.amp": amp})
+    with FakeTensorMode():  # fake tensors: no memory is used and nothing is computed
         model = build_model(cfg)
         if batch == 1:  # plain BN cannot train on one image (SyncBN across GPUs can); the
             for m in model.modules():  # memory of BN with running statistics is the same
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         optimizer = build_optimizer(model, cfg.train)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16's scaling adds no tensor
         images = torch.randn(batch, 3, h, w)
         labels = torch.randint(0, cfg.data.num_classes, (batch, h, w))
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
         with tracker:
             for step in range(2):  # the second step has the momentum buffers
-                with autocast(amp, device):
-                    outputs = model(images)
-                loss, _ = segmentation_loss(outputs, labels, cfg.train, cfg.data.ignore_index)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train_step(model, (images, labels), optimizer, scaler, cfg, check_finite=False)
                 if step == 0:
                     tracker.reset_mod_stats()
         peak = tracker.get_tracker_snapshot("peak")

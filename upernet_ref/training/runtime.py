@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from upernet_ref.configs import Config
-from upernet_ref.training.losses import segmentation_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -138,12 +137,16 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
     """The largest divisor of `share` (this process's part of the global batch) whose training
     step fits in memory.
 
-    On CPU: the full share (memory is rarely the limit there). On CUDA: run one forward +
-    backward on random data at the crop size for each divisor, largest first. A batch fits if it
-    does not run out of memory and its peak, plus what the real step adds later (SGD momentum and
-    DDP's gradient buckets, about twice the weights), stays under `headroom` of the device's
-    memory. The model's weights, BN statistics and the random state are left as they were.
+    On CPU: the full share (memory is rarely the limit there). On CUDA: run the trainer's own
+    step (`step.train_step`: forward, the configuration's loss, backward, the SGD update with its
+    momentum buffers) on random data at the crop size for each divisor, largest first. A batch
+    fits if it does not run out of memory and its peak, plus what DDP adds later (its gradient
+    buckets, about one more copy of the weights), stays under `headroom` of the device's memory.
+    The model's weights, BN statistics and the random state are left as they were.
     """
+    from upernet_ref.training.schedule import build_optimizer
+    from upernet_ref.training.step import train_step
+
     if device.type != "cuda":
         return share
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -154,21 +157,18 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
     def fits(batch: int) -> bool:
-        x = y = out = loss = None
+        optimizer = build_optimizer(model, cfg.train)  # fresh: no momentum left from a probe
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+        images = masks = None
         if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
             for m in batch_norms:  # so probe it with running statistics: the same memory
                 m.eval()
         torch.cuda.reset_peak_memory_stats(device)
         try:
-            x = torch.randn(batch, 3, h, w, device=device)
-            y = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
-            if cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(cfg.train.amp, device):
-                out = model(x)
-            loss, _ = segmentation_loss(out, y, cfg.train, cfg.data.ignore_index)
-            loss.backward()
-            return torch.cuda.max_memory_allocated(device) + 2 * weight_bytes <= limit
+            images = torch.randn(batch, 3, h, w, device=device)
+            masks = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
+            train_step(model, (images, masks), optimizer, scaler, cfg, check_finite=False)
+            return torch.cuda.max_memory_allocated(device) + weight_bytes <= limit
         except RuntimeError as err:
             if is_out_of_memory(err):
                 return False
@@ -177,13 +177,14 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
             for m in batch_norms:
                 m.train()
             model.zero_grad(set_to_none=True)
-            x = y = out = loss = None
+            optimizer = scaler = images = masks = None
             torch.cuda.empty_cache()
 
     divisors = [d for d in range(share, 0, -1) if share % d == 0 and d >= min(smallest, share)]
     with torch.random.fork_rng(devices=[device]):
         chosen = largest_fitting_batch(divisors, fits)
-    model.load_state_dict(saved)
+    with torch.no_grad():  # the probes' updates undone
+        model.load_state_dict(saved)
     if chosen is None:
         raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
                            f"in {headroom:.0%} of the memory of {device}; try --train.amp=bf16 "

@@ -20,10 +20,8 @@ stop; a non-finite loss stops *before* the update, leaving the last good checkpo
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import signal
 import sys
 import time
@@ -36,23 +34,16 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
 from upernet_ref.configs import Config
-from upernet_ref.errors import UperNetError, before_work
+from upernet_ref.errors import before_work
 from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
                           all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                           batch_decomposition, cleanup, init_distributed, use_sync_bn)
 from upernet_ref.training.logs import RunLogger
-from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.model.upernet import build_model
-from upernet_ref.training.runtime import (StopFlag, autocast, choose_per_device_batch, deterministic_mode, rng_state,
+from upernet_ref.training.runtime import (StopFlag, choose_per_device_batch, deterministic_mode, rng_state,
                       seed_everything, set_rng_state)
 from upernet_ref.training.schedule import build_optimizer, build_scheduler
-
-
-class NonFiniteLossError(UperNetError, RuntimeError):
-    """The loss (or a weight) became NaN or infinite; training stopped before applying that
-    update or writing anything non-finite (exit 3)."""
-
-    exit_code = 3
+from upernet_ref.training.step import NonFiniteLossError, train_step
 
 
 @dataclasses.dataclass
@@ -209,10 +200,9 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
             torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
 
         raw_model = model  # what is saved and evaluated
-        ddp = None
         forward_model: nn.Module = model
         if info.distributed:
-            ddp = forward_model = nn.parallel.DistributedDataParallel(
+            forward_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if tc.compile:  # compile the DDP wrapper, not the inner model: then the gradient
             forward_model = torch.compile(forward_model)  # all-reduce overlaps the backward pass
@@ -278,41 +268,25 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
     try:
         while it < end:
             forward_model.train()
-            optimizer.zero_grad(set_to_none=True)
-            sums = torch.zeros(4, device=dev)  # loss, loss_out, loss_aux, stop flag
-            for step in range(accum):
-                images, masks = next(data_iter)
-                images = images.to(dev, non_blocking=True)
-                masks = masks.to(dev, non_blocking=True)
-                if tc.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # DDP all-reduces the gradients on the last micro-step only
-                sync = ddp.no_sync() if ddp is not None and step < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast(tc.amp, dev):
-                        outputs = forward_model(images)
-                    loss, parts = segmentation_loss(outputs, masks, tc, cfg.data.ignore_index)
-                    scaler.scale(loss / accum).backward()
-                sums[0] += loss.detach() / accum
-                sums[1] += parts["loss_out"] / accum
-                sums[2] += parts.get("loss_aux", torch.zeros((), device=dev)) / accum
-            sums[3] = float(stop.signum != 0)
-            sums = all_reduce_sum(sums)
-            loss_value = sums[0].item() / info.world_size
-            if not math.isfinite(loss_value):
+            lr = optimizer.param_groups[0]["lr"]
+            micro_batches = [next(data_iter) for _ in range(accum)]
+            try:
+                losses = train_step(forward_model, micro_batches, optimizer, scaler, cfg,
+                                    distributed=info.distributed)
+            except NonFiniteLossError as err:
                 kept = (f"the last good checkpoint is {last_path}" if last_path.exists()
                         else "no checkpoint was written yet")
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) at iteration {it + 1} of {cfg.name}; stopped "
-                    f"before applying that update; {kept}. Try a lower --train.lr, "
-                    f"--train.amp=none, or check the data (upernet data check)")
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
+                    f"{err} at iteration {it + 1} of {cfg.name}; stopped before applying that "
+                    f"update; {kept}. Try a lower --train.lr, --train.amp=none, or check the data "
+                    f"(upernet data check)") from None
+            stopping_now = all_reduce_sum(torch.tensor([float(stop.signum != 0)], device=dev))
+            sums = torch.stack([losses.loss, losses.loss_out, losses.loss_aux])
+            loss_value = losses.loss.item()
             scheduler.step()
             it += 1
             window_iters += 1
-            window_sums += sums[:3].double().cpu() / info.world_size
+            window_sums += sums.double().cpu()
             result.losses.append(loss_value)
             result.iteration = it
             if bar is not None:
@@ -337,7 +311,7 @@ def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_de
                 window_start, window_iters = time.perf_counter(), 0
                 window_sums.zero_()
 
-            if sums[3].item() > 0:  # a signal reached some process: all stop together
+            if stopping_now.item() > 0:  # a signal reached some process: all stop together
                 result.last_checkpoint = checkpoint(it)
                 result.interrupted = signal.Signals(stop.signum).name if stop.signum else "signal"
                 say(f"stopped by {result.interrupted} at iteration {it}; checkpoint "
