@@ -224,7 +224,7 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
         with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols: the error says it
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         names = _refused_globals(path)
         if names is None:
             raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch "

@@ -56,7 +56,7 @@ class ModelConfig:
 class DataConfig:
     """What the data is and how the published pipelines transform it (docs/SPEC.md, "Training recipe" and "Data on disk")."""
 
-    dataset: str = "ade20k"  # voc, ade20k, cityscapes, folder, demo
+    dataset: str = "ade20k"  # voc, ade20k, cityscapes, folder, hf (Hugging Face datasets), demo
     num_classes: int = 150
     train_split: str = "training"
     val_split: str = "validation"
@@ -70,6 +70,9 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     ignore_index: int = 255
     reduce_zero_label: bool = False  # ADE20K: 0 -> 255, k -> k - 1
+    # dataset="hf": the columns of the Hugging Face dataset (scene_parse_150's names by default)
+    hf_image_column: str = "image"
+    hf_annotation_column: str = "annotation"
     num_workers: int = 4
 
 

@@ -209,3 +209,11 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
             raise UsageError(f"{what} {folder}: cannot write there "
                              f"({_OS_PROBLEMS.get(err.errno, err.strerror)})") from None
     return folder
+
+
+def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """`--trust-checkpoint`, for every command that opens a checkpoint (see `checkpoints`)."""
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="open a checkpoint that needs more than tensors and plain data with "
+                             "the full unpickler: this runs any code the file contains, so only "
+                             "for files whose source you trust (README, 'Checkpoints')")

@@ -11,9 +11,9 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.training.distributed import cleanup, init_distributed
-from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
-                                    parse_args_and_overrides, parse_pair, parse_scales,
-                                    positive_int)
+from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
+                                    command, parse_args_and_overrides, parse_pair,
+                                    parse_scales, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.evaluation.metrics import format_table
 from upernet_ref.evaluation.evaluate import (_world, evaluate)
@@ -29,10 +29,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="our checkpoint, a Hugging Face "
                         "folder (upernet export --format safetensors), a .safetensors file, or a "
                         "published sssegmentation / mmsegmentation file (then --config is needed)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="open a checkpoint that needs more than tensors and plain data with "
-                             "the full unpickler: this runs any code the file contains, so only "
-                             "for files whose source you trust (see README)")
+    add_trust_checkpoint(parser)
     parser.add_argument("--config", help="configuration name (default: the one in the checkpoint)")
     parser.add_argument("--mode", choices=("whole", "slide"), help="default: the config's")
     parser.add_argument("--crop", type=parse_pair, help="sliding window HxW")

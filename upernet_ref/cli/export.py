@@ -6,8 +6,9 @@ import time
 import torch
 from pathlib import Path
 
-from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
-                                    parse_args_and_overrides, parse_pair, positive_int)
+from upernet_ref import hub
+from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
+                                    command, parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref import configs
 from upernet_ref.configs import get_config
@@ -25,23 +26,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation): "
                         "our checkpoint, a Hugging Face folder, a .safetensors file or a "
                         "published file")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="open a checkpoint that needs more than tensors and plain data with "
-                             "the full unpickler: this runs any code the file contains, so only "
-                             "for files whose source you trust (see README)")
-    parser.add_argument("--format", choices=("onnx", "torch-export"), default="onnx",
-                        help="ONNX file or torch.export program (default: onnx)")
+    add_trust_checkpoint(parser)
+    parser.add_argument("--format", choices=("onnx", "torch-export", "safetensors"),
+                        default="onnx", help="ONNX file, torch.export program, or a Hugging "
+                        "Face model folder: model.safetensors + config.json + README.md model "
+                        "card, for eval/predict/train --weights/from_pretrained (default: onnx)")
+    parser.add_argument("--eval-json", help="with --format safetensors: an `upernet eval` "
+                        "results JSON whose metrics go into the model card")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="static input HxW (default: the config's crop size)")
     parser.add_argument("--batch", type=positive_int, default=1, help="static batch size (default: 1)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
-    parser.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    parser.add_argument("--out", required=True, help="output file (.onnx or .pt2), or folder "
+                        "(safetensors)")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args, overrides = parse_args_and_overrides(parser, argv)
 
     from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     from upernet_ref.configs import from_dict, list_configs
+    if args.eval_json and args.format != "safetensors":
+        parser.error("--eval-json goes into the model card of --format safetensors")
     with before_work():
+        metrics = hub.read_metrics(args.eval_json) if args.eval_json else None
         state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
                  if args.checkpoint else None)
         if args.config:
@@ -59,14 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             load_weights(model, state, where=args.checkpoint)
         check_writable_folder(Path(args.out).parent, "--out")
-    expected = ".onnx" if args.format == "onnx" else ".pt2"
-    if not args.out.endswith(expected):
+    expected = {"onnx": ".onnx", "torch-export": ".pt2"}.get(args.format)
+    if expected and not args.out.endswith(expected):
         print(f"upernet export: note: --format {args.format} writes {expected} files; "
               f"{args.out} keeps the name given", file=sys.stderr)
     start = time.perf_counter()
     try:
         if args.format == "onnx":
             report = export_onnx(model, size, args.out, args.batch, args.opset, not args.no_check)
+        elif args.format == "safetensors":
+            state = state or {}
+            report = hub.export_safetensors(model, args.out, size, not args.no_check,
+                                            metrics=metrics, iteration=state.get("iteration"),
+                                            max_iters=state.get("max_iters"))
         else:
             report = export_torch(model, size, args.out, args.batch, not args.no_check)
     except ValueError as err:  # a size the model cannot take: the argument is at fault

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 from upernet_ref import configs
-from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
-                                    parse_args_and_overrides, positive_int)
+from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
+                                    command, parse_args_and_overrides, positive_int)
 from upernet_ref.errors import before_work
 from upernet_ref.training.trainer import train
 from upernet_ref.training.trainer import __doc__ as _LIB_DOC
@@ -44,10 +44,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="with --weights: load all but the two classifiers and re-initialise "
                              "those for the configuration's classes (fine-tune into another "
                              "class count, e.g. --data.num_classes=5)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="open checkpoint files that need more than tensors and plain data "
-                             "with the full unpickler: this runs any code the file contains, so "
-                             "only for files whose source you trust (see README)")
+    add_trust_checkpoint(parser)
     parser.add_argument("--backbone-weights", default=None,
                         help="ImageNet backbone weights (torchvision or open-mmlab resnet*_v1c)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

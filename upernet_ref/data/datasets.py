@@ -280,13 +280,15 @@ def _find(root: Path, sub: str) -> Path:
 
 def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | None = None,
                  reduce_zero_label: bool | None = None, transform: Callable | None = None,
-                 on_bad: str = "raise") -> SegmentationFiles:
+                 on_bad: str = "raise", hf_columns: dict[str, str] | None = None
+                 ) -> SegmentationFiles | HFSegmentation:
     """A dataset on disk by name, as `build_dataset` and `upernet data check` open it.
 
     `root`: VOCdevkit/VOC2012 (or a folder holding VOCdevkit/), ADEChallengeData2016 (or its
     parent), the Cityscapes folder holding leftImg8bit/ and gtFine/, or a folder dataset's root
     with images/<split>/, masks/<split>/ and classes.txt (one name per line; without it
-    `num_classes` names them class_0, class_1, ...).
+    `num_classes` names them class_0, class_1, ...), or for "hf" a `datasets.save_to_disk`
+    folder or Hub name (`open_hf_dataset`; `hf_columns`: its image_column / annotation_column).
     """
     root = Path(root)
     if name == "voc":
@@ -297,23 +299,78 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     if name == "cityscapes":
         return Cityscapes(root, split, transform=transform, on_bad=on_bad)
     if name == "folder":
-        names_file = root / "classes.txt"
-        if names_file.exists():
-            classes = [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
-        elif num_classes:
-            classes = [f"class_{i}" for i in range(num_classes)]
-        else:
-            raise ValueError(f"folder dataset {root}: write classes.txt or give num_classes")
-        return FolderDataset(root / "images" / split, root / "masks" / split, classes,
+        return FolderDataset(root / "images" / split, root / "masks" / split,
+                             _class_names(root, num_classes, "folder"),
                              reduce_zero_label=bool(reduce_zero_label), transform=transform,
                              on_bad=on_bad)
-    raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder or demo")
+    if name == "hf":
+        return open_hf_dataset(str(root), split, num_classes=num_classes,
+                               reduce_zero_label=bool(reduce_zero_label), transform=transform,
+                               **(hf_columns or {}))
+    raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder, hf or demo")
+
+
+def _class_names(root: Path, num_classes: int | None, kind: str) -> list[str]:
+    """`root/classes.txt` (one name per line), else class_0, class_1, ... for `num_classes`."""
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        return [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
+    if num_classes:
+        return [f"class_{i}" for i in range(num_classes)]
+    raise ValueError(f"{kind} dataset {root}: write classes.txt or give num_classes")
+
+
+def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
+                    reduce_zero_label: bool = True, image_column: str = "image",
+                    annotation_column: str = "annotation",
+                    transform: Callable | None = None) -> HFSegmentation:
+    """A Hugging Face dataset as `HFSegmentation`: `root` is a `datasets.save_to_disk` folder of
+    a `DatasetDict` (one entry per split), or, when no such folder exists, a Hub dataset name
+    (`datasets.load_dataset(root, split=split)`, needs the network). Class names: the folder's
+    classes.txt, ADE20K's for 150 classes, else class_0, class_1, ..."""
+    import datasets
+
+    path = Path(root)
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as err:  # FileNotFoundError for a folder without dataset_dict.json, ...
+            raise ValueError(f"{path}: not a datasets.save_to_disk folder "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+        if not isinstance(data, datasets.DatasetDict):
+            raise ValueError(f"{path}: holds one Dataset without splits; save a DatasetDict, "
+                             f"e.g. DatasetDict(train=..., validation=...).save_to_disk(DIR)")
+        if split not in data:
+            raise ValueError(f"{path}: no split {split!r} (it has {', '.join(data)}); choose "
+                             f"with --data.train_split / --data.val_split")
+        data = data[split]
+    elif path.exists():
+        raise ValueError(f"{path}: not a folder (a Hugging Face dataset is a save_to_disk "
+                         f"folder or a Hub name)")
+    else:
+        try:
+            data = datasets.load_dataset(root, split=split)
+        except Exception as err:
+            raise ValueError(f"{root}: no such folder, and loading it as a Hugging Face Hub "
+                             f"dataset failed: {type(err).__name__}: "
+                             f"{(str(err).splitlines() or [''])[0][:160]}") from None
+        path = Path(".")  # no classes.txt beside a Hub dataset
+    for option, column in (("image", image_column), ("annotation", annotation_column)):
+        if column not in data.column_names:
+            raise ValueError(f"{root} split {split!r}: no column {column!r} (columns: "
+                             f"{', '.join(data.column_names)}); set --data.hf_{option}_column")
+    if (path / "classes.txt").is_file() or num_classes != 150:
+        classes = _class_names(path, num_classes, "Hugging Face")
+    else:
+        classes = list(ADE20K_CLASSES)
+    return HFSegmentation(data, classes, image_column, annotation_column, reduce_zero_label,
+                          transform=transform)
 
 
 def build_dataset(cfg, split: str, root: str | Path | None = None,
                   transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
-    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "demo");
-    `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
+    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "hf",
+    "demo"); `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
     if cfg.data.dataset == "demo":
         from upernet_ref.data.synthetic import DemoScenes
         return DemoScenes(split, transform=transform)
@@ -322,4 +379,6 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
                          f"(layouts in data/README.md)")
     return open_dataset(cfg.data.dataset, root, split, num_classes=cfg.data.num_classes,
                         reduce_zero_label=cfg.data.reduce_zero_label, transform=transform,
-                        on_bad=on_bad)
+                        on_bad=on_bad,
+                        hf_columns=dict(image_column=cfg.data.hf_image_column,
+                                        annotation_column=cfg.data.hf_annotation_column))
