@@ -1,17 +1,19 @@
-"""`upernet train`: the published recipe (spec section 3) on a CPU, one GPU or many.
+"""`upernet train`: the published recipe (docs/SPEC.md, "Training recipe") on a CPU, one GPU or
+many.
 
     upernet train --config upernet_small_demo                     # CPU, minutes
     upernet train --config upernet_r50_os8_ade20k --data-root data/ade --train.lr=0.02
     torchrun --nproc_per_node=8 -m upernet_ref.cli train --config upernet_r50_os8_ade20k ...
     upernet train --config ... --out runs/x --resume              # continue from runs/x/last.pt
 
-One loop for every setup (nanoGPT-style, no callbacks): per iteration, each process runs its
-micro-batches of the global batch (`distributed.GlobalBatchOrder`), accumulating gradients
-(DDP synchronises on the last one), checks that the loss is finite on every process, then takes
-one SGD step and one poly-schedule step. The global batch (16, or 8 for Cityscapes) is kept
-whatever the hardware: per-device batch x processes x accumulation steps. SyncBN is used with
-several CUDA processes, plain BN in one process or on CPU (`train.norm="auto"`; torch's
-SyncBatchNorm is CUDA-only).
+One loop for every setup (nanoGPT-style, no callbacks), read top to bottom in `train()`: build
+the model and the batch decomposition, the data, resume, then per iteration one
+`step.train_step` on this process's micro-batches of the global batch
+(`distributed.GlobalBatchOrder`; DDP synchronises on the last one, the loss is checked finite on
+every process before the update) and one poly-schedule step, then log, checkpoint, validate.
+The global batch (16, or 8 for Cityscapes) is kept whatever the hardware: per-device batch x
+processes x accumulation steps. SyncBN is used with several CUDA processes, plain BN in one
+process or on CPU (`train.norm="auto"`; torch's SyncBatchNorm is CUDA-only).
 
 Everything needed to continue exactly is checkpointed atomically to `out/last.pt`: weights,
 optimizer (momentum), scheduler, AMP scaler, RNG states of every process and the iteration
@@ -20,6 +22,7 @@ stop; a non-finite loss stops *before* the update, leaving the last good checkpo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -35,15 +38,20 @@ from upernet_ref import configs
 from upernet_ref.checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
 from upernet_ref.configs import Config
 from upernet_ref.errors import before_work
-from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
-                          all_gather_object, all_reduce_max, all_reduce_sum, barrier,
-                          batch_decomposition, cleanup, init_distributed, use_sync_bn)
-from upernet_ref.training.logs import RunLogger
 from upernet_ref.model.upernet import build_model
-from upernet_ref.training.runtime import (StopFlag, choose_per_device_batch, deterministic_mode, rng_state,
-                      seed_everything, set_rng_state)
-from upernet_ref.training.schedule import build_optimizer, build_scheduler
-from upernet_ref.training.step import NonFiniteLossError, train_step
+from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
+                                              all_gather_object, all_reduce_max, all_reduce_sum,
+                                              barrier, batch_decomposition, cleanup,
+                                              init_distributed, use_sync_bn)
+from upernet_ref.training.logs import RunLogger
+from upernet_ref.training.runtime import (StopFlag, choose_per_device_batch, deterministic_mode,
+                                          rng_state, seed_everything, set_rng_state)
+from upernet_ref.training.schedule import PolyLR, build_optimizer, build_scheduler
+from upernet_ref.training.step import NonFiniteLossError, StepLosses, train_step
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+
+Say = typing.Callable[[str], None]
 
 
 @dataclasses.dataclass
@@ -60,18 +68,50 @@ class TrainResult:
     world_size: int = 1
 
 
-def build_datasets(cfg: Config, data_root: str | None):
-    """(train set with the published train pipeline, raw val set or None)."""
-    from upernet_ref.data.datasets import build_dataset
-    from upernet_ref.data.transforms import train_transform
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from one iteration to the next (and checkpoints)."""
+    cfg: Config
+    info: DistInfo
+    out_dir: Path
+    model: nn.Module  # what is saved and evaluated
+    forward_model: nn.Module  # the same model, wrapped by DDP and/or torch.compile: what trains
+    optimizer: torch.optim.Optimizer
+    scheduler: PolyLR
+    scaler: torch.amp.GradScaler
+    per_device_batch: int
+    accumulation: int
+    sync_bn: bool
+    max_iters: int
+    order: GlobalBatchOrder
+    iteration: int = 0
+    best_miou: float = -1.0
 
-    train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data))
-    try:
-        val_set = build_dataset(cfg, cfg.data.val_split, data_root, None)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"note: no validation set ({err}); training without validation", file=sys.stderr)
-        val_set = None
-    return train_set, val_set
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+
+@dataclasses.dataclass
+class LossWindow:
+    """The running sums of the losses since the last log line, and when that line was."""
+    loss: float = 0.0
+    loss_out: float = 0.0
+    loss_aux: float = 0.0
+    iterations: int = 0
+    lr: float = 0.0  # the learning rate of the last iteration
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, losses: StepLosses, lr: float) -> None:
+        self.loss += float(losses.loss)
+        self.loss_out += float(losses.loss_out)
+        self.loss_aux += float(losses.loss_aux)
+        self.iterations += 1
+        self.lr = lr
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +126,7 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
           train_dataset: torch.utils.data.Dataset | None = None,
           val_dataset: torch.utils.data.Dataset | None = None, validate: bool = True,
           handle_signals: bool = True, tensorboard: bool = True,
-          log: typing.Callable[[str], None] | None = None, reinit_classifier: bool = False,
+          log: Say | None = None, reinit_classifier: bool = False,
           trust_checkpoint: bool = False) -> TrainResult:
     """Train `cfg` and return what happened (see `TrainResult`).
 
@@ -104,252 +144,362 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
         weights: initialise the whole model from a checkpoint, a Hugging Face folder or a
             `.safetensors` file (fine-tuning).
         backbone_weights: initialise the backbone from ImageNet weights (as published).
-        progress: tqdm bar (default: on rank 0 when stderr is a terminal).
-        train_dataset / val_dataset: use these instead of `cfg.data` (tests, notebooks); the
-            train set must return transformed fixed-size items.
         reinit_classifier: with `weights`, load all but the two classifiers and re-initialise
             those for `cfg`'s classes (fine-tuning into another label set).
         trust_checkpoint: open checkpoints that `torch.load(weights_only=True)` refuses with the
             full unpickler (runs code from the file; see `checkpoints.read_checkpoint_file`).
+        progress: tqdm bar (default: on rank 0 when stderr is a terminal).
+        train_dataset / val_dataset: use these instead of `cfg.data` (tests, notebooks); the
+            train set must return transformed fixed-size items.
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the update was not applied).
     """
     cfg = configs.get_config(cfg)
+    max_iters = int(max_iters or cfg.train.max_iters)
+    end = min(max_iters, stop_at) if stop_at else max_iters
     out_dir = Path(out_dir or Path("runs") / cfg.name)
     with before_work():  # a bad --device or torchrun environment
         info = init_distributed(device)
-    try:
-        with deterministic_mode(cfg.train.deterministic, info.device):
-                return _train(cfg, info, data_root, out_dir, resume, per_device_batch, max_iters,
-                          stop_at, weights, backbone_weights, progress, train_dataset,
-                          val_dataset, validate, handle_signals, tensorboard, log,
-                          reinit_classifier, trust_checkpoint)
-    finally:
-        cleanup(info)
-
-
-def _train(cfg: Config, info: DistInfo, data_root, out_dir: Path, resume, per_device_batch,
-           max_iters, stop_at, weights, backbone_weights, progress, train_dataset, val_dataset,
-           validate, handle_signals, tensorboard, log, reinit_classifier=False,
-           trust_checkpoint=False) -> TrainResult:
-    tc, dev = cfg.train, info.device
-    log = log or (lambda message: print(message, flush=True))
-    say = log if info.is_main else (lambda *_: None)
-    max_iters = int(max_iters or tc.max_iters)
-    end = min(max_iters, stop_at) if stop_at else max_iters
-    seed_everything(tc.seed)  # same initial weights on every process
-
-    # Everything up to the first step is set-up: a problem here (data folder, weights, resume)
-    # is the user's input, reported by `upernet train` with exit status 2.
-    with before_work():
-        # ---- data
-        if train_dataset is None:
-            if data_root and cfg.data.dataset == "demo":
-                say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
-                    f"demo scenes")
-            train_dataset, built_val = build_datasets(cfg, data_root)
-            val_dataset = val_dataset if val_dataset is not None else built_val
-        if len(train_dataset) == 0:
-            raise ValueError(f"the training set of {cfg.name} is empty")
-
-        # ---- model, batch decomposition
-        model = build_model(cfg)
-        if backbone_weights:
-            load_backbone_weights(model, backbone_weights, trust=trust_checkpoint)
-        if weights:
-            load_weights(model, weights, reinit_classifier=reinit_classifier,
-                         trust=trust_checkpoint, log=say)
-        model.to(dev)
-        if tc.channels_last:
-            model.to(memory_format=torch.channels_last)
-        share = batch_decomposition(tc.batch_size, info.world_size)[0]
-        sync_bn = use_sync_bn(tc.norm, info.world_size, dev)
-        # Plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image.
-        smallest = 1 if sync_bn else 2
-        if per_device_batch is None:
-            per_device_batch = choose_per_device_batch(model, cfg, dev, share, smallest)
-            if info.distributed:  # every process must use the same: take the smallest
-                t = torch.tensor([-per_device_batch], device=dev)
-                per_device_batch = -int(all_reduce_max(t).item())
-        per_device_batch, accum = batch_decomposition(tc.batch_size, info.world_size, per_device_batch)
-        if per_device_batch < smallest:
-            raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
-                             "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
-                             "channel; use --per-device-batch 2 or more")
-        if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x "
-            f"{info.world_size} process(es) x {accum} accumulation step(s); "
-            f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {dev}; amp {tc.amp}; "
-            f"{max_iters} iterations (poly schedule){f', stopping at {end}' if end < max_iters else ''}")
-
-        optimizer = build_optimizer(model, tc)
-        scheduler = build_scheduler(optimizer, tc, max_iters)
-        scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
-
-        # ---- resume
-        last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-        ckpt_path = _checkpoint_to_resume(resume, last_path, say)
-        if ckpt_path is not None:
-            start, best_miou = restore_training_state(ckpt_path, cfg, info, max_iters, model,
-                                                      optimizer, scheduler, scaler, say,
-                                                      trust_checkpoint)
-        else:
-            start, best_miou = 0, -1.0
-            torch.manual_seed(tc.seed + info.rank)  # a different dropout stream on each process
-
-        raw_model = model  # what is saved and evaluated
-        forward_model: nn.Module = model
-        if info.distributed:
-            forward_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        if tc.compile:  # compile the DDP wrapper, not the inner model: then the gradient
-            forward_model = torch.compile(forward_model)  # all-reduce overlaps the backward pass
-
-    # ---- data order: fixed by (seed, iteration)
-    order = GlobalBatchOrder(len(train_dataset), tc.batch_size, tc.seed)
-    sampler = MicroBatchSampler(order, info.rank, info.world_size, per_device_batch, start)
-    loader = torch.utils.data.DataLoader(
-        SeededItems(train_dataset, tc.seed), batch_sampler=sampler,
-        num_workers=cfg.data.num_workers, pin_memory=dev.type == "cuda",
-        generator=torch.Generator())  # its own generator: the global RNG (dropout) is untouched
-
-    logger = RunLogger(out_dir, enabled=info.is_main, tensorboard=tensorboard,
-                       resume_from=start if ckpt_path is not None else None)
-    if info.is_main:
-        (out_dir / "config.json").write_text(json.dumps(configs.to_dict(cfg), indent=2))
-
-    def checkpoint(iteration: int, path: Path = last_path) -> Path:
-        states = all_gather_object(rng_state())  # every process's RNG, for an exact resume
-        if info.is_main:
-            epoch, position = order.position(iteration)
-            save_checkpoint({
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": states, "iteration": iteration, "max_iters": max_iters,
-                "epoch": epoch, "position": position, "best_miou": best_miou,
-                "world_size": info.world_size, "per_device_batch": per_device_batch,
-                "config": configs.to_dict(cfg),
-            }, path)
-        barrier()
-        return path
-
-    def run_validation(iteration: int) -> dict | None:
-        nonlocal best_miou
-        if not validate or val_dataset is None:
-            return None
-        from upernet_ref.evaluation.evaluate import evaluate
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            res = evaluate(raw_model, val_dataset, cfg, dev, progress=False)  # RNG untouched
-        record = {"kind": "val", "iter": iteration, "miou": res["miou"], "macc": res.get("macc"),
-                  "aacc": res.get("aacc")}
-        logger.log(record)
-        say(f"iter {iteration}: val mIoU {100 * res['miou']:.2f}%")
-        if res["miou"] > best_miou:
-            best_miou = res["miou"]
-            checkpoint(iteration, best_path)
-        return record
-
-    stop = StopFlag(handle_signals)
-    show = progress if progress is not None else (info.is_main and sys.stderr.isatty())
-    bar = None
-    if show and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=end, initial=start, desc=cfg.name, unit="it", dynamic_ncols=True)
-
-    result = TrainResult(out_dir, start, max_iters, [], last_path if ckpt_path else None,
-                         per_device_batch=per_device_batch, accumulation=accum,
-                         world_size=info.world_size)
-    data_iter = iter(loader)
-    window_start, window_iters = time.perf_counter(), 0
-    window_sums = torch.zeros(3, dtype=torch.float64)  # loss, loss_out, loss_aux over the window
-    it = start
-    try:
-        while it < end:
-            forward_model.train()
-            lr = optimizer.param_groups[0]["lr"]
-            micro_batches = [next(data_iter) for _ in range(accum)]
-            try:
-                losses = train_step(forward_model, micro_batches, optimizer, scaler, cfg,
-                                    distributed=info.distributed)
-            except NonFiniteLossError as err:
-                kept = (f"the last good checkpoint is {last_path}" if last_path.exists()
-                        else "no checkpoint was written yet")
-                raise NonFiniteLossError(
-                    f"{err} at iteration {it + 1} of {cfg.name}; stopped before applying that "
-                    f"update; {kept}. Try a lower --train.lr, --train.amp=none, or check the data "
-                    f"(upernet data check)") from None
-            stopping_now = all_reduce_sum(torch.tensor([float(stop.signum != 0)], device=dev))
-            sums = torch.stack([losses.loss, losses.loss_out, losses.loss_aux])
-            loss_value = losses.loss.item()
-            scheduler.step()
-            it += 1
-            window_iters += 1
-            window_sums += sums.double().cpu()
-            result.losses.append(loss_value)
-            result.iteration = it
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-
-            if it % tc.log_interval == 0 or it == end:
-                elapsed = time.perf_counter() - window_start
-                sec_per_iter = elapsed / max(window_iters, 1)
-                epoch = (it * tc.batch_size) / len(train_dataset)
-                means = (window_sums / max(window_iters, 1)).tolist()  # mean over the window
-                record = {"kind": "train", "iter": it, "epoch": round(epoch, 4),
-                          "loss": means[0], "loss_out": means[1], "loss_aux": means[2], "lr": lr,
-                          "sec_per_iter": sec_per_iter,
-                          "img_per_sec": tc.batch_size / max(sec_per_iter, 1e-9),
-                          "eta_sec": sec_per_iter * (end - it)}
-                logger.log(record)
-                if bar is None:
-                    stopping = f" (stop at {end})" if end < max_iters else ""
-                    say(f"iter {it}/{max_iters}{stopping}  epoch {epoch:.2f}  loss {means[0]:.4f}  lr {lr:.3e}  "
-                        f"{record['img_per_sec']:.1f} img/s  eta {record['eta_sec'] / 60:.1f} min")
-                window_start, window_iters = time.perf_counter(), 0
-                window_sums.zero_()
-
-            if stopping_now.item() > 0:  # a signal reached some process: all stop together
-                result.last_checkpoint = checkpoint(it)
+    say = (log or _print) if info.is_main else _quiet
+    with contextlib.ExitStack() as on_exit:  # run last to first when train() returns or raises
+        on_exit.callback(cleanup, info)
+        on_exit.enter_context(deterministic_mode(cfg.train.deterministic, info.device))
+        seed_everything(cfg.train.seed)  # same initial weights on every process
+        # Everything up to the first step is set-up: a problem here (data folder, weights,
+        # resume) is the user's input, reported by `upernet train` with exit status 2.
+        with before_work():
+            train_set, val_set = datasets(cfg, data_root, train_dataset, val_dataset, say=say)
+            run = build_run(cfg, info, out_dir=out_dir, max_iters=max_iters,
+                            per_device_batch=per_device_batch, weights=weights,
+                            backbone_weights=backbone_weights, train_size=len(train_set),
+                            reinit_classifier=reinit_classifier, trust=trust_checkpoint, say=say)
+            say(describe(run, end=end))
+            resumed = resume_run(run, resume=resume, trust=trust_checkpoint, say=say)
+            run.forward_model = wrap_for_training(run.model, cfg=cfg, info=info)
+            batches = GlobalBatches(train_set, run)
+        on_exit.callback(batches.close)
+        logger = start_logger(run, resumed=resumed, tensorboard=tensorboard)
+        on_exit.callback(logger.close)
+        on_exit.callback(logger.plot, cfg.name)
+        stop = StopFlag(handle_signals)
+        on_exit.callback(stop.restore)
+        bar = progress_bar(run, end=end, show=progress)
+        on_exit.callback(bar.close)
+        result = TrainResult(out_dir, run.iteration, max_iters, [],
+                             run.last_path if resumed else None,
+                             per_device_batch=run.per_device_batch,
+                             accumulation=run.accumulation, world_size=info.world_size)
+        window = LossWindow()
+        while run.iteration < end:
+            losses, lr = take_step(run, batches)
+            stopping = stop_requested_anywhere(stop, info)
+            window.add(losses, lr)
+            result.losses.append(float(losses.loss))
+            result.iteration = run.iteration
+            bar.update(float(losses.loss), lr)
+            if run.iteration % cfg.train.log_interval == 0 or run.iteration == end:
+                log_train(run, window, logger, end=end, images=len(train_set),
+                          say=_quiet if bar.shown else say)
+                window = LossWindow()
+            if stopping:  # a signal reached some process: all stop together
+                result.last_checkpoint = save_training_state(run)
                 result.interrupted = signal.Signals(stop.signum).name if stop.signum else "signal"
-                say(f"stopped by {result.interrupted} at iteration {it}; checkpoint "
-                    f"{last_path}; continue with --resume")
+                say(f"stopped by {result.interrupted} at iteration {run.iteration}; checkpoint "
+                    f"{run.last_path}; continue with --resume")
                 break
-            # The checkpoint comes before the validation: a failure or a kill while validating
-            # loses no training.
-            at_end = it == end
-            due_checkpoint = at_end or bool(tc.checkpoint_interval and it % tc.checkpoint_interval == 0)
-            due_val = (it == max_iters) if at_end else bool(tc.val_interval and it % tc.val_interval == 0)
-            if due_checkpoint:
-                result.last_checkpoint = checkpoint(it)
-            if due_val:
-                best_before = best_miou
-                rec = run_validation(it)
-                if rec:
-                    result.val.append(rec)
-                if due_checkpoint and best_miou != best_before:
-                    checkpoint(it)  # so that last.pt knows the new best mIoU
-            if due_checkpoint and not at_end:
-                logger.plot(cfg.name)
-            if window_iters == 0:  # speed figures leave out validation and checkpoint time
-                window_start = time.perf_counter()
-        else:  # the loop did not run: nothing to do (a finished run resumed), or max_iters == 0
-            if it == start and ckpt_path is None:
-                result.last_checkpoint = checkpoint(it)
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-        del data_iter
-        logger.plot(cfg.name)
-        logger.close()
-    return result
+            checkpoint_and_validate(run, result, logger, val_set=val_set if validate else None,
+                                    end=end, say=say)
+            if window.iterations == 0:  # speed figures leave out validation and checkpoint time
+                window.started = time.perf_counter()
+        return result
 
 
-def _checkpoint_to_resume(resume: bool | str | Path, last_path: Path,
-                          say: typing.Callable[[str], None]) -> Path | None:
+# --------------------------------------------------------------------------------------------
+# The named steps of `train()`
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def build_datasets(cfg: Config, data_root: str | None):
+    """(train set with the published train pipeline, raw val set or None)."""
+    from upernet_ref.data.datasets import build_dataset
+    from upernet_ref.data.transforms import train_transform
+
+    train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data))
+    try:
+        val_set = build_dataset(cfg, cfg.data.val_split, data_root, None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"note: no validation set ({err}); training without validation", file=sys.stderr)
+        val_set = None
+    return train_set, val_set
+
+
+def datasets(cfg: Config, data_root: str | None, train_dataset, val_dataset, *, say: Say):
+    """The given (train, val) sets, or those of `cfg.data` (`build_datasets`)."""
+    if train_dataset is None:
+        if data_root and cfg.data.dataset == "demo":
+            say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
+                f"demo scenes")
+        train_dataset, built_val = build_datasets(cfg, data_root)
+        val_dataset = val_dataset if val_dataset is not None else built_val
+    if len(train_dataset) == 0:
+        raise ValueError(f"the training set of {cfg.name} is empty")
+    return train_dataset, val_dataset
+
+
+def build_run(cfg: Config, info: DistInfo, *, out_dir: Path, max_iters: int,
+              per_device_batch: int | None, weights: str | None, backbone_weights: str | None,
+              train_size: int, reinit_classifier: bool, trust: bool, say: Say) -> Run:
+    """The model (initial weights loaded, on the device, SyncBN where several GPUs train), the
+    batch decomposition, SGD, the poly schedule and the AMP scaler."""
+    tc, dev = cfg.train, info.device
+    model = build_model(cfg)
+    if backbone_weights:
+        load_backbone_weights(model, backbone_weights, trust=trust)
+    if weights:
+        load_weights(model, weights, reinit_classifier=reinit_classifier, trust=trust, log=say)
+    model.to(dev)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    sync_bn = use_sync_bn(tc.norm, info.world_size, dev)
+    per_device_batch, accumulation = decompose_batch(model, cfg, info, per_device_batch,
+                                                     sync_bn=sync_bn)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, tc)
+    return Run(cfg=cfg, info=info, out_dir=out_dir, model=model, forward_model=model,
+               optimizer=optimizer, scheduler=build_scheduler(optimizer, tc, max_iters),
+               scaler=torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16"),
+               per_device_batch=per_device_batch, accumulation=accumulation, sync_bn=sync_bn,
+               max_iters=max_iters, order=GlobalBatchOrder(train_size, tc.batch_size, tc.seed))
+
+
+def decompose_batch(model: nn.Module, cfg: Config, info: DistInfo, per_device_batch: int | None,
+                    *, sync_bn: bool) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) for the global batch: the given per-device batch,
+    or the largest that fits (`runtime.choose_per_device_batch`), the same on every process."""
+    tc = cfg.train
+    share = batch_decomposition(tc.batch_size, info.world_size)[0]
+    # Plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image.
+    smallest = 1 if sync_bn else 2
+    if per_device_batch is None:
+        per_device_batch = choose_per_device_batch(model, cfg, info.device, share, smallest)
+        if info.distributed:  # every process must use the same: take the smallest
+            t = torch.tensor([-per_device_batch], device=info.device)
+            per_device_batch = -int(all_reduce_max(t).item())
+    per_device_batch, accumulation = batch_decomposition(tc.batch_size, info.world_size,
+                                                         per_device_batch)
+    if per_device_batch < smallest:
+        raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
+                         "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
+                         "channel; use --per-device-batch 2 or more")
+    return per_device_batch, accumulation
+
+
+def describe(run: Run, *, end: int) -> str:
+    """The run's first line: batch decomposition, normalisation, device, schedule."""
+    tc = run.cfg.train
+    stopping = f", stopping at {end}" if end < run.max_iters else ""
+    return (f"{run.cfg.name}: global batch {tc.batch_size} = {run.per_device_batch} per device x "
+            f"{run.info.world_size} process(es) x {run.accumulation} accumulation step(s); "
+            f"{'SyncBN' if run.sync_bn else 'BatchNorm'}; device {run.info.device}; amp {tc.amp}; "
+            f"{run.max_iters} iterations (poly schedule){stopping}")
+
+
+def resume_run(run: Run, *, resume: bool | str | Path, trust: bool, say: Say) -> bool:
+    """Restore the checkpoint `resume` names into `run` (True), or start afresh (False)."""
+    path = _checkpoint_to_resume(resume, run.last_path, say)
+    if path is None:
+        torch.manual_seed(run.cfg.train.seed + run.info.rank)  # a different dropout stream
+        return False  # on each process
+    run.iteration, run.best_miou = restore_training_state(path, run, trust=trust, say=say)
+    return True
+
+
+def wrap_for_training(model: nn.Module, *, cfg: Config, info: DistInfo) -> nn.Module:
+    """`model` in DistributedDataParallel over several processes, then torch.compile'd when
+    `train.compile` (the DDP wrapper is compiled, not the inner model: then the gradient
+    all-reduce overlaps the backward pass)."""
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if cfg.train.compile else model
+
+
+class GlobalBatches:
+    """This process's micro-batches of each global batch, in the order fixed by (seed, iteration)
+    from the run's iteration on (`distributed.MicroBatchSampler`)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, run: Run):
+        tc, dev = run.cfg.train, run.info.device
+        sampler = MicroBatchSampler(run.order, run.info.rank, run.info.world_size,
+                                    run.per_device_batch, run.iteration)
+        loader = torch.utils.data.DataLoader(
+            SeededItems(dataset, tc.seed), batch_sampler=sampler,
+            num_workers=run.cfg.data.num_workers, pin_memory=dev.type == "cuda",
+            generator=torch.Generator())  # its own generator: the global RNG (dropout) is untouched
+        self.accumulation = run.accumulation
+        self._items: typing.Iterator | None = iter(loader)
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(self._items) for _ in range(self.accumulation)]
+
+    def close(self) -> None:
+        self._items = None  # stops the loader's worker processes
+
+
+def start_logger(run: Run, *, resumed: bool, tensorboard: bool) -> RunLogger:
+    """The run's `log.jsonl` (and TensorBoard) on rank 0, with `config.json` next to it."""
+    logger = RunLogger(run.out_dir, enabled=run.info.is_main, tensorboard=tensorboard,
+                       resume_from=run.iteration if resumed else None)
+    if run.info.is_main:
+        (run.out_dir / "config.json").write_text(json.dumps(configs.to_dict(run.cfg), indent=2))
+    return logger
+
+
+class _Bar:
+    """A tqdm bar on rank 0 when shown, otherwise nothing."""
+
+    def __init__(self, bar=None):
+        self.bar = bar
+        self.shown = bar is not None
+
+    def update(self, loss: float, lr: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(run: Run, *, end: int, show: bool | None) -> _Bar:
+    """A progress bar (default: on rank 0 when stderr is a terminal); without it, log lines."""
+    if not run.info.is_main or not (show if show is not None else sys.stderr.isatty()):
+        return _Bar()
+    from tqdm import tqdm
+    return _Bar(tqdm(total=end, initial=run.iteration, desc=run.cfg.name, unit="it",
+                     dynamic_ncols=True))
+
+
+def take_step(run: Run, batches: GlobalBatches) -> tuple[StepLosses, float]:
+    """One iteration: `step.train_step` on the next global batch, then the schedule's step.
+    Returns the step's losses and the learning rate it used."""
+    run.forward_model.train()
+    lr = run.optimizer.param_groups[0]["lr"]
+    try:
+        losses = train_step(run.forward_model, batches.next(), run.optimizer, run.scaler,
+                            run.cfg, distributed=run.info.distributed)
+    except NonFiniteLossError as err:
+        kept = (f"the last good checkpoint is {run.last_path}" if run.last_path.exists()
+                else "no checkpoint was written yet")
+        raise NonFiniteLossError(
+            f"{err} at iteration {run.iteration + 1} of {run.cfg.name}; stopped before applying "
+            f"that update; {kept}. Try a lower --train.lr, --train.amp=none, or check the data "
+            f"(upernet data check)") from None
+    run.scheduler.step()
+    run.iteration += 1
+    return losses, lr
+
+
+def stop_requested_anywhere(stop: StopFlag, info: DistInfo) -> bool:
+    """Whether a SIGTERM / SIGINT reached any process (all must stop at the same iteration)."""
+    flag = torch.tensor([float(stop.signum != 0)], device=info.device)
+    return all_reduce_sum(flag).item() > 0
+
+
+def log_train(run: Run, window: LossWindow, logger: RunLogger, *, end: int, images: int,
+              say: Say) -> None:
+    """One `log.jsonl` record (and line) with the window's mean losses and speed."""
+    it, tc = run.iteration, run.cfg.train
+    n = max(window.iterations, 1)
+    sec_per_iter = (time.perf_counter() - window.started) / n
+    epoch = it * tc.batch_size / images
+    record = {"kind": "train", "iter": it, "epoch": round(epoch, 4), "loss": window.loss / n,
+              "loss_out": window.loss_out / n, "loss_aux": window.loss_aux / n, "lr": window.lr,
+              "sec_per_iter": sec_per_iter,
+              "img_per_sec": tc.batch_size / max(sec_per_iter, 1e-9),
+              "eta_sec": sec_per_iter * (end - it)}
+    logger.log(record)
+    stopping = f" (stop at {end})" if end < run.max_iters else ""
+    say(f"iter {it}/{run.max_iters}{stopping}  epoch {epoch:.2f}  loss {record['loss']:.4f}  "
+        f"lr {window.lr:.3e}  {record['img_per_sec']:.1f} img/s  "
+        f"eta {record['eta_sec'] / 60:.1f} min")
+
+
+def checkpoint_and_validate(run: Run, result: TrainResult, logger: RunLogger, *,
+                            val_set: torch.utils.data.Dataset | None, end: int, say: Say) -> None:
+    """The periodic (and final) checkpoint and validation of this iteration.
+
+    The checkpoint comes before the validation: a failure or a kill while validating loses no
+    training. The final validation is the one at the end of the schedule, not at `stop_at`.
+    """
+    it, tc = run.iteration, run.cfg.train
+    at_end = it == end
+    due_checkpoint = at_end or bool(tc.checkpoint_interval and it % tc.checkpoint_interval == 0)
+    due_val = val_set is not None and (
+        (it == run.max_iters) if at_end else bool(tc.val_interval and it % tc.val_interval == 0))
+    if due_checkpoint:
+        result.last_checkpoint = save_training_state(run)
+    if due_val:
+        best_before = run.best_miou
+        result.val.append(validate_and_keep_best(run, val_set, logger, say=say))
+        if due_checkpoint and run.best_miou != best_before:
+            save_training_state(run)  # so that last.pt knows the new best mIoU
+    if due_checkpoint and not at_end:
+        logger.plot(run.cfg.name)
+
+
+def validate_and_keep_best(run: Run, val_set: torch.utils.data.Dataset, logger: RunLogger, *,
+                           say: Say) -> dict:
+    """Evaluate the model on `val_set` (the training RNG untouched), log it, and save `best.pt`
+    when the mIoU is the best so far."""
+    from upernet_ref.evaluation.evaluate import evaluate
+    dev = run.info.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        res = evaluate(run.model, val_set, run.cfg, dev, progress=False)
+    record = {"kind": "val", "iter": run.iteration, "miou": res["miou"], "macc": res.get("macc"),
+              "aacc": res.get("aacc")}
+    logger.log(record)
+    say(f"iter {run.iteration}: val mIoU {100 * res['miou']:.2f}%")
+    if res["miou"] > run.best_miou:
+        run.best_miou = res["miou"]
+        save_training_state(run, run.best_path)
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints of the training state
+
+
+def save_training_state(run: Run, path: Path | None = None) -> Path:
+    """Write everything an exact continuation needs to `path` (default `last.pt`), atomically,
+    from rank 0, with every process's RNG state."""
+    path = path or run.last_path
+    states = all_gather_object(rng_state())  # every process's RNG, for an exact resume
+    if run.info.is_main:
+        epoch, position = run.order.position(run.iteration)
+        save_checkpoint({
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "rng": states, "iteration": run.iteration, "max_iters": run.max_iters,
+            "epoch": epoch, "position": position, "best_miou": run.best_miou,
+            "world_size": run.info.world_size, "per_device_batch": run.per_device_batch,
+            "config": configs.to_dict(run.cfg),
+        }, path)
+    barrier()
+    return path
+
+
+def _checkpoint_to_resume(resume: bool | str | Path, last_path: Path, say: Say) -> Path | None:
     """The checkpoint `--resume` means: `last_path` (if it exists yet) or the given file."""
     if not resume:
         return None
@@ -364,18 +514,17 @@ def _checkpoint_to_resume(resume: bool | str | Path, last_path: Path,
     return last_path
 
 
-def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: int,
-                           model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: typing.Any, scaler: torch.amp.GradScaler,
-                           say: typing.Callable[[str], None], trust: bool = False
-                           ) -> tuple[int, float]:
-    """Load a trainer checkpoint for an exact continuation; returns (iteration, best mIoU).
+def restore_training_state(path: Path, run: Run, *, say: Say,
+                           trust: bool = False) -> tuple[int, float]:
+    """Load a trainer checkpoint into `run` for an exact continuation; returns (iteration, best
+    mIoU).
 
     Weights, momentum, schedule position, AMP scale and this process's RNG state are restored.
     A different `max_iters` continues on the new poly curve from the saved iteration; a different
     number of processes keeps the data order (it depends on the iteration only) but restarts the
     random streams.
     """
+    cfg, info, max_iters = run.cfg, run.info, run.max_iters
     ckpt = read_checkpoint_file(path, trust)
     if not all(key in ckpt for key in ("model", "optimizer", "scheduler", "iteration")):
         raise ValueError(f"{path}: not a training checkpoint (no optimizer and schedule state "
@@ -389,15 +538,15 @@ def restore_training_state(path: Path, cfg: Config, info: DistInfo, max_iters: i
             f"with the one given now")
     if ckpt.get("max_iters", max_iters) != max_iters:
         say(f"warning: the checkpoint's schedule had {ckpt['max_iters']} iterations, now {max_iters}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scheduler.max_iters = max_iters
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scheduler.max_iters = max_iters
     # the optimizer holds the next lr of the *saved* schedule; recompute it for this one
-    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+    for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_lr()):
         group["lr"] = lr
     if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
     start = int(ckpt["iteration"])
     if start > max_iters:
         raise ValueError(f"{path} is at iteration {start}, beyond a schedule of {max_iters} "
