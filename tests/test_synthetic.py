@@ -86,3 +86,14 @@ def test_transform_and_bad_arguments():
         pass
     else:
         raise AssertionError("index 2 of 2 items was accepted")
+
+
+def test_demo_scenes_refuse_another_class_count_in_one_line(tmp_path, capsys):
+    from upernet_ref.cli import main
+
+    code = main(["train", "--config", "upernet_small_demo", "--data.num_classes=5",
+                 "--model.num_classes=5", "--max-iters", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [err]  # one line, no traceback
+    assert "demo scenes have 8 classes" in err and "data.num_classes=5" in err
