@@ -21,7 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	# conftest.py gives nbval the sanitize file (notebooks/sanitize.cfg) by absolute path
+	# notebooks/ and, recursively, notebooks/solutions/: the student notebooks (their unsolved
+	# exercise cells, tagged raises-exception, raise NotImplementedError) and the solved ones
+	# (every cell runs); conftest.py gives nbval
+	# the sanitize file (notebooks/sanitize.cfg) by absolute path
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-cell-timeout=600 \
 		-p no:cacheprovider notebooks/
 

@@ -1,14 +1,17 @@
 """Run every notebook's code on a machine without Jupyter (e.g. a bare GPU machine).
 
-    python benchmarks/run_notebooks.py [NOTEBOOK ...]      # default: notebooks/[0-9]*.ipynb
+    python benchmarks/run_notebooks.py [NOTEBOOK ...]
+        # default: the student notebooks notebooks/[0-9]*.ipynb, then notebooks/solutions/
 
 `pytest --nbval` is the notebooks' real test (CI, CPU): it compares every output with the
 committed one. On a GPU the notebooks deliberately print other things (full-size shapes and
 models, `device = "cuda"`), so there the question is only whether every cell runs. This script
 answers it with nothing but the package's own dependencies: each notebook's code cells run in
 order in one namespace, in the notebook's folder, with IPython's line magics (`%matplotlib`,
-`%config`) dropped and figures drawn off-screen (Agg). It prints one line per notebook (seconds,
-or the failing cell and its error) and exits 1 if any failed.
+`%config`) dropped and figures drawn off-screen (Agg). A student notebook's unsolved exercise
+cells (tagged `raises-exception`) must raise `NotImplementedError`; every other cell must run.
+It prints one line per notebook (seconds, or the failing cell and its error) and exits 1 if any
+failed.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ from pathlib import Path
 
 def code_cells(path: Path) -> list[str]:
     """The source of the notebook's code cells, IPython magics and shell lines removed."""
+    return [source for source, _ in _code_cells(path)]
+
+
+def _code_cells(path: Path) -> list[tuple[str, bool]]:
+    """(source, expected to raise NotImplementedError) of each code cell."""
     notebook = json.loads(path.read_text())
     cells = []
     for cell in notebook["cells"]:
@@ -29,7 +37,8 @@ def code_cells(path: Path) -> list[str]:
             continue
         source = "".join(cell["source"])
         lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
-        cells.append("\n".join(lines))
+        unsolved = "raises-exception" in cell.get("metadata", {}).get("tags", ())
+        cells.append(("\n".join(lines), unsolved))
     return cells
 
 
@@ -44,9 +53,14 @@ def run_notebook(path: Path) -> tuple[bool, str]:
     start = time.perf_counter()
     os.chdir(path.parent)
     try:
-        for number, source in enumerate(code_cells(path), 1):
+        for number, (source, unsolved) in enumerate(_code_cells(path), 1):
             try:
                 exec(compile(source, f"{path.name}[cell {number}]", "exec"), namespace)
+                if unsolved:
+                    return False, f"cell {number}: an unsolved exercise ran without raising NotImplementedError"
+            except NotImplementedError:
+                if not unsolved:
+                    return False, f"cell {number}: " + traceback.format_exc(limit=-3).strip()
             except Exception:  # noqa: BLE001 - reported, the next notebook still runs
                 return False, f"cell {number}: " + traceback.format_exc(limit=-3).strip()
             finally:
@@ -59,12 +73,13 @@ def run_notebook(path: Path) -> tuple[bool, str]:
 def main(argv: list[str]) -> int:
     root = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(root))  # the package without `pip install -e .`
-    paths = [Path(p).resolve() for p in argv] or sorted((root / "notebooks").glob("[0-9]*.ipynb"))
+    paths = [Path(p).resolve() for p in argv] or (sorted((root / "notebooks").glob("[0-9]*.ipynb"))
+                                                  + sorted((root / "notebooks" / "solutions").glob("[0-9]*.ipynb")))
     failed = 0
     for path in paths:
         ok, message = run_notebook(path)
         failed += not ok
-        print(f"{'ok    ' if ok else 'FAILED'} {path.name}: {message}", flush=True)
+        print(f"{'ok    ' if ok else 'FAILED'} {path.parent.name}/{path.name}: {message}", flush=True)
     print(f"{len(paths) - failed} of {len(paths)} notebooks ran")
     return 1 if failed else 0
 

@@ -19,9 +19,26 @@
 # # 01 · The dilated ResNet backbone
 #
 # UPerNet (Xiao et al. 2018, section 3 and figure 3) builds its feature pyramid on the four stage
-# outputs C2, C3, C4, C5 of a ResNet (He et al. 2016). The published models use ResNet-50/101
-# **"v1c"** (a deep stem of three 3x3 convolutions) and **dilated** convolutions in the last stages,
-# so that C5 stays at 1/8 (output stride 8) or 1/16 (output stride 16) of the input instead of 1/32.
+# outputs C2, C3, C4, C5 of a ResNet (He et al. 2016). **In the paper** (and the authors' code)
+# that ResNet is *not* dilated: C5 is at 1/32 of the input and the FPN recovers the resolution.
+# **The published recipe** this project reproduces (the sssegmentation model card) changes the
+# backbone: ResNet-50/101 **"v1c"** (a deep stem of three 3x3 convolutions) with **dilated**
+# convolutions in the last stages, so that C5 stays at 1/8 (output stride 8) or 1/16 (output
+# stride 16) of the input. This notebook teaches that dilated backbone; `output_stride=32` gives
+# back the paper's. The whole course keeps the two apart:
+#
+# | | the paper (Xiao et al. 2018) / the authors' code | the published recipe (this project) |
+# |---|---|---|
+# | backbone | ResNet-50/101, not dilated (output stride 32), stem 64-64-128 | ResNet v1c, stem 32-32-64, dilated to output stride 8 or 16 |
+# | head | PPM (1, 2, 3, 6) + FPN + fusion, width 512 | the same network |
+# | dropout, auxiliary head | none, none | `Dropout2d(0.1)`; FCN head on C4, loss weight 0.4 (training only) |
+# | loss | NLL at 1/4 resolution | cross-entropy at input resolution, ignore 255, + 0.4 x aux |
+# | optimiser | SGD, lr 0.02, weight decay 1e-4 | SGD, lr 0.01, weight decay 5e-4 on every parameter |
+# | schedule, batch | poly 0.9; 2 images x 8 GPUs | poly 0.9 to 1e-4, no warmup; global batch 16 (Cityscapes 8) |
+# | augmentation | short side in {300..600}, flip | rescale x [0.5, 2], class-ratio crop 512, flip, photometric |
+# | test | single scale or five sizes averaged | whole image at the base scale (the published table) |
+#
+# (A summary of `docs/SPEC.md`, "Paper vs published recipe", which gives the sources.)
 #
 # In this notebook we
 #
@@ -43,12 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upernet_ref import course
 from upernet_ref.model.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
 from upernet_ref.model import count_parameters, randomize_batchnorm
 
 _ = torch.manual_seed(0)
-device = "cuda" if torch.cuda.is_available() else "cpu"
-full_size = device == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+device = course.pick_device()
+course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
+full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
 
 # %% [markdown]
 # ## 1. A dilated 3x3 convolution
@@ -389,11 +408,13 @@ class SketchResNet(nn.Module):
 # so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 
 # %%
-x = torch.randn(2, 3, 64, 64, device=device)
+# the published R-50 at 512x512 on a GPU; a narrow, shallow one at 64x64 on a laptop CPU
+blocks, width, stem, size = ((3, 4, 6, 3), 64, 32, 512) if full_size else ((1, 1, 2, 2), 8, 8, 64)
+x = torch.randn(2, 3, size, size, device=device)
 for os_ in (8, 16, 32):
-    reference = ResNet(50, output_stride=os_, blocks=(1, 1, 2, 2), base_width=8, stem_width=8)
+    reference = ResNet(50, output_stride=os_, blocks=blocks, base_width=width, stem_width=stem)
     randomize_batchnorm(reference)
-    sketch = SketchResNet((1, 1, 2, 2), width=8, stem_width=8, output_stride=os_)
+    sketch = SketchResNet(blocks, width=width, stem_width=stem, output_stride=os_)
     sketch.load_state_dict(reference.state_dict())  # strict: every name and shape must match
     reference, sketch = reference.to(device).eval(), sketch.to(device).eval()
     with torch.no_grad():
@@ -467,7 +488,29 @@ assert all(torch.isfinite(f).all() for f in feats)
 # - At 512x512, os 8 gives C3 = C4 = C5 = 64x64; os 16 gives 64, 32, 32; os 32 gives 64, 32, 16.
 # - Our hand-built backbone equals `upernet_ref.model.backbone.ResNet` for all three output strides.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write the output length of a convolution from its input length, kernel, stride, padding and
+# dilation (the formula behind every size in section 6), then run the cell: `check_conv_output_size`
+# compares your function with `nn.Conv2d` on eight cases and says which one is wrong.
+
+# %% tags=["raises-exception"]
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_conv_output_size(conv_output_size)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. Which output stride does the paper's UPerNet use, and which do the published models use?
+# 2. How many weights does a 3x3 convolution with dilation 4 have, and how wide is its footprint?
+# 3. Why does the first block of a dilated stage use half the dilation ("contract dilation")?
+# 4. At 512x512 and output stride 8, what is the spatial size of C5? At output stride 32?
+# 5. What differs between the v1c stem and the plain 7x7 stem?
+#
+# ## Going further
 #
 # 1. Use `receptive_field` to find the theoretical receptive field of C4 in R-101. Is it larger
 #    than a 512x512 crop? What does the *effective* receptive field (the gradient footprint of

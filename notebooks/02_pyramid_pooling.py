@@ -45,13 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from upernet_ref import course
 from upernet_ref.model.head import resize
 from upernet_ref.model import count_parameters, randomize_batchnorm
 from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
-device = "cuda" if torch.cuda.is_available() else "cpu"
-full_size = device == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+device = course.pick_device()
+course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
+full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
 
 
 # %% [markdown]
@@ -226,13 +228,15 @@ class SketchPPM(nn.Module):
         return self.bottleneck(torch.cat([x, *context], dim=1))
 
 
-reference = PyramidPooling(64, 16, pool_scales)
+# the published 2048 -> 512 PPM on C5 of a 512x512 image on a GPU; a 64 -> 16 one on a CPU
+cin, cout, side = (2048, 512, 64) if full_size else (64, 16, 8)
+reference = PyramidPooling(cin, cout, pool_scales)
 randomize_batchnorm(reference)
-sketch = SketchPPM(64, 16, pool_scales)
+sketch = SketchPPM(cin, cout, pool_scales)
 sketch.load_state_dict(reference.state_dict())  # strict: same names, same shapes
 reference, sketch = reference.to(device), sketch.to(device)
 for mode in ("eval", "train"):
-    for shape in ((2, 64, 8, 8), (2, 64, 13, 17)):
+    for shape in ((2, cin, side, side), (2, cin, 13, 17)):
         x = torch.randn(shape, device=device)
         getattr(reference, mode)(), getattr(sketch, mode)()
         with torch.no_grad():
@@ -276,6 +280,34 @@ for crop, os_ in (((512, 512), 8), ((512, 512), 16), ((512, 1024), 8), ((512, 10
           f"{str(tuple(out.shape)):>20s} {gmacs(ppm, c5):8.1f}")
 
 # %% [markdown]
+# The picture of it, drawn from the module: `course.output_shapes` records every branch's output
+# shape in one forward pass on the `meta` device (full size, no compute).
+
+# %%
+with torch.device("meta"):
+    c5 = torch.zeros(1, 2048, 64, 64)  # C5 of a 512x512 image at output stride 8
+shapes = course.output_shapes(ppm, c5, [f"branches.{k}" for k in range(4)] + ["bottleneck"])
+
+
+def chw(shape):
+    return "x".join(map(str, shape[1:]))
+
+
+boxes = {"c5": (0, 1.5, f"C5\n{chw(c5.shape)}")}
+arrows = [("c5", "cat"), ("cat", "out")]
+for k, s in enumerate(ppm.pool_scales):
+    boxes[f"pool{k}"] = (2, 3 - k, f"avg pool to {s}x{s}\n2048x{s}x{s}")
+    boxes[f"branch{k}"] = (4, 3 - k, f"1x1 conv+BN+ReLU\n{chw(shapes[f'branches.{k}'])}")
+    boxes[f"up{k}"] = (6, 3 - k, f"upsample\n512x{c5.shape[2]}x{c5.shape[3]}")
+    arrows += [("c5", f"pool{k}"), (f"pool{k}", f"branch{k}"), (f"branch{k}", f"up{k}"), (f"up{k}", "cat")]
+boxes["cat"] = (8, 1.5, f"concat with C5\n{2048 + 512 * len(ppm.pool_scales)}x64x64")
+boxes["out"] = (10, 1.5, f"3x3 conv+BN+ReLU\n{chw(shapes['bottleneck'])}")
+fig, ax = plt.subplots(figsize=(12, 3.6))
+course.draw_diagram(ax, boxes, arrows, {"c5": "#f7e8d0", "out": "#d9f0d9"})
+ax.set_title("The published PPM on C5 of a 512x512 image at output stride 8 (C x H x W)", fontsize=9)
+plt.show()
+
+# %% [markdown]
 # ## 8. On this machine
 #
 # A real forward pass: the published 2048 -> 512 PPM on C5 of a 512x512 image at output stride 8
@@ -307,7 +339,30 @@ print("output is non-negative (ends with ReLU):", bool((out >= 0).all()))
 # - Its output, at C5's resolution, is the top level of UPerNet's FPN (notebook 03).
 # - Our `SketchPPM` equals `upernet_ref.model.ppm.PyramidPooling` in eval and train mode.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write the PPM's forward pass with the module's own layers (`ppm.pool_scales`,
+# `ppm.branches`, `ppm.bottleneck`; `resize` is imported above). `check_ppm` compares it with
+# `ppm(x)` on a small PPM with random BatchNorm statistics.
+
+# %% tags=["raises-exception"]
+def ppm_forward(x: torch.Tensor, ppm: PyramidPooling) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_ppm(ppm_forward)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. Which pooled sizes does the PPM use, and what does the 1x1 bin capture?
+# 2. How many channels enter the bottleneck of the published PPM, and why?
+# 3. Where are most of the PPM's parameters, and how does output stride change its cost?
+# 4. What does `align_corners=False` mean for the upsampling, and what would the 1x1 branch look
+#    like after it?
+# 5. Does the PPM belong to the paper or to the published recipe?
+#
+# ## Going further
 #
 # 1. Remove the 1x1 branch (scales (2, 3, 6)). How many parameters does that save? What does the
 #    network lose?

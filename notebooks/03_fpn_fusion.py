@@ -27,9 +27,11 @@
 #   pyramid.
 #
 # The four levels are then upsampled to 1/4 of the input, concatenated and fused by a 3x3
-# convolution (the paper's "fused feature map"), and a 1x1 classifier predicts the classes. An
-# FCN head on C4 gives a second, auxiliary prediction during training only (PSPNet's deep
-# supervision). We build each piece, check the hand-built head against
+# convolution (the paper's "fused feature map"), and a 1x1 classifier predicts the classes. All
+# of that is **the paper's** network. Two additions are **the published recipe's**, not the
+# paper's (docs/SPEC.md, "Paper vs published recipe"): a `Dropout2d(0.1)` before the classifier,
+# and an FCN head on C4 that gives a second, auxiliary prediction during training only (PSPNet's
+# deep supervision; the paper's authors use none for UPerNet). We build each piece, check the hand-built head against
 # `upernet_ref.model.head.UPerHead`, and then look at the whole model: parameters of the 12 published
 # configurations, GMACs, and outputs in train and eval mode.
 
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from upernet_ref import course
 from upernet_ref.configs import (REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K, get_config,
                                  list_configs)
 from upernet_ref.perf.flops import count_macs
@@ -50,8 +53,9 @@ from upernet_ref.model import build_model, count_parameters, randomize_batchnorm
 from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)
-device = "cuda" if torch.cuda.is_available() else "cpu"
-full_size = device == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+device = course.pick_device()
+course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
+full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
 
 # %% [markdown]
 # ## 1. The four levels the head receives
@@ -190,8 +194,9 @@ print("logits at the input size", tuple(full.shape))
 # %% [markdown]
 # ## 6. The auxiliary FCN head
 #
-# During training a second head on C4 adds a loss (weight 0.4, spec section 3) that helps the deep
-# backbone learn; it is dropped at test time. It is a plain FCN head:
+# In the published recipe (not in the paper), a second head on C4 adds a loss during training
+# (weight 0.4, docs/SPEC.md, "Training recipe") that helps the deep backbone learn; it is dropped
+# at test time. It is a plain FCN head:
 
 # %%
 print(inspect.getsource(FCNHead))
@@ -232,13 +237,18 @@ class SketchUPerHead(nn.Module):
         return self.classifier(self.dropout(fused))
 
 
-reference = UPerHead(in_channels, channels, num_classes)
+# the published head (C2..C5 of a 512x512 image) on a GPU; a narrow one on small maps on a CPU
+if full_size:
+    check_in, check_width, check_classes, scale = (256, 512, 1024, 2048), 512, 150, 8
+else:
+    check_in, check_width, check_classes, scale = in_channels, channels, num_classes, 1
+reference = UPerHead(check_in, check_width, check_classes)
 randomize_batchnorm(reference)
-sketch = SketchUPerHead(in_channels, channels, num_classes)
+sketch = SketchUPerHead(check_in, check_width, check_classes)
 sketch.load_state_dict(reference.state_dict())  # strict: same names, same shapes
 reference, sketch = reference.to(device).eval(), sketch.to(device).eval()
 for geometry, sizes in (("os  8", (16, 8, 8, 8)), ("os 32", (16, 8, 4, 2))):
-    x = [torch.randn(2, c, s, s, device=device) for c, s in zip(in_channels, sizes)]
+    x = [torch.randn(2, c, s * scale, s * scale, device=device) for c, s in zip(check_in, sizes)]
     with torch.no_grad():
         for a, b in zip(sketch.pyramid(x), reference.fpn_features(x)):
             torch.testing.assert_close(a, b)
@@ -264,7 +274,7 @@ print("UPerNet(x)['out'] == resize(decode_head(backbone(x))), shape", tuple(by_h
 # ## 8. The whole model: parameters of the 12 published configurations
 #
 # Built on the `meta` device (no memory), counted, and compared with the reference counts of the
-# model card (spec section 1; BatchNorm, with the auxiliary head). Output stride changes no
+# model card (docs/SPEC.md, "Published figures"; BatchNorm, with the auxiliary head). Output stride changes no
 # parameter, only the number of classes changes the two classifiers.
 
 # %%
@@ -304,11 +314,63 @@ assert sum(count_parameters(m) for m in parts.values()) == total
 print(f"{'total':24s} {total:12,d}")
 
 # %% [markdown]
+# ## The whole network, drawn from the model
+#
+# Every tensor shape of the published `upernet_r50_os8_ade20k` on one 512x512 image, recorded in
+# one forward pass on the `meta` device (`course.output_shapes`: forward hooks, no compute). The
+# orange boxes are the backbone (notebook 01), green the PPM (02), blue this notebook's FPN and
+# fusion; the grey auxiliary head runs in training only.
+
+# %%
+with torch.device("meta"):
+    published = build_model("upernet_r50_os8_ade20k")
+    image = torch.zeros(1, 3, 512, 512)
+stages = ["backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+heads = [f"decode_head.lateral_convs.{k}" for k in range(3)] + ["decode_head.ppm"]
+smooth = [f"decode_head.fpn_convs.{k}" for k in range(3)]
+shapes = course.output_shapes(published, image, stages + heads + smooth +
+                              ["decode_head.fuse", "decode_head.classifier"])
+aux_shape = course.output_shapes(published.aux_head, torch.zeros(shapes[stages[2]], device="meta"),
+                                 ["classifier"])["classifier"]
+
+
+def chw(shape):
+    return "x".join(map(str, shape[1:]))
+
+
+boxes = {"image": (0, -0.5, f"image\n{chw(image.shape)}"),
+         "out": (12, 2, f"logits, upsampled\n{150}x512x512")}
+arrows, colors = [], {}
+for k in range(4):
+    y = k
+    boxes[f"C{k + 2}"] = (2, y, f"C{k + 2} (layer{k + 1})\n{chw(shapes[stages[k]])}")
+    colors[f"C{k + 2}"] = "#f7e8d0"
+    arrows.append(("image" if k == 0 else f"C{k + 1}", f"C{k + 2}"))
+    name = "PPM" if k == 3 else "lateral 1x1"
+    boxes[f"L{k}"] = (4.5, y, f"{name}\n{chw(shapes[heads[k]])}")
+    colors[f"L{k}"] = "#d9f0d9" if k == 3 else "#e8eef7"
+    arrows.append((f"C{k + 2}", f"L{k}"))
+    if k < 3:
+        boxes[f"S{k}"] = (7, y, f"+ top-down, 3x3\n{chw(shapes[smooth[k]])}")
+        arrows += [(f"L{k}", f"S{k}"), (f"L{k + 1}", f"S{k}")]
+    arrows.append((f"S{k}" if k < 3 else f"L{k}", "fuse"))
+boxes["fuse"] = (9.5, 1.5, f"upsample to 1/4, concat\n{4 * 512}x128x128\n3x3 fuse {chw(shapes['decode_head.fuse'])}")
+boxes["cls"] = (9.5, 3, f"dropout, 1x1 classifier\n{chw(shapes['decode_head.classifier'])}")
+boxes["aux"] = (4.5, -1, f"aux FCN head (training)\n{chw(aux_shape)}")
+colors["aux"] = "#dddddd"
+arrows += [("fuse", "cls"), ("cls", "out"), ("C4", "aux")]
+fig, ax = plt.subplots(figsize=(13, 5))
+course.draw_diagram(ax, boxes, arrows, colors)
+ax.set_title("upernet_r50_os8_ade20k on a 512x512 image (C x H x W, batch 1)", fontsize=9)
+plt.show()
+assert shapes["decode_head.classifier"] == (1, 150, 128, 128) and shapes[stages[3]] == (1, 2048, 64, 64)
+
+# %% [markdown]
 # ## 9. Compute at 512x512
 #
 # `upernet_ref.perf.flops.count_macs` runs the model on the `meta` device under PyTorch's FLOP counter
 # (convolutions only, as the published GMAC figures). In training mode the auxiliary head is
-# counted too. The model card's figures (spec section 1) are printed beside ours.
+# counted too. The model card's figures (docs/SPEC.md, "Published figures") are printed beside ours.
 
 # %%
 published = {(50, 8): (398, 417), (50, 16): (263, 268), (101, 8): (None, 495), (101, 16): (None, 288)}
@@ -367,7 +429,30 @@ with torch.no_grad():
 #   reference for all 12 configurations; 398 / 263 GMACs (R-50, os 8 / os 16) at 512x512 in eval mode.
 # - Our hand-built head equals `upernet_ref.model.head.UPerHead`.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write the top-down pathway: given the four laterals (finest first, the PPM output last), add to
+# each level the upsampled sum coming from the level above, from the top down (use `resize`).
+# `check_top_down` compares the four levels with the package's computation.
+
+# %% tags=["raises-exception"]
+def top_down_pathway(laterals: list[torch.Tensor]) -> list[torch.Tensor]:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_top_down(top_down_pathway)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. At which resolution does the fused feature map live, and how many channels does it have
+#    before the fusion conv?
+# 2. Why does the top-down pathway go from coarse to fine, and not the other way?
+# 3. Which parts of this head come from the paper, and which from the published recipe?
+# 4. Does output stride change the number of parameters? The MACs?
+# 5. What does the model return in train mode that it does not return in eval mode?
+#
+# ## Going further
 #
 # 1. Remove the top-down pathway from `SketchUPerHead` (fuse the laterals directly). How many
 #    parameters change? Train both on the demo data (notebook on training) and compare mIoU.
@@ -378,4 +463,4 @@ with torch.no_grad():
 #    output stride 8 and 16.
 # 4. Where would you attach a head that predicts at 1/8 instead of 1/4? What would it save?
 # 5. Build `upernet_r101_os8_cityscapes` on the meta device and compute its GMACs for a whole
-#    1024x2048 image. Compare with the spec's 2.1-3.9 TMACs.
+#    1024x2048 image. Compare with the 2.1-3.9 TMACs of docs/SPEC.md, "Published figures".

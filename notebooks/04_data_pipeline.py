@@ -24,13 +24,16 @@
 # 1. the **data contract** every dataset in `upernet_ref` follows, on the embedded demo scenes,
 # 2. how **PASCAL VOC, ADE20K and Cityscapes** are laid out on disk and read,
 # 3. their **label conventions**: 255 = ignore, ADE20K's *reduce-zero-label*, Cityscapes' *train ids*,
-# 4. the published **training pipeline** (spec section 3), one step at a time, image + palette overlay,
+# 4. the published **training pipeline** (docs/SPEC.md, "Training recipe"), one step at a time,
+#    image + palette overlay, and its geometric steps rebuilt by hand with the same random draws,
 # 5. the **test pipeline**, and
 # 6. **reproducible randomness** in a DataLoader.
 #
-# The printed numbers all come from the embedded demo data, so they are the same on every machine.
-# Where real samples are found (the folder in `UPERNET_REALDATA`, default `../../shared/realdata`),
-# the pictures show them too; otherwise the demo scenes stand in.
+# The printed numbers and every picture come from the embedded demo scenes (drawn by code, free to
+# redistribute), so they are the same on every machine. The benchmarks' photos are not shown in
+# the committed outputs: their licences (Cityscapes' in particular) forbid redistributing them.
+# To look at your own copy, point `UPERNET_REALDATA` at a folder with `voc/VOCdevkit/VOC2012`,
+# `ade20k/ADEChallengeData2016` and `cityscapes/`; section 2 then describes one sample of each.
 
 # %%
 # %matplotlib inline
@@ -45,14 +48,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from upernet_ref import course
 from upernet_ref.data import transforms as T
 from upernet_ref.configs import get_config
 from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 
 _ = torch.manual_seed(0)
-device = "cuda" if torch.cuda.is_available() else "cpu"  # (nothing here needs it: data is CPU work)
+device = course.pick_device()  # (nothing here needs it: data is CPU work)
 demo_cfg = get_config("upernet_small_demo").data
-REALDATA = Path(os.environ.get("UPERNET_REALDATA", "../../shared/realdata")).resolve()
+REALDATA = Path(os.environ.get("UPERNET_REALDATA", "/nonexistent")).expanduser()
 HAVE_REAL = REALDATA.is_dir()
 
 
@@ -111,7 +115,7 @@ print(f"255 ignore    {share[255]:.3f}")
 show([demo[i] for i in range(5)], [f"train[{i}]" for i in range(5)], DEMO_PALETTE)
 
 # %% [markdown]
-# ## 2. The three benchmarks on disk (spec section 4)
+# ## 2. The three benchmarks on disk (docs/SPEC.md, "Data on disk")
 #
 # ```
 # VOCdevkit/VOC2012/                       PASCAL VOC 2012: 21 classes (0 = background)
@@ -184,11 +188,13 @@ print("training labels:\n", city_train)
 assert city_train.tolist() == [[0, 1, 13, 255], [18, 11, 255, 2]]
 
 # %% [markdown]
-# ### Real samples (when present)
+# ### Your real samples (when `UPERNET_REALDATA` is set)
 #
-# The next two cells read one real sample of each benchmark through its dataset class, or fall
-# back to demo scenes. Their printed text depends on which data is there, so the test run ignores
-# it (`# NBVAL_IGNORE_OUTPUT`).
+# The next cell reads one sample of each benchmark from *your* copy (the folder in
+# `UPERNET_REALDATA`) through its dataset class and describes it in words: file, size, classes.
+# It shows no pixels, so no photo ends up in a committed notebook; to look at one, run
+# `show([ds[i]], [name], ds.palette)` yourself and do not commit the output. Its text depends on
+# which data is there, so the test run ignores it (`# NBVAL_IGNORE_OUTPUT`).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -204,19 +210,12 @@ if HAVE_REAL:
         print(f"   image {tuple(image.shape)}, {len(labels)} classes: {', '.join(labels[:8])}"
               f"{' ...' if len(labels) > 8 else ''}; ignored {(mask == 255).float().mean():.3f}")
 else:
-    print(f"{REALDATA} not found: showing demo scenes instead")
-
-# %%
-# NBVAL_IGNORE_OUTPUT
-if real:
-    show([ds[i] for _, ds, i in real], [name for name, _, _ in real], [ds.palette for _, ds, _ in real])
-else:
-    show([demo[i] for i in range(5, 8)], ["demo (no real data)"] * 3, DEMO_PALETTE)
+    print("UPERNET_REALDATA is not set (or not a folder): no real samples described")
 
 # %% [markdown]
 # ## 3. The training pipeline, step by step
 #
-# Spec section 3, in the reference's order:
+# docs/SPEC.md, "Training recipe", in the reference's order:
 #
 # | step | what | image | mask |
 # |---|---|---|---|
@@ -254,13 +253,12 @@ pairs = [demo[1]] + [(picture(n, i), m) for n, i, m in trace]
 show(pairs, ["input"] + [n for n, _, _ in trace], DEMO_PALETTE, height=2.2)
 
 # %% [markdown]
-# The same steps on a real ADE20K image with the published ADE20K data config (crop 512x512,
-# base scale 2048x512), when the sample is present (the demo scene otherwise):
+# The same steps with the published ADE20K data config (crop 512x512, base scale 2048x512), on a
+# demo scene drawn at 384x512 (an ADE20K-like size):
 
 # %%
-# NBVAL_IGNORE_OUTPUT
 ade_cfg = get_config("upernet_r50_os8_ade20k").data
-source = real[1][1] if real else DemoScenes("train", size=(384, 512))
+source = DemoScenes("train", size=(384, 512))
 palette = source.palette
 _ = torch.manual_seed(0)
 trace = []
@@ -269,6 +267,64 @@ pairs = [source[0]] + [(T.denormalize(i, ade_cfg) if n in ("normalize", "pad") e
                        for n, i, m in trace]
 print([(n, tuple(i.shape[1:])) for n, i, _ in trace])
 show(pairs, ["input"] + [n for n, _, _ in trace], palette, height=2.2)
+
+# %% [markdown]
+# ### The geometric steps by hand, with the same random draws
+#
+# Rescale, crop and flip draw, in this order, one uniform ratio, one (top, left) corner per crop
+# attempt and one coin, all from torch's global generator. Written out by hand and started from
+# the same seed, they must give exactly the package's images and masks (the `flip` step of the
+# trace), draw for draw:
+
+# %%
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+
+def geometry_by_hand(image, mask, cfg):
+    # rescale: ratio ~ U(ratio_range); fit into base_scale x ratio with the aspect ratio kept
+    low, high = cfg.ratio_range
+    ratio = low + (high - low) * torch.rand(()).item()
+    scale = (int(cfg.base_scale[0] * ratio), int(cfg.base_scale[1] * ratio))
+    h, w = mask.shape
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    size = [int(h * factor + 0.5), int(w * factor + 0.5)]
+    image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask[None], size, interpolation=InterpolationMode.NEAREST)[0]
+    # crop: redraw (up to 10 times) while one class covers >= cat_max_ratio of the labelled pixels
+    h, w = mask.shape
+    ch, cw = min(cfg.crop_size[0], h), min(cfg.crop_size[1], w)
+
+    def corner():
+        return int(torch.randint(0, h - ch + 1, ()).item()), int(torch.randint(0, w - cw + 1, ()).item())
+
+    top, left = corner()
+    if cfg.cat_max_ratio < 1.0:
+        for _ in range(10):
+            counts = torch.bincount(mask[top:top + ch, left:left + cw].reshape(-1), minlength=256)
+            counts[cfg.ignore_index] = 0
+            present = counts[counts > 0]
+            if len(present) > 1 and present.max().item() / present.sum().item() < cfg.cat_max_ratio:
+                break
+            top, left = corner()
+    image, mask = image[:, top:top + ch, left:left + cw], mask[top:top + ch, left:left + cw]
+    # flip: left-right with probability flip_prob, image and mask together
+    if torch.rand(()).item() < cfg.flip_prob:
+        image, mask = image.flip(-1), mask.flip(-1)
+    return image, mask, (ratio, (top, left))
+
+
+for seed in range(8):
+    image, mask = T.check_pair(*demo[seed])
+    _ = torch.manual_seed(seed)
+    trace = []
+    T.train_transform(demo_cfg)(image, mask, trace=trace)
+    _, package_image, package_mask = trace[2]  # after rescale, crop and flip
+    _ = torch.manual_seed(seed)
+    ours_image, ours_mask, (ratio, corner_) = geometry_by_hand(image, mask, demo_cfg)
+    assert torch.equal(ours_image, package_image) and torch.equal(ours_mask, package_mask)
+    print(f"seed {seed}: ratio {ratio:.3f}, crop at {corner_}, {tuple(ours_mask.shape)}: "
+          f"by hand == rescale -> crop -> flip")
 
 # %% [markdown]
 # ### Random rescale
@@ -357,7 +413,7 @@ show([(T.denormalize(x, small_cfg), y)], ["padded (bottom)"], DEMO_PALETTE, heig
 #
 # At test time the image is only resized to fit `base_scale` (aspect kept) and normalized. The
 # mask is **not** resized: the logits are resized back to the label's original size instead, so
-# mIoU is measured on the original annotation (spec section 3).
+# mIoU is measured on the original annotation (docs/SPEC.md, "Test protocol").
 
 # %%
 image, mask = DemoScenes("val")[0]
@@ -408,7 +464,30 @@ print("other seed, other batch:", not torch.equal(a[0], c[0]))
 # - The test pipeline only resizes and normalizes the image; the mask keeps its original size.
 # - `torch.manual_seed` reproduces every random draw, in the main process and in workers.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write `rescale_size`: the (height, width) of an image fitted into `scale` = (long, short) with
+# its aspect ratio kept (the factor is the smaller of long / long side and short / short side;
+# round as `int(x + 0.5)`, like mmcv). `check_rescale_size` tries six images and scales.
+
+# %% tags=["raises-exception"]
+def rescale_size(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_rescale_size(rescale_size)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. What does the value 255 mean in a mask, and where does it come from in VOC, ADE20K and
+#    Cityscapes?
+# 2. Why is the mask resized with nearest neighbour and the image bilinearly?
+# 3. What does `cat_max_ratio = 0.75` do, and why?
+# 4. In which order are the training steps applied, and which touch the mask?
+# 5. Why does the test pipeline not resize the mask?
+#
+# ## Going further
 #
 # 1. Set `cat_max_ratio=1.0` in the demo config and train `upernet_small_demo` for 300 iterations
 #    (`upernet train --config upernet_small_demo data.cat_max_ratio=1.0`). Which classes suffer?
@@ -416,5 +495,5 @@ print("other seed, other batch:", not torch.equal(a[0], c[0]))
 #    appear that were not in the input, and why is that a silent bug?
 # 3. Train ADE20K without reduce-zero-label (`ADE20K(..., reduce_zero_label=False)`, 151 classes).
 #    What does the network learn to predict for unlabelled pixels, and how does that change mIoU?
-# 4. The reference pads centred, mmsegmentation bottom/right (spec section 3). Does it matter for a
+# 4. The reference pads centred, mmsegmentation bottom/right (docs/SPEC.md, "Training recipe"). Does it matter for a
 #    fully convolutional network? Hint: think about what a padded pixel is after normalization.

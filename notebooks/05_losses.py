@@ -18,7 +18,9 @@
 # %% [markdown]
 # # 05 · The training loss: cross-entropy with an ignore label, deep supervision, OHEM
 #
-# UPerNet is trained with pixel-wise **cross-entropy** (spec section 3):
+# The published recipe trains UPerNet with pixel-wise **cross-entropy** at the input resolution
+# (docs/SPEC.md, "Training recipe"; the paper's authors use the NLL of a log-softmax at 1/4
+# resolution, with no auxiliary head):
 #
 # $$\mathcal{L} = 1.0\cdot \mathrm{CE}(\text{out}, y) + 0.4\cdot \mathrm{CE}(\text{aux}, y),
 # \qquad \mathrm{CE}(z, y) = \frac{1}{|V|}\sum_{p \in V} -\log \operatorname{softmax}(z_p)_{y_p},$$
@@ -40,6 +42,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from upernet_ref import course
 from upernet_ref.training import losses
 from upernet_ref.configs import TrainConfig, get_config
 from upernet_ref.model import build_model
@@ -47,7 +50,8 @@ from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize, test_transform
 
 _ = torch.manual_seed(0)
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = course.pick_device()
+course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
 image, target = DemoScenes("val")[6]      # uint8 (3, 96, 128), int64 (96, 128)
 K = len(DEMO_CLASSES)
 print(tuple(image.shape), tuple(target.shape), K, "classes")
@@ -175,6 +179,31 @@ for ax in axes:
     ax.set_axis_off()
 plt.show()
 
+# %% [markdown]
+# ### OHEM by hand
+#
+# Written out: the probability of the true class at every valid pixel, sorted; the threshold is
+# the larger of `thresh` and the (min_kept x B)-th smallest probability (the largest one when
+# there are fewer valid pixels); a valid pixel is kept when its probability is below it. It must
+# keep exactly the pixels `losses.ohem_mask` keeps, for small and large `min_kept`:
+
+# %%
+def ohem_by_hand(logits, target, thresh, min_kept, ignore_index=255):
+    valid = target != ignore_index
+    p_true = logits.softmax(1).gather(1, target.masked_fill(~valid, 0)[:, None]).squeeze(1)
+    ranked = p_true[valid].sort().values
+    k = min(min_kept * target.shape[0], ranked.numel() - 1)
+    threshold = max(ranked[k].item(), thresh)
+    return valid & (p_true < threshold)
+
+
+for min_kept in (10, 1000, 8000, 10**6):
+    for thresh in (0.5, 0.7, 1.0):
+        ours_kept = ohem_by_hand(logits, target, thresh, min_kept)
+        assert torch.equal(ours_kept, losses.ohem_mask(logits, target, thresh, min_kept))
+    print(f"min_kept {min_kept:>7}: by hand == ohem_mask for thresh 0.5, 0.7, 1.0 "
+          f"(thresh 0.7 keeps {int(ohem_by_hand(logits, target, 0.7, min_kept).sum())} pixels)")
+
 # %%
 ohem_cfg = TrainConfig(ohem=True, ohem_thresh=0.7, ohem_min_kept=100, aux_loss_weight=0.0)
 ohem_loss, _ = losses.segmentation_loss({"out": logits}, target, ohem_cfg)
@@ -198,7 +227,29 @@ print(inspect.getsource(losses.segmentation_loss))
 # - Class weights and OHEM are options; OHEM keeps the hard pixels (p < 0.7) and at least
 #   `min_kept` per image.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write the cross-entropy of the recipe: the mean of $-\log \operatorname{softmax}(z_p)_{y_p}$
+# over the pixels whose label is not 255, and 0 (not NaN) when every pixel is ignored.
+# `check_cross_entropy` compares it with `losses.cross_entropy`.
+
+# %% tags=["raises-exception"]
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_cross_entropy(cross_entropy)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. Over which pixels is the cross-entropy averaged here, and over which in mmsegmentation?
+# 2. What is the auxiliary loss, its weight, and is it part of the paper's UPerNet?
+# 3. What gradient does an ignored pixel receive?
+# 4. Which pixels does OHEM keep with `thresh=0.7, min_kept=100000`?
+# 5. Why would a batch with no valid pixel need special care?
+#
+# ## Going further
 #
 # 1. With `thresh=1.0` and any `min_kept`, OHEM keeps every valid pixel. Check it.
 # 2. A 512x512 crop with 5% ignored pixels: by what factor does mmsegmentation's loss differ from

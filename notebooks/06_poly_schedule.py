@@ -18,7 +18,7 @@
 # %% [markdown]
 # # 06 · SGD and the poly learning-rate schedule
 #
-# All 12 published recipes use the same optimiser (spec section 3): **SGD**, base lr 0.01,
+# All 12 **published recipes** use the same optimiser (docs/SPEC.md, "Training recipe"): **SGD**, base lr 0.01,
 # momentum 0.9, weight decay 5e-4 on *all* parameters (BatchNorm and biases included), no
 # nesterov, no gradient clipping, and the **poly** schedule of DeepLab, stepped every iteration:
 #
@@ -26,6 +26,10 @@
 # \qquad \mathrm{min} = 0.01 \times \mathrm{base} = 10^{-4},$$
 #
 # with no warmup. The recipes are stated in **epochs**; the trainer counts **iterations**.
+#
+# **The paper's authors** train differently (docs/SPEC.md, "Paper vs published recipe"): SGD with
+# lr 0.02 and weight decay 1e-4, the same poly power 0.9, for 30 epochs of 5,000 iterations
+# (ResNet-50) at 2 images x 8 GPUs. What follows is the published recipe.
 
 # %%
 # %matplotlib inline
@@ -34,6 +38,7 @@ import inspect
 import matplotlib.pyplot as plt
 import torch
 
+from upernet_ref import course
 from upernet_ref.training import schedule
 from upernet_ref.configs import get_config
 
@@ -48,7 +53,7 @@ print(inspect.getsource(schedule.poly_lr))
 # epochs x iterations per epoch. The configurations store both numbers.
 
 # %%
-train_images = {"voc": 10_582, "ade20k": 20_210, "cityscapes": 2_975}  # spec section 1
+train_images = {"voc": 10_582, "ade20k": 20_210, "cityscapes": 2_975}  # docs/SPEC.md, "The 12 published results"
 print(f"{'dataset':<11} {'images':>7} {'batch':>5} {'epochs':>6} {'it/epoch':>8} {'max_iters':>9}")
 for dataset in ("voc", "ade20k", "cityscapes"):
     cfg = get_config(f"upernet_r50_os8_{dataset}")
@@ -71,7 +76,8 @@ its = list(range(0, T + 1, 500))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
 for power in (0.9, 1.0, 2.0):
     axes[0].plot(its, [schedule.poly_lr(i, T, 0.01, 1e-4, power) for i in its], label=f"power {power}")
-axes[0].set(xlabel="iteration", ylabel="lr", title=f"poly, ADE20K ({T} iterations)")
+axes[0].set(xlabel="iteration (thousands)", ylabel="lr", title=f"poly, ADE20K ({T:,} iterations)")
+axes[0].xaxis.set_major_formatter(lambda x, _: f"{x / 1000:.0f}k")
 axes[0].legend()
 warm = list(range(0, 3001, 20))
 axes[1].plot(warm, [schedule.poly_lr(i, T, 0.01) for i in warm], label="no warmup (published)")
@@ -114,6 +120,44 @@ assert seen == expected
 print(f"{small.name}: {small.train.max_iters} iterations, lr {seen[0]:.4f} -> {seen[-1]:.6f}")
 
 # %% [markdown]
+# ### The whole run by hand, with warmup, against `PolyLR`
+#
+# The curve written out from the formula, with a linear warmup (the lr ramps from
+# `warmup_ratio` x poly to poly over `warmup_iters`: an option, off in the published recipe), and
+# the learning rates the optimiser actually used when `PolyLR` steps it once per iteration over a
+# whole 2,000-iteration run:
+
+# %%
+run = get_config("upernet_small_demo", {"train.warmup_iters": 200, "train.warmup_ratio": 0.1}).train
+T_run = 2000
+
+
+def lr_by_hand(it):
+    lr = (run.lr - run.min_lr) * (1 - it / T_run) ** run.lr_power + run.min_lr
+    if it < run.warmup_iters:
+        lr *= 1 - (1 - it / run.warmup_iters) * (1 - run.warmup_ratio)
+    return lr
+
+
+opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.lr, momentum=0.9)
+sched = schedule.build_scheduler(opt, run, max_iters=T_run)
+used = []
+for it in range(T_run):
+    used.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+by_hand = [lr_by_hand(it) for it in range(T_run)]
+torch.testing.assert_close(torch.tensor(used, dtype=torch.float64), torch.tensor(by_hand, dtype=torch.float64),
+                           rtol=1e-12, atol=0)
+fig, ax = plt.subplots(figsize=(7, 2.8))
+ax.plot(used, label="PolyLR (what the optimiser used)", lw=3, alpha=0.5)
+ax.plot(by_hand, "--", label="by hand")
+ax.set(xlabel="iteration", ylabel="lr", title=f"{T_run} iterations, warmup {run.warmup_iters}")
+ax.legend()
+plt.show()
+print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iteration {used.index(max(used))}")
+
+# %% [markdown]
 # ## Summary
 #
 # - SGD (0.01, momentum 0.9, weight decay 5e-4 everywhere), poly power 0.9 per iteration,
@@ -121,7 +165,31 @@ print(f"{small.name}: {small.train.max_iters} iterations, lr {seen[0]:.4f} -> {s
 # - Iterations: VOC 661 x 60 = 39,660; ADE20K 1,263 x 130 = 164,190; Cityscapes 372 x 220 = 81,840.
 # - The schedule is a pure function of the iteration, so resuming needs only the iteration.
 #
-# ## Exercises
+# ## Exercise (checked)
+#
+# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
+# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
+# stay at the minimum). `check_poly_lr` tries eight cases.
+
+# %% tags=["raises-exception"]
+def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
+            warmup_iters: int, warmup_ratio: float) -> float:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_poly_lr(poly_lr)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. What are the published optimiser's lr, momentum and weight decay, and which parameters get
+#    weight decay? And the paper's authors'?
+# 2. How many iterations is the ADE20K schedule, and how is it derived?
+# 3. Why is the scheduler stepped per iteration rather than per epoch?
+# 4. What does a resumed run need to continue on the same curve?
+# 5. What does `min_lr` change at the end of a run?
+#
+# ## Going further
 #
 # 1. With 4 GPUs and the same global batch nothing changes in this schedule. What would change
 #    if you halved the global batch instead (linear scaling rule)?

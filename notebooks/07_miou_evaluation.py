@@ -18,8 +18,9 @@
 # %% [markdown]
 # # 07 · Measuring a segmentation: the confusion matrix and mIoU
 #
-# Every number in the UPerNet table (spec section 1) is a **mean intersection-over-union** on a
-# validation set, computed with one precise protocol (spec section 4):
+# Every number in the published UPerNet table (docs/SPEC.md, "The 12 published results") is a
+# **mean intersection-over-union** on a validation set, computed with one precise protocol
+# (docs/SPEC.md, "Test protocol"):
 #
 # - one `C x C` **confusion matrix** is accumulated over the *whole* split (rows = ground truth,
 #   columns = prediction), pixels labelled **255 are ignored**;
@@ -41,11 +42,14 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
+from upernet_ref import course
 from upernet_ref.evaluation import metrics
 from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize
 
 _ = torch.manual_seed(0)
+device = course.pick_device()  # the package's confusion matrix runs where the predictions are
+course.exact_comparisons()  # (integer counts here; kept so every comparison cell runs the same on a GPU)
 rng = np.random.default_rng(0)
 C = len(DEMO_CLASSES)
 print(C, DEMO_CLASSES)
@@ -121,13 +125,24 @@ for name, row in zip(DEMO_CLASSES, matrix):
     print(f"{name[:5]:>5}" + " ".join(f"{v:6d}" for v in row))
 
 # %%
-fig, ax = plt.subplots(figsize=(5, 4.2))
-im = ax.imshow(np.log1p(matrix), cmap="viridis")
-ax.set_xticks(range(C), DEMO_CLASSES, rotation=60)
-ax.set_yticks(range(C), DEMO_CLASSES)
-ax.set_xlabel("prediction")
-ax.set_ylabel("ground truth")
-ax.set_title("log(1 + count)")
+fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+row_share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+for ax, values, title, text in ((axes[0], np.log1p(matrix), "pixels (colour: log(1 + count))", matrix),
+                                (axes[1], row_share, "share of each true class (rows sum to 1)", row_share)):
+    im = ax.imshow(values, cmap="viridis")
+    ax.set_xticks(range(C), DEMO_CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(C), DEMO_CLASSES)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=10)
+    for t in range(C):
+        for p_ in range(C):
+            label = f"{text[t, p_]:d}" if text.dtype.kind == "i" else f"{text[t, p_]:.2f}"
+            if text[t, p_]:
+                ax.text(p_, t, label, ha="center", va="center", fontsize=7,
+                        color="white" if values[t, p_] < 0.6 * values.max() else "black")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -241,7 +256,7 @@ print(f"one matrix over the set: {miou_of(total):.4f}  (the protocol)")
 print(inspect.getsource(metrics.summarize))
 
 # %%
-package_matrix = metrics.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), C)
+package_matrix = metrics.confusion_matrix(torch.from_numpy(pred).to(device), torch.from_numpy(gt).to(device), C).cpu()
 summary = metrics.summarize(package_matrix)
 print(metrics.format_table(summary, DEMO_CLASSES))
 
@@ -274,7 +289,41 @@ assert abs(s["miou"] - s["aacc"] / present) < 1e-12
 # - `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
 #   the trainer's validation use it (see notebook 09 for how the predictions are made).
 #
-# ## Exercises
+# ## Exercises (checked)
+#
+# 1. Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
+#    prediction, label 255 skipped). `check_confusion_matrix` compares it with
+#    `metrics.confusion_matrix` and tells you if rows and columns are swapped.
+
+# %% tags=["raises-exception"]
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_confusion_matrix(confusion_matrix)
+
+# %% [markdown]
+# 2. Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
+#    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
+
+# %% tags=["raises-exception"]
+def iou(matrix: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_iou(iou)
+
+# %% [markdown]
+# ## Questionnaire
+#
+# 1. Why is one confusion matrix accumulated over the whole split instead of averaging per-image
+#    mIoUs?
+# 2. What are the rows and the columns of the confusion matrix here?
+# 3. How is a class absent from both ground truth and prediction counted in mIoU?
+# 4. What is the difference between mAcc and aAcc?
+# 5. In the confusion matrix above, which class is mistaken for which, and why?
+#
+# ## Going further
 #
 # 1. Compute the frequency-weighted IoU (each class's IoU weighted by its ground-truth pixels)
 #    from `matrix`. Is it closer to mIoU or to aAcc, and why?

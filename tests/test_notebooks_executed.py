@@ -2,7 +2,9 @@
 
 `pytest --nbval` compares a notebook's stored outputs with a fresh run, so a notebook saved
 without outputs passes while checking nothing (shared/STYLE.md). This test closes that hole.
-Execute a notebook from its jupytext source with `python notebooks/build.py NN`.
+Execute a notebook from its jupytext source with `python notebooks/build.py NN`. A student
+notebook's unsolved exercise cells (tagged `raises-exception`) are saved with their
+`NotImplementedError`; any other error is a problem.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ def notebook_problems(nb: dict) -> list[str]:
         else:
             counts.append(count)
         for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
+            unsolved = ("raises-exception" in cell.get("metadata", {}).get("tags", ())
+                        and out.get("ename") == "NotImplementedError")
+            if out.get("output_type") == "error" and not unsolved:
                 problems.append(f"code cell {i} was saved with an error: "
                                 f"{out.get('ename')}: {out.get('evalue')}")
     if counts != sorted(counts) or len(set(counts)) != len(counts):
@@ -39,10 +43,10 @@ def notebook_problems(nb: dict) -> list[str]:
     return problems
 
 
-NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
+NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb")) + sorted(NOTEBOOKS.glob("solutions/*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=[p.name for p in NOTEBOOK_FILES])
+@pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=[str(p.relative_to(NOTEBOOKS)) for p in NOTEBOOK_FILES])
 def test_notebook_is_executed(path: Path):
     try:
         nb = json.loads(path.read_text(encoding="utf-8"))
@@ -57,9 +61,13 @@ def test_there_are_notebooks():
 
 
 # The checker itself must be able to fail.
-def _cell(source: str, count: int | None, outputs: list | None = None) -> dict:
+def _cell(source: str, count: int | None, outputs: list | None = None, tags=()) -> dict:
     return {"cell_type": "code", "source": source, "execution_count": count,
-            "outputs": outputs or [], "metadata": {}}
+            "outputs": outputs or [], "metadata": {"tags": list(tags)}}
+
+
+_UNSOLVED = [{"output_type": "error", "ename": "NotImplementedError", "evalue": "exercise",
+              "traceback": []}]
 
 
 _PRINTED = [{"output_type": "stream", "name": "stdout", "text": "1\n"}]
@@ -67,7 +75,8 @@ _PRINTED = [{"output_type": "stream", "name": "stdout", "text": "1\n"}]
 
 def test_checker_accepts_an_executed_notebook():
     nb = {"cells": [{"cell_type": "markdown", "source": "# t"}, _cell("x = 1", 1),
-                    _cell("print(x)", 2, _PRINTED), _cell("", None)]}
+                    _cell("print(x)", 2, _PRINTED), _cell("", None),
+                    _cell("raise NotImplementedError", 3, _UNSOLVED, ["raises-exception"])]}
     assert notebook_problems(nb) == []
 
 
@@ -77,6 +86,7 @@ def test_checker_accepts_an_executed_notebook():
     ([_cell("print(x)", 1, [{"output_type": "error", "ename": "NameError",
                              "evalue": "x", "traceback": []}])], "error"),
     ([_cell("x = 1", 2), _cell("print(x)", 1, _PRINTED)], "top to bottom"),
+    ([_cell("raise NotImplementedError", 1, _UNSOLVED)], "error"),  # not tagged as an exercise
 ])
 def test_checker_rejects(cells, message):
     problems = notebook_problems({"cells": cells})

@@ -11,10 +11,11 @@ run_notebooks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_notebooks)
 
 
-def write_notebook(path: Path, *sources: str) -> Path:
+def write_notebook(path: Path, *sources: str, unsolved: tuple[int, ...] = ()) -> Path:
     cells = [{"cell_type": "markdown", "source": ["# title"], "metadata": {}}]
-    cells += [{"cell_type": "code", "source": [s], "metadata": {}, "outputs": [],
-               "execution_count": None} for s in sources]
+    cells += [{"cell_type": "code", "source": [s],
+               "metadata": {"tags": ["raises-exception"]} if i in unsolved else {},
+               "outputs": [], "execution_count": None} for i, s in enumerate(sources)]
     path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4,
                                 "nbformat_minor": 5}))
     return path
@@ -36,3 +37,15 @@ def test_a_failing_cell_is_named(tmp_path):
     assert not ok
     assert message.startswith("cell 2:") and "y is not 2" in message
     assert run_notebooks.main([str(nb)]) == 1
+
+
+def test_an_unsolved_exercise_must_raise_not_implemented(tmp_path):
+    unsolved = "def f():\n    raise NotImplementedError('exercise')\nf()"
+    ok, message = run_notebooks.run_notebook(
+        write_notebook(tmp_path / "student.ipynb", "y = 1", unsolved, "assert y == 1", unsolved=(1,)))
+    assert ok, message
+    ok, message = run_notebooks.run_notebook(
+        write_notebook(tmp_path / "solved.ipynb", "y = 1", "y = 2", unsolved=(1,)))
+    assert not ok and "without raising" in message
+    ok, message = run_notebooks.run_notebook(write_notebook(tmp_path / "untagged.ipynb", unsolved))
+    assert not ok and message.startswith("cell 1:")
