@@ -50,8 +50,8 @@ from upernet_ref.data.synthetic import DemoScenes
 from upernet_ref.training.trainer import train
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.evaluation.evaluate import evaluate
-from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.training.schedule import build_optimizer, build_scheduler
+from upernet_ref.training.step import train_step
 
 _ = torch.manual_seed(0)
 device = course.pick_device()
@@ -85,9 +85,10 @@ print("process 1 of 2, per-device 2, its 2 micro-batches:",
 # CE(out) + 0.4 x CE(aux) over the non-ignored pixels, gradients, then SGD with momentum 0.9 and
 # weight decay on every parameter: $d = g + \lambda p$, $b \leftarrow 0.9\,b + d$,
 # $p \leftarrow p - \mathrm{lr}\,b$, with the poly lr of this iteration. Written out, it must give
-# the same losses and the same parameters after a few steps as the package's pieces
-# (`segmentation_loss`, `build_optimizer`, `build_scheduler`) driving an identical copy of the
-# model on the same batches (dropout draws seeded alike):
+# the same losses and the same parameters after a few steps as the package's training step,
+# `training.step.train_step` (the one the trainer repeats), with `build_optimizer` and
+# `build_scheduler`, driving an identical copy of the model on the same batches (dropout draws
+# seeded alike):
 
 # %%
 steps, tc = 3, cfg.train
@@ -122,15 +123,13 @@ for it, (x, y) in enumerate(batches):
 
 optimizer = build_optimizer(package_model, tc)
 scheduler = build_scheduler(optimizer, tc, max_iters=steps)
+scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 only
 package_losses = []
 for it, (x, y) in enumerate(batches):
     _ = torch.manual_seed(100 + it)
-    loss, _ = segmentation_loss(package_model(x), y, tc)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    step_losses = train_step(package_model, (x, y), optimizer, scaler, cfg)
     scheduler.step()
-    package_losses.append(loss.item())
+    package_losses.append(step_losses.loss.item())
 
 torch.testing.assert_close(torch.tensor(hand_losses), torch.tensor(package_losses), rtol=1e-5, atol=1e-6)
 for (name, a), b in zip(hand_model.state_dict().items(), package_model.state_dict().values()):
@@ -311,8 +310,8 @@ else:
 #
 # Write the published training loss from the model's outputs: CE of `outputs["out"]` plus 0.4 x
 # CE of `outputs["aux"]`, each averaged over the pixels whose label is not 255 (you may use
-# `torch.nn.functional.cross_entropy`). `check_segmentation_loss` compares it with
-# `segmentation_loss`.
+# `ce_by_hand` from section 2). `check_segmentation_loss` compares it with
+# `training.losses.segmentation_loss`.
 
 # %% tags=["raises-exception"]
 def training_loss(outputs: dict, target: torch.Tensor) -> torch.Tensor:
