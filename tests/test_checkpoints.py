@@ -2,7 +2,6 @@
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +188,74 @@ def test_a_truncated_file_gets_a_short_message(tmp_path):
     message = str(info.value)
     assert str(bad) in message and "not a readable checkpoint" in message
     assert "\n" not in message and len(message) < 300 + len(str(bad))
+
+
+def test_a_full_disk_is_named_with_the_size_needed_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """The write goes to /dev/full (every write fails with ENOSPC), through torch's real zip
+    writer, which on its own reports only "[enforce fail ...] unexpected pos"."""
+    import upernet_ref.checkpoints as checkpoints
+    path = tmp_path / "last.pt"
+    save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, mode="r", *args, **kwargs):
+        os.close(fd)
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.os, "fdopen", full_disk)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint({"iteration": 2, "w": torch.zeros(1_000_000)}, path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: no space left on the device") and "\n" not in message
+    assert "about 4 MB needed" in message and "the previous last.pt is kept" in message
+    monkeypatch.setattr(checkpoints.os, "fdopen", real_fdopen)
+    assert read_checkpoint_file(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # its temporary removed
+
+
+def test_an_unwritable_folder_is_named(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", dir)
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    with pytest.raises(CheckpointError, match=r"last.pt: cannot write the checkpoint there "
+                                              r"\(Permission denied\); give a writable --out"):
+        save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.pt")
+
+
+def test_temporary_files_of_killed_saves_are_removed_not_those_of_live_ones(tmp_path):
+    from upernet_ref.checkpoints import remove_stale_temporary_files
+    dead_pid = 4_194_304 + 1  # above Linux's largest pid: no such process
+    names = {"killed": f".last.pt.{dead_pid}.ab12cd34.tmp", "old_style": ".best.pt.x9y8z7w6.tmp",
+             "live": f".last.pt.{os.getpid()}.zz99yy88.tmp", "other": ".notes.tmp", "ckpt": "last.pt"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporary_files(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["killed"], names["old_style"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["live"], names["other"], names["ckpt"]])
+    assert remove_stale_temporary_files(tmp_path / "missing") == []
+
+
+def test_checkpoints_with_nan_or_inf_tensors_are_refused_by_name(tmp_path):
+    model = build_model("upernet_small_test")
+    state = model.state_dict()
+    state["decode_head.fuse.bn.running_var"] = torch.full_like(state["decode_head.fuse.bn.running_var"],
+                                                              float("inf"))
+    torch.save({"model": state}, tmp_path / "diverged.pt")
+    with pytest.raises(CheckpointError, match=r"diverged.pt: 1 tensor\(s\) hold NaN or inf values "
+                                              r"\(a diverged run\?\): decode_head.fuse.bn.running_var"):
+        load_weights(build_model("upernet_small_test"), tmp_path / "diverged.pt")
+
+
+def test_a_class_count_mismatch_is_one_line_naming_the_file(tmp_path):
+    torch.save({"model": build_model("upernet_small_test").state_dict()}, tmp_path / "c8.pt")
+    other = build_model(get_config("upernet_small_test", ["data.num_classes=3"]))
+    with pytest.raises(CheckpointError) as info:
+        load_weights(other, tmp_path / "c8.pt")
+    assert str(info.value).startswith(f"{tmp_path / 'c8.pt'} was trained for 8 classes, the "
+                                      "model has 3: give the configuration it was trained with")
+    assert "\n" not in str(info.value)

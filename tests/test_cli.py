@@ -88,6 +88,14 @@ def test_configs_command_prints_the_table_and_a_forward_pass(capsys):
     assert "logits (1, 8, 32, 48)" in out
 
 
+def test_configs_command_lists_the_small_configurations_too_marked(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    for name in ("upernet_small_demo *", "upernet_small_test *", "upernet_r50_os8_ade20k "):
+        assert name in out
+    assert "* small configuration" in out
+
+
 def test_configs_command_rejects_an_unknown_name(capsys):
     with pytest.raises(SystemExit):
         main(["configs", "--forward", "upernet_r52"])

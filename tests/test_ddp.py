@@ -97,3 +97,45 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
     moved = max((one["model"][k] - init[k]).abs().max().item()
                 for k in init if init[k].is_floating_point())
     assert moved > 1e-2
+
+
+def _skip_worker(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import json
+    from upernet_ref.data.datasets import open_dataset, skipped_samples
+    from upernet_ref.evaluation.evaluate import evaluate
+    from upernet_ref.model import build_model
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        train_set = open_dataset("folder", root, "train", on_bad="skip")
+        train_set[(4, 1)[rank]]  # rank 0 meets bad item 4 only, rank 1 bad item 1 only
+        counted = skipped_samples(train_set)
+        cfg = get_config("upernet_small_test", ["data.dataset=folder", "data.num_classes=3",
+                                                "data.on_bad=skip"])
+        torch.manual_seed(0)
+        metrics = evaluate(build_model(cfg), open_dataset("folder", root, "train"), cfg,
+                           progress=False)  # each rank evaluates every other item
+        with open(f"{out}/{rank}.json", "w") as f:
+            json.dump({"train": counted, "eval": metrics["skipped_samples"],
+                       "images": metrics["num_images"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skipped_samples_are_counted_across_ranks(tmp_path):
+    """`data.on_bad=skip` under torchrun: each rank meets its own bad items; every rank
+    reports all of them (training) and evaluation leaves all of them out."""
+    import json
+    import numpy as np
+    from helpers_data import make_fake_folder, save_index_png
+    root = make_fake_folder(tmp_path, n=6)
+    for k in (1, 4):  # one bad item in each rank's evaluation shard (0, 2, 4 and 1, 3, 5)
+        save_index_png(np.full((24, 32), 9), root / "masks" / "train" / f"img{k}.png")
+    mp.spawn(_skip_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert sorted(report["train"]) == sorted(report["eval"]) == [
+            f"image {root}/images/train/img{k}.jpg, label {root}/masks/train/img{k}.png"
+            for k in (1, 4)]
+        assert report["images"] == 4  # 6 - the 2 bad ones

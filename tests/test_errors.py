@@ -82,6 +82,14 @@ def test_the_decorated_main_prints_one_line(capsys, monkeypatch):
     assert main(["work"]) == 1
     assert capsys.readouterr().err == "upernet x: error: rank 1 of 2: first line (...)\n"
 
+    @command("upernet x")
+    def peer_died(argv):  # what gloo raises on a survivor when another process died
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:63646")
+
+    assert peer_died([]) == 1
+    assert capsys.readouterr().err == ("upernet x: error: rank 1 of 2: stopped because another "
+                                       "process failed (its error is above)\n")
+
 
 def test_unwritable_output_folders_are_refused_before_any_work(tmp_path):
     assert check_writable_folder(tmp_path / "new" / "sub", "--out").is_dir()
@@ -91,3 +99,11 @@ def test_unwritable_output_folders_are_refused_before_any_work(tmp_path):
         check_writable_folder(blocker, "--out")
     with pytest.raises(UsageError, match="cannot write there"):
         check_writable_folder(blocker / "sub", "--out")
+
+
+def test_result_files_are_written_whole_or_not_at_all(tmp_path):
+    from upernet_ref.files import atomic_write, write_text
+    path = write_text(tmp_path / "r.json", "{}")
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of writing the new content
+        atomic_write(path, lambda tmp: (tmp.write_text('{"half'), (_ for _ in ()).throw(KeyboardInterrupt())))
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

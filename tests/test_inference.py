@@ -7,6 +7,7 @@ from torch import nn
 
 from upernet_ref import build_model
 from upernet_ref import configs
+from upernet_ref.configs import TestConfig
 from upernet_ref.model.head import resize
 from upernet_ref.evaluation.inference import inference, num_forward_passes, slide_inference, window_grid
 
@@ -119,3 +120,64 @@ def test_number_of_forward_passes():
     assert model.calls == num_forward_passes((50, 70), cfg) == (2 + 6) * 2
     with pytest.raises(ValueError, match="mode"):
         inference(model, image, cfg, mode="tiles")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded memory at any output size (predict_labels)
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of the largest tensor any torch operation creates inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+class ManyClasses(nn.Module):
+    """150 classes of logits at the input's size (what UPerNet returns), at no cost."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 150, 3, padding=1)
+
+    def forward(self, x):
+        return {"out": self.conv(x) * 4}
+
+
+def agree_except_near_ties(labels, probs, tol=1e-5):
+    top2 = probs.topk(2, dim=1).values
+    near_tie = (top2[:, 0] - top2[:, 1]) < tol
+    differ = labels != probs.argmax(1)
+    assert not (differ & ~near_tie).any(), "the bounded prediction differs away from a near-tie"
+    assert differ.float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("options", [{}, dict(scales=(0.75, 1.5), flip=True),
+                                     dict(mode="slide", crop_size=(16, 16), stride=(11, 11))])
+def test_large_outputs_are_predicted_in_bounded_memory_with_the_same_labels(options):
+    from upernet_ref.evaluation.inference import predict_labels
+    model, image = ManyClasses().eval(), torch.randn(1, 3, 24, 32)
+    out_size, budget = (96, 128), 2 ** 20   # 150 x 96 x 128 floats: 7.4 MB
+    probs = inference(model, image, TestConfig(), out_size=out_size, **options)
+    assert probs.shape == (1, 150, 96, 128)  # C x H x W: 14.4 GB for a 6000x4000 photo
+    with LargestTensor() as bounded:
+        labels = predict_labels(model, image, TestConfig(), out_size=out_size, max_bytes=budget,
+                                **options)
+    assert bounded.largest <= budget and labels.shape == (1, 96, 128)
+    agree_except_near_ties(labels, probs)
+    # four times the output size: the same bound (the photo's size does not matter)
+    with LargestTensor() as larger:
+        predict_labels(model, image, TestConfig(), out_size=(192, 256), max_bytes=budget, **options)
+    assert larger.largest <= budget
+    # an output that fits the budget takes the accumulator path: exactly inference's argmax
+    small = predict_labels(model, image, TestConfig(), out_size=(50, 70), **options)
+    assert torch.equal(small, inference(model, image, TestConfig(), out_size=(50, 70),
+                                        **options).argmax(1))

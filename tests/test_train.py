@@ -18,7 +18,8 @@ from upernet_ref.training import distributed
 from upernet_ref.training import runtime
 from upernet_ref.cli import train as train_cli
 from upernet_ref.training import step as step_mod
-from upernet_ref.checkpoints import read_checkpoint_file
+from upernet_ref.training import trainer as train_mod
+from upernet_ref.checkpoints import CheckpointError, read_checkpoint_file
 from upernet_ref.configs import get_config, override
 from upernet_ref.training.distributed import batch_decomposition
 from upernet_ref.training.logs import read_log
@@ -98,7 +99,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(CheckpointError, match="last.pt: the checkpoint could not be saved "
+                                              r"\(No space left on device\); the previous"):
         run(cfg, tmp_path, max_iters=3, resume=True)
     monkeypatch.setattr(torch, "save", real_save)
     ckpt = read_checkpoint_file(tmp_path / "last.pt")
@@ -125,6 +127,52 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert ckpt["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert [r["iter"] for r in read_log(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_non_finite_batchnorm_statistics_stop_the_run_before_they_are_saved(tmp_path, monkeypatch):
+    """A diverging run can keep a finite loss while BN's running_var overflows (the loss uses
+    the batch's statistics): the run stops like a non-finite loss, last.pt stays good."""
+    cfg = small_cfg(**{"train.checkpoint_interval": 2})
+    built, real_loss, calls = [], step_mod.segmentation_loss, {"n": 0}
+    monkeypatch.setattr(train_mod, "build_model", lambda c: built.append(build_model(c)) or built[-1])
+
+    def loss_then_overflow(outputs, target, train_cfg, ignore_index=255):
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 4: the loss is finite, a BN buffer is not
+            bn = built[0].decode_head.fuse.bn  # a new tensor: the old one is saved for backward
+            bn.running_var = torch.full_like(bn.running_var, float("inf"))
+        return real_loss(outputs, target, train_cfg, ignore_index)
+
+    monkeypatch.setattr(step_mod, "segmentation_loss", loss_then_overflow)
+    with pytest.raises(NonFiniteLossError, match=r"after iteration 4 \(1 tensor\(s\): "
+                                                 r"decode_head.fuse.bn.running_var\)") as info:
+        run(cfg, tmp_path, max_iters=10)
+    assert info.value.exit_code == 3 and f"the last good checkpoint is {tmp_path / 'last.pt'}" in str(info.value)
+    ckpt = read_checkpoint_file(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 2  # the iteration-4 checkpoint was never written
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_bad_samples_are_skipped_and_counted_across_dataloader_workers(tmp_path):
+    from helpers_data import make_fake_folder, save_index_png
+    root = make_fake_folder(tmp_path, n=3)
+    save_index_png(np.full((24, 32), 9), root / "masks" / "train" / "img1.png")  # 3 classes
+    (tmp_path / "run").mkdir()
+    stale = tmp_path / "run" / ".last.pt.4194305.ab12cd34.tmp"  # a save killed midway
+    stale.write_bytes(b"PK half a checkpoint")
+    cfg = small_cfg(**{"data.dataset": "folder", "data.num_classes": 3, "data.on_bad": "skip",
+                       "data.num_workers": 2})
+    result = train(cfg, data_root=str(root), out_dir=tmp_path / "run", max_iters=2,
+                   validate=False, progress=False, tensorboard=False, log=lambda *_: None)
+    assert result.iteration == 2 and not stale.exists()
+    assert list(result.skipped) == [f"image {root}/images/train/img1.jpg, label "
+                                    f"{root}/masks/train/img1.png"]
+    assert "label values 9 are outside the valid set" in next(iter(result.skipped.values()))
+    record = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "data"]
+    assert record[0]["skipped"] == 1 and record[0]["skipped_samples"] == result.skipped
+    with pytest.raises(ValueError, match="data.on_bad must be 'raise' or 'skip', got 'ignore'"):
+        train(override(cfg, ["data.on_bad=ignore"]), data_root=str(root), out_dir=tmp_path / "r2",
+              max_iters=1, progress=False, log=lambda *_: None)
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
@@ -306,3 +354,12 @@ def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
     assert train_cli.main(base + ["--train.amp=none", "--train.channels_last=false"]) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == "none" and saved["channels_last"] is False  # explicit ones win
+
+
+def test_a_second_run_into_the_same_folder_stops_before_any_work(tmp_path):
+    from upernet_ref.errors import UsageError
+    with runtime.run_folder_lock(tmp_path / "run"):  # the first run, still going
+        with pytest.raises(UsageError, match=rf"{tmp_path / 'run'} is used by another training "
+                                             rf"run \(pid {os.getpid()} on .*\): wait for it"):
+            run(small_cfg(), tmp_path / "run", max_iters=1)
+    assert run(small_cfg(), tmp_path / "run", max_iters=1).iteration == 1  # released: runs

@@ -27,10 +27,13 @@ and `.safetensors` files hold raw tensors only and are read with `safetensors`.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import tempfile
 import typing
@@ -413,24 +416,97 @@ def _umask() -> int:
     return mask
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class _Writer:
+    """A file's `write` that remembers the OSError it raised: torch's zip writer reports a full
+    disk as "[enforce fail at inline_container.cc] unexpected pos ...", losing the cause."""
+
+    def __init__(self, file: typing.BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:,.0f} MB" if n >= 2 ** 20 else f"{n / 2 ** 10:,.0f} KB"
+
+
+def _save_failure(path: Path, err: BaseException, obj: Any) -> CheckpointError:
+    """A one-line CheckpointError saying why `path` could not be written and what it needs."""
+    needed = _tensor_bytes(obj)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    number = err.errno if isinstance(err, OSError) else None
+    kept = f"; the previous {path.name} is kept" if path.exists() else ""
+    if number == errno.ENOSPC or (number is None and free is not None and free < needed):
+        return CheckpointError(f"{path}: no space left on the device to save the checkpoint "
+                               f"(about {_mb(needed)} needed, {_mb(free or 0)} free){kept}")
+    if number == errno.EDQUOT:
+        return CheckpointError(f"{path}: disk quota exceeded saving the checkpoint (about "
+                               f"{_mb(needed)} needed){kept}")
+    if number in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CheckpointError(f"{path}: cannot write the checkpoint there ({err.strerror}); "
+                               f"give a writable --out{kept}")
+    reason = (err.strerror if isinstance(err, OSError) and err.strerror
+              else (str(err).strip().splitlines() or [type(err).__name__])[0][:200])
+    return CheckpointError(f"{path}: the checkpoint could not be saved ({reason}){kept}")
+
+
+# `save_checkpoint`'s temporary files: .NAME.PID.XXXXXXXX.tmp (the pid tells a live save from a
+# killed one); .NAME.XXXXXXXX.tmp from before the pid was in the name.
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp")
+
+
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` through a temporary file in the same folder and an atomic rename.
 
-    A crash (or a full disk) while writing leaves the previous file at `path` untouched.
+    A crash, a kill or a full disk while writing leaves the previous file at `path` untouched.
+    A write that fails (no space, quota, permission) raises a one-line `CheckpointError` with
+    the path and the size needed, after removing its temporary file; a killed save's file is
+    removed by `remove_stale_temporary_files` at the next start.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as err:
+        raise _save_failure(path, err, obj) from None
+    writer = None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, Exception):  # not KeyboardInterrupt / SystemExit
+            raise _save_failure(path, writer.error if writer and writer.error else err,
+                                obj) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -441,6 +517,31 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     except OSError:
         pass
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of `save_checkpoint` calls that were killed midway (a full
+    checkpoint each, otherwise never removed); files of saves still running are kept.
+    Returns the files removed."""
+    removed = []
+    for candidate in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.fullmatch(candidate.name)
+        if match is None or (match["pid"] and _process_alive(int(match["pid"]))):
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
 
 
 def load_backbone_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any],

@@ -74,6 +74,7 @@ class DataConfig:
     hf_image_column: str = "image"
     hf_annotation_column: str = "annotation"
     num_workers: int = 4
+    on_bad: str = "raise"  # a bad sample: "raise" (stop, naming the file) or "skip" (count it)
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,8 @@ def get_config(name: str | Config, overrides: typing.Sequence[str] | dict | None
         cfg = name
     else:
         if name not in _ALL:
-            valid = "\n  ".join(_ALL)
-            raise ConfigKeyError(f"unknown configuration {name!r}; valid names:\n  {valid}")
+            raise ConfigKeyError(f"unknown configuration {name!r}; valid names: "
+                                 f"{', '.join(_ALL)} (upernet configs describes them)")
         cfg = _ALL[name]
     return override(cfg, overrides) if overrides else cfg
 

@@ -8,6 +8,7 @@ import torch
 from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
                                     parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
+from upernet_ref.files import write_text
 from upernet_ref.configs import get_config
 from upernet_ref.perf.bench import (format_table, run_bench)
 from upernet_ref.perf.bench import __doc__ as _LIB_DOC
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     if args.json:
         path = Path(args.json)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0
 

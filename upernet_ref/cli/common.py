@@ -92,6 +92,9 @@ _OS_PROBLEMS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
                 errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
                 errno.ENOTDIR: "not a folder", errno.EISDIR: "is a folder, not a file"}
 _EXPECTED = (UperNetError, OSError, ValueError, KeyError, TypeError, RuntimeError, MemoryError)
+# what a collective reports when another process of the group died (gloo, NCCL)
+_LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|remote process exited"
+                        r"|NCCL communicator was aborted", re.IGNORECASE)
 
 
 def unwrap_worker_message(text: str) -> str:
@@ -161,10 +164,14 @@ def report_error(prog: str, err: BaseException) -> int:
         message = (f"internal error, please report it: {type(err).__name__}: "
                    f"{error_message(err)} (UPERNET_TRACEBACK=1 shows the traceback)")
     rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and rank > 0:
-        if code == 2:  # every process sets up the same way: rank 0 reports it
+    if world > 1:
+        if code == 2 and rank > 0:  # every process sets up the same way: rank 0 reports it
             return code
-        message = f"rank {rank} of {world}: {message}"
+        lost_peer = bool(_LOST_PEER.search(message))
+        if lost_peer:  # a consequence, not the cause: the process that failed says why
+            message = "stopped because another process failed (its error is above)"
+        if rank > 0 or lost_peer:
+            message = f"rank {rank} of {world}: {message}"
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return code
 

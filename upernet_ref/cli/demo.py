@@ -64,7 +64,7 @@ def prediction_figure(model: torch.nn.Module, dataset, cfg: configs.Config, coun
     """A matplotlib grid of `count` raw items: image | ground truth | prediction (palette colours)."""
     import matplotlib.pyplot as plt
 
-    from upernet_ref.evaluation.inference import inference
+    from upernet_ref.evaluation.inference import predict_labels
     from upernet_ref.data.transforms import colorize, test_transform
 
     transform = test_transform(cfg.data)
@@ -74,7 +74,7 @@ def prediction_figure(model: torch.nn.Module, dataset, cfg: configs.Config, coun
         image, mask = dataset[row]
         x, _ = transform(image, mask)
         with torch.no_grad():
-            pred = inference(model, x[None].to(device), cfg.test, out_size=tuple(mask.shape))[0].argmax(0)
+            pred = predict_labels(model, x[None].to(device), cfg.test, out_size=tuple(mask.shape))[0]
         panels = (image, colorize(mask, dataset.palette), colorize(pred.cpu(), dataset.palette))
         for col, (title, panel) in enumerate(zip(("image", "ground truth", "prediction"), panels)):
             ax = axes[row][col]
@@ -91,10 +91,13 @@ def prediction_figure(model: torch.nn.Module, dataset, cfg: configs.Config, coun
 def save_predictions(model: torch.nn.Module, dataset, cfg: configs.Config, path: Path,
                      count: int = 4, device: str | torch.device = "cpu") -> Path:
     """`prediction_figure` written to `path` (PNG)."""
+    from functools import partial
+
     import matplotlib.pyplot as plt
 
+    from upernet_ref.files import atomic_write
     fig = prediction_figure(model, dataset, cfg, count, device)
-    fig.savefig(path, dpi=100)
+    atomic_write(path, partial(fig.savefig, dpi=100, format="png"))
     plt.close(fig)
     return path
 
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     if not args.no_summary:
-        print("The 12 published UPerNet configurations (parameters and GMACs computed from the models):\n")
+        print("The 12 published UPerNet configurations, then the small ones (parameters and "
+              "GMACs computed from the models):\n")
         from upernet_ref.perf.configs_table import forward_once, print_summary
         print_summary()
         print()

@@ -15,6 +15,7 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
                                     command, parse_args_and_overrides, parse_pair,
                                     parse_scales, positive_int)
 from upernet_ref.errors import UsageError, before_work
+from upernet_ref.files import write_text
 from upernet_ref.evaluation.metrics import format_table
 from upernet_ref.evaluation.evaluate import (_world, evaluate)
 from upernet_ref.evaluation.evaluate import __doc__ as _LIB_DOC
@@ -163,8 +164,12 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     print(f"{result['num_images']} images in {result['seconds']:.1f} s")
     result.update(config=cfg.name, checkpoint=str(args.checkpoint), split=split,
                   dataset=cfg.data.dataset, fast=bool(args.fast))
-    json_path.write_text(json.dumps(_jsonable(result), indent=2))
+    write_text(json_path, json.dumps(_jsonable(result), indent=2))
     print(f"results written to {json_path}")
+    if result["skipped"]:
+        where, problem = next(iter(result["skipped_samples"].items()))
+        print(f"skipped {result['skipped']} bad sample(s) (data.on_bad=skip), left out of the "
+              f"metrics and listed in {json_path}; first: {problem}")
     return 0
 
 

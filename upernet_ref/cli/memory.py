@@ -10,6 +10,7 @@ from upernet_ref import configs
 from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
                                     parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import before_work
+from upernet_ref.files import write_text
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
 from upernet_ref.perf.memory import __doc__ as _LIB_DOC
 
@@ -60,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print("estimates from fake tensors (no data): a lower bound; add ~0.5 GB of CUDA context, "
           "workspaces and fragmentation (see upernet memory --help)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_text(args.json, json.dumps(rows, indent=2))
         print(f"wrote {args.json}")
     return 0
 

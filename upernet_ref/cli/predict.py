@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with before_work():
         out_dir = Path(args.out)
+        missing = [item for item in args.inputs if not Path(item).exists()]
+        if missing:
+            raise UsageError(f"no such file or folder: {', '.join(missing)}")
         images = find_images(args.inputs)
         if not images:
             raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "

@@ -10,13 +10,15 @@ Every dataset follows the data contract of docs/DESIGN.md: item `i` is `(image, 
     Cityscapes  official ids 0..33 -> 19 train ids (others 255), or precomputed labelTrainIds
 
 A raw value the table does not know is an error naming the file: labels are never clipped or
-relabelled silently. With `on_bad="skip"` a bad item is replaced by the next good one and
-counted in `dataset.bad` ({index: problem}); counts are per process (each DataLoader worker
-keeps its own).
+relabelled silently. With `on_bad="skip"` (`--data.on_bad=skip`) a bad item is replaced by the
+next good one, so a training batch keeps its size; `skipped_samples(dataset)` lists every item
+skipped so far, by this process, its DataLoader workers (a flag per item in shared memory) and,
+under torchrun, every rank. `evaluate` leaves bad items out instead of replacing them.
 """
 from __future__ import annotations
 
 import io
+import typing
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -100,7 +102,10 @@ class SegmentationFiles(torch.utils.data.Dataset):
         self.samples, self.lut, self.transform, self.on_bad = samples, lut, transform, on_bad
         self.classes, self.palette = tuple(classes), [tuple(c) for c in palette]
         self.ignore_index = IGNORE_INDEX
-        self.bad: dict[int, str] = {}  # index -> problem, filled in with on_bad="skip"
+        self.bad: dict[int, str] = {}  # index -> problem, in this process, with on_bad="skip"
+        # one flag per item, in shared memory: DataLoader workers' skips reach the main process
+        self.skipped = torch.zeros(len(samples), dtype=torch.bool).share_memory_() \
+            if on_bad == "skip" else None
 
     @property
     def num_classes(self) -> int:
@@ -137,10 +142,31 @@ class SegmentationFiles(torch.utils.data.Dataset):
                 if self.on_bad == "raise":
                     raise
                 self.bad[i] = str(e)
+                self.skipped[i] = True
                 warnings.warn(f"skipping bad sample {i}: {e}", stacklevel=2)
         else:
             raise DataError(f"all {len(self)} samples are bad; first: {next(iter(self.bad.values()))}")
         return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+
+def skipped_samples(dataset: typing.Any) -> dict[str, str]:
+    """{item's files: problem} of every item skipped with `on_bad="skip"` so far, in this process
+    and its DataLoader workers, gathered from every rank under torchrun ({} for datasets
+    without skipping)."""
+    flags = getattr(dataset, "skipped", None)
+    local = {}
+    if flags is not None:
+        for i in flags.nonzero().flatten().tolist():
+            problem = dataset.bad.get(i)
+            if problem is None:  # found in a worker: read it again here for the message
+                try:
+                    dataset.load(i)
+                    problem = "bad when it was read, readable now"
+                except DataError as e:
+                    problem = str(e)
+            local[dataset.describe(i)] = problem
+    from upernet_ref.training.distributed import all_gather_object
+    return {k: v for part in all_gather_object(local) for k, v in part.items()}
 
 
 def _need(path: Path, what: str) -> Path:
@@ -371,6 +397,8 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
                   transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
     """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "hf",
     "demo"); `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
+    if on_bad not in ("raise", "skip"):
+        raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {on_bad!r}")
     if cfg.data.dataset == "demo":
         from upernet_ref.data.synthetic import DEMO_CLASSES, DemoScenes
         if cfg.data.num_classes != len(DEMO_CLASSES):  # its labels are 0..7: a loss would fail

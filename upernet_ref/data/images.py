@@ -78,22 +78,21 @@ def _pil_rgb(data: bytes, name: str) -> torch.Tensor:
 
 def decode_rgb(data: bytes, name: str = "<image>") -> torch.Tensor:
     """The bytes of an image file as uint8 (3, H, W) RGB, or a DataError naming `name`."""
-    problems = []
     if data.startswith(_TORCHVISION_MAGIC):
         try:
             image = decode_bytes(data, ImageReadMode.RGB)
             return to_uint8(image) if image.dtype == torch.uint16 else image
-        except (RuntimeError, ValueError) as err:
-            problems.append(f"torchvision: {str(err).strip().splitlines()[-1][:120]}")
+        except (RuntimeError, ValueError):
+            pass  # PIL reads some files libpng / libjpeg refuse; and says why in plain words
     try:
         return _pil_rgb(data, name)
     except DataError:
         raise
     except UnidentifiedImageError:
-        problems.append("not an image format PIL or torchvision can read")
+        problem = "not an image format PIL or torchvision can read"
     except (OSError, ValueError, SyntaxError) as err:  # truncated, corrupt
-        problems.append(f"PIL: {err}")
-    raise DataError(f"{name}: unreadable or truncated image ({'; '.join(problems)})")
+        problem = str(err) or type(err).__name__
+    raise DataError(f"{name}: unreadable or truncated image ({problem})")
 
 
 def read_image(path: str | Path) -> torch.Tensor:

@@ -18,10 +18,8 @@
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import multiprocessing
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_I
 from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, describe_values,
                                       label_lut, read_label)
 from upernet_ref.data.images import read_image
+from upernet_ref.files import atomic_write
 
 
 def parallel_map(fn: Callable, items: list, workers: int, desc: str, progress: bool = True) -> list:
@@ -143,14 +142,10 @@ def _unwritable(error: OSError, path: Path) -> DataError:
 
 
 def write_file(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)`, then rename tmp -> `path`: a file at `path` is always complete."""
-    tmp = path.with_name(f".{path.name}.part")
+    """`files.atomic_write`: a file at `path` is always complete; an OSError names the file."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise _unwritable(error, path) from None
 
 

@@ -12,6 +12,7 @@ device over the whole split. With several processes (torchrun) each rank evaluat
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import typing
 
@@ -20,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from upernet_ref.configs import Config
-from upernet_ref.evaluation.inference import inference
+from upernet_ref.errors import DataError
+from upernet_ref.evaluation.inference import predict_labels
 from upernet_ref.evaluation.metrics import ConfusionMatrix
 
 
@@ -32,6 +34,35 @@ def _world() -> tuple[int, int]:
 
 def _first(batch: list) -> typing.Any:  # DataLoader collate for batch_size=1, sizes vary
     return batch[0]
+
+
+@dataclasses.dataclass
+class SkippedItem:
+    """What `EvalItems` returns for a bad item with `data.on_bad="skip"`."""
+    where: str
+    problem: str
+
+
+class EvalItems(torch.utils.data.Dataset):
+    """`dataset[i]` for the indices of this process; with `skip`, a bad item (DataError) comes
+    back as a `SkippedItem` and is left out of the metrics (not replaced by another image:
+    that would count it twice). Through the DataLoader, so its workers' skips are seen too."""
+
+    def __init__(self, dataset: typing.Any, indices: typing.Sequence[int], skip: bool) -> None:
+        self.dataset, self.indices, self.skip = dataset, list(indices), skip
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> typing.Any:
+        i = self.indices[k]
+        try:
+            return self.dataset[i]
+        except DataError as e:
+            if not self.skip:
+                raise
+            describe = getattr(self.dataset, "describe", None)
+            return SkippedItem(describe(i) if describe else f"item {i}", str(e))
 
 
 def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: bool,
@@ -72,8 +103,10 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
         limit: evaluate only the first `limit` images (quick checks).
 
     Returns the `metrics.summarize` dict plus `protocol` (a sentence), `mode`, `scales`, `flip`,
-    `num_images`, `seconds` and `classes` (when the dataset has them). The model's train/eval
-    mode and device are restored afterwards.
+    `num_images` (evaluated), `seconds`, `classes` (when the dataset has them), and with
+    `cfg.data.on_bad="skip"` the bad items left out: `skipped` (how many, over every worker
+    and rank) and `skipped_samples` ({item's files: problem}). The model's train/eval mode and
+    device are restored afterwards.
     """
     mode = mode or cfg.test.mode
     scales = tuple(float(s) for s in (scales or cfg.test.scales))
@@ -90,7 +123,9 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    shard = torch.utils.data.Subset(dataset, range(rank, total, world))
+    if cfg.data.on_bad not in ("raise", "skip"):
+        raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {cfg.data.on_bad!r}")
+    shard = EvalItems(dataset, range(rank, total, world), skip=cfg.data.on_bad == "skip")
     workers = cfg.data.num_workers if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers,
                                          collate_fn=_first)
@@ -98,32 +133,40 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     num_classes = cfg.data.num_classes
     cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device=device)
     start = time.perf_counter()
+    skipped: dict[str, str] = {}
     items = loader
     if progress and rank == 0:
         from tqdm import tqdm
         items = tqdm(loader, total=len(shard), desc=f"eval ({mode})", unit="img", leave=False)
     try:
-        for image, mask in items:
+        for item in items:
+            if isinstance(item, SkippedItem):
+                skipped[item.where] = item.problem
+                continue
+            image, mask = item
             if image.dtype == torch.uint8:  # a raw dataset: apply the published test pipeline
                 if transform is None:
                     from upernet_ref.data.transforms import test_transform
                     transform = test_transform(cfg.data)
                 image, mask = transform(image, mask)
-            probs = inference(model, image.to(device), cfg.test, out_size=tuple(mask.shape[-2:]),
-                              mode=mode, scales=scales, flip=flip, crop_size=crop_size,
-                              stride=stride)
-            cm.update(probs.argmax(1)[0], mask.to(device))
+            labels = predict_labels(model, image.to(device), cfg.test,
+                                    out_size=tuple(mask.shape[-2:]), mode=mode, scales=scales,
+                                    flip=flip, crop_size=crop_size, stride=stride)
+            cm.update(labels[0], mask.to(device))
     finally:
         model.train(model_was_training).to(model_device)  # the caller's model as it was
     cm.reduce()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result = cm.summary()
+    from upernet_ref.training.distributed import all_gather_object
+    skipped = {k: v for part in all_gather_object(skipped) for k, v in part.items()}
     result.update(
         protocol=describe_protocol(cfg, mode, scales, flip, crop_size, stride,
                                    None if total == len(dataset) else (total, len(dataset))),
         mode=mode, scales=list(scales), flip=bool(flip), crop_size=list(crop_size),
-        stride=list(stride), num_images=total, seconds=time.perf_counter() - start,
+        stride=list(stride), num_images=total - len(skipped), seconds=time.perf_counter() - start,
+        skipped=len(skipped), skipped_samples=skipped,
     )
     classes = getattr(dataset, "classes", None)
     if classes is not None:

@@ -20,10 +20,15 @@ single view the argmax is the logits' argmax).
 
 Memory: views are run one at a time and added into one accumulator of the output size, under
 `torch.no_grad()`, so 6 scales x flip need one forward at the largest scale plus the
-accumulator, not 12 sets of logits.
+accumulator, not 12 sets of logits. That accumulator is C x H x W floats at the *output*
+size: 14.4 GB for a 6000x4000 photo and 150 classes. `predict_labels` (what `upernet eval`
+and `upernet predict` use) builds the labels of such an output in bands of rows from the
+views' logits at the network's own size (bounded by the base scale the image is fitted to),
+never holding C x H x W.
 """
 from __future__ import annotations
 
+import itertools
 import typing
 
 import torch
@@ -86,6 +91,27 @@ def whole_inference(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return _logits(model, image)
 
 
+def _options(test_cfg: TestConfig | None, mode, scales, flip, crop_size, stride) -> tuple:
+    """(mode, scales, flip, crop_size, stride): the keyword arguments, else `test_cfg`'s."""
+    cfg = test_cfg or TestConfig()
+    mode = mode or cfg.mode
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+    return (mode, tuple(scales) if scales else tuple(cfg.scales), cfg.flip if flip is None else flip,
+            tuple(crop_size or cfg.crop_size), tuple(stride or cfg.stride))
+
+
+def _on_model(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int] | None
+              ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(image as (B, 3, h, w) on the model's device, the output size: `out_size` or (h, w))."""
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    param = next(model.parameters(), None)
+    if param is not None:
+        image = image.to(param.device)
+    return image, tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
+
+
 def inference(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None = None,
               out_size: tuple[int, int] | None = None, *, mode: str | None = None,
               scales: typing.Sequence[float] | None = None, flip: bool | None = None,
@@ -100,45 +126,105 @@ def inference(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None
         test_cfg: mode / scales / flip / crop_size / stride; keyword arguments override it.
         out_size: (H, W) of the result, normally the original label size; default (h, w).
 
-    The prediction is `inference(...).argmax(1)`.
+    The prediction is `inference(...).argmax(1)`; `predict_labels` gives it in bounded memory
+    for outputs of any size.
     """
-    cfg = test_cfg or TestConfig()
-    mode = mode or cfg.mode
-    scales = tuple(scales) if scales else tuple(cfg.scales)
-    flip = cfg.flip if flip is None else flip
-    crop_size = tuple(crop_size or cfg.crop_size)
-    stride = tuple(stride or cfg.stride)
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    param = next(model.parameters(), None)
-    if param is not None:
-        image = image.to(param.device)
-    h, w = image.shape[-2:]
-    out_size = tuple(out_size) if out_size is not None else (h, w)
-
-    probs = None
+    mode, scales, flip, crop_size, stride = _options(test_cfg, mode, scales, flip, crop_size, stride)
+    image, out_size = _on_model(model, image, out_size)
+    views = _views(model, image, scales, flip, mode, crop_size, stride)
     with torch.no_grad():
-        for scale in scales:
-            size = (int(h * scale + 0.5), int(w * scale + 0.5))  # mmseg's rounding
-            scaled = image if size == (h, w) else resize(image, size)
-            for mirrored in ((False, True) if flip else (False,)):
-                x = scaled.flip(-1) if mirrored else scaled
-                logits = (slide_inference(model, x, crop_size, stride) if mode == "slide"
-                          else whole_inference(model, x))
-                if mirrored:
-                    logits = logits.flip(-1)
-                if logits.shape[-2:] != out_size:
-                    logits = resize(logits, out_size)
-                p = logits.float().softmax(dim=1)
-                if probs is None:
-                    probs = p
-                else:
-                    probs += p
-                del logits, p
+        probs = _accumulate(views, out_size)
     return probs / (len(scales) * (2 if flip else 1))
 
+
+def _views(model: nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,
+           mode: str, crop_size: tuple[int, int], stride: tuple[int, int]
+           ) -> typing.Iterator[torch.Tensor]:
+    """Each view's logits (B, C, h*s, w*s), at its own scale, mirrored back; one at a time."""
+    h, w = image.shape[-2:]
+    for scale in scales:
+        size = (int(h * scale + 0.5), int(w * scale + 0.5))  # mmseg's rounding
+        scaled = image if size == (h, w) else resize(image, size)
+        for mirrored in ((False, True) if flip else (False,)):
+            x = scaled.flip(-1) if mirrored else scaled
+            logits = (slide_inference(model, x, crop_size, stride) if mode == "slide"
+                      else whole_inference(model, x))
+            yield logits.flip(-1) if mirrored else logits
+
+
+def _accumulate(views: typing.Iterable[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+    """The sum over views of softmax(logits resized to `out_size`), one view at a time."""
+    probs = None
+    for logits in views:
+        if logits.shape[-2:] != out_size:
+            logits = resize(logits, out_size)
+        p = logits.float().softmax(dim=1)
+        if probs is None:
+            probs = p
+        else:
+            probs += p
+        del logits, p
+    return probs
+
+
+def resize_rows(x: torch.Tensor, out_size: tuple[int, int], r0: int, r1: int) -> torch.Tensor:
+    """Rows `r0:r1` of `resize(x, out_size)` (bilinear, align_corners=False), computed from the
+    input rows they need only: (B, C, r1 - r0, W_out).
+
+    The width is resized by `resize` on those rows (the height kept), then each output row
+    mixes its two source rows with the same weights as the full resize (source row
+    `(r + 0.5) * h_in / H_out - 0.5`). Equal to the full resize up to float rounding (~1e-6).
+    """
+    in_h = x.shape[-2]
+    dst = torch.arange(r0, r1, dtype=torch.float32, device=x.device)
+    src = ((dst + 0.5) * (in_h / out_size[0]) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_h - 1)
+    i1 = (i0 + 1).clamp(max=in_h - 1)
+    w1 = (src - i0.float()).to(x.dtype)[:, None]   # (rows, 1)
+    lo, hi = int(i0[0]), int(i1[-1]) + 1
+    rows = resize(x[:, :, lo:hi], (hi - lo, out_size[1]))  # (B, C, hi - lo, W_out)
+    return torch.lerp(rows.index_select(2, i0 - lo), rows.index_select(2, i1 - lo), w1)
+
+
+def predict_labels(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None = None,
+                   out_size: tuple[int, int] | None = None, *, max_bytes: int = 2 ** 30,
+                   mode: str | None = None, scales: typing.Sequence[float] | None = None,
+                   flip: bool | None = None, crop_size: tuple[int, int] | None = None,
+                   stride: tuple[int, int] | None = None) -> torch.Tensor:
+    """The prediction (B, H_out, W_out) int64: `inference(...).argmax(1)` in bounded memory.
+
+    When the probabilities at the output size (B x C x H_out x W_out floats) fit in
+    `max_bytes`, this is exactly `inference(...).argmax(1)`. A larger output (a 6000x4000
+    photo with 150 classes needs 14.4 GB) is built in bands of rows instead: every view's
+    logits are kept at the size the network ran at (bounded by the base scale the image was
+    fitted to, whatever the photo's size), and each band is resized, softmaxed, averaged
+    over the views and turned into labels before the next one, so no C x H_out x W_out
+    tensor is ever held. The two agree except at exact near-ties (float rounding of the
+    resize, ~1e-6).
+    """
+    mode, scales, flip, crop_size, stride = _options(test_cfg, mode, scales, flip, crop_size, stride)
+    image, out_size = _on_model(model, image, out_size)
+    with torch.no_grad():
+        views = _views(model, image, scales, flip, mode, crop_size, stride)
+        first = next(views)
+        b, c = first.shape[:2]
+        height, width = out_size
+        if b * c * height * width * 4 <= max_bytes:  # the accumulator fits: as `inference`
+            probs = _accumulate(itertools.chain([first], views), out_size)
+            return (probs / (len(scales) * (2 if flip else 1))).argmax(1)
+        kept = [first] + list(views)  # (B, C, h*s, w*s) each
+        labels = torch.empty(b, height, width, dtype=torch.long, device=first.device)
+        # a band's resize holds about four band-sized tensors (two source rows each, their
+        # mix, the sum over views): a quarter of the budget each
+        rows = max(1, max_bytes // (16 * b * c * width))
+        for r0 in range(0, height, rows):
+            r1 = min(height, r0 + rows)
+            bands = (resize_rows(v, out_size, r0, r1) for v in kept)
+            # one view: the logits' argmax is the probabilities' (no softmax needed)
+            scores = next(bands) if len(kept) == 1 else _accumulate(bands, (r1 - r0, width))
+            labels[:, r0:r1] = scores.argmax(1)
+            del scores
+    return labels
 
 def num_forward_passes(size: tuple[int, int], test_cfg: TestConfig) -> int:
     """How many network forwards `inference` makes for an image of `size` (h, w)."""

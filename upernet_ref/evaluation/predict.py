@@ -20,6 +20,7 @@ that cannot be read is reported with its path and skipped; the exit status is th
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,9 @@ import torch
 from PIL import Image
 
 from upernet_ref.configs import Config
-from upernet_ref.evaluation.inference import inference
+from upernet_ref.evaluation.inference import predict_labels
 from upernet_ref.data.images import IMAGE_SUFFIXES
+from upernet_ref.files import atomic_write
 from upernet_ref.data.transforms import overlay, test_transform
 
 def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
@@ -107,8 +109,8 @@ def predict_image(model: torch.nn.Module, image: torch.Tensor, cfg: Config,
     """uint8 (H, W) class indices for a uint8 (3, H, W) image, at its own size."""
     h, w = image.shape[-2:]
     normalized, _ = test_transform(cfg.data)(image, None)  # fitted to the base scale
-    probs = inference(model, normalized.to(device), cfg.test, out_size=(h, w), **options)
-    return probs.argmax(1)[0].to(torch.uint8).cpu()
+    labels = predict_labels(model, normalized.to(device), cfg.test, out_size=(h, w), **options)
+    return labels[0].to(torch.uint8).cpu()  # bounded memory at any image size
 
 
 def save_prediction(labels: torch.Tensor, image: torch.Tensor,
@@ -121,11 +123,13 @@ def save_prediction(labels: torch.Tensor, image: torch.Tensor,
     paths = prediction_paths(out_dir, name)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     index = labels.numpy().astype(np.uint8)
-    Image.fromarray(index).save(paths[0])  # 2-D uint8: 8-bit grayscale
+    # each file whole or not at all (a kill mid-write leaves no broken PNG)
+    atomic_write(paths[0], partial(Image.fromarray(index).save, format="PNG"))  # 8-bit grey
     color = Image.fromarray(index)
     flat = [c for rgb in palette for c in rgb]
     color.putpalette(flat + [0] * (768 - len(flat)))  # L -> P, indices unchanged
-    color.save(paths[1])
+    atomic_write(paths[1], partial(color.save, format="PNG"))
     blended = overlay(image, labels, palette, alpha)  # (3, H, W) uint8
-    Image.fromarray(blended.permute(1, 2, 0).numpy()).save(paths[2], quality=90)
+    atomic_write(paths[2], partial(Image.fromarray(blended.permute(1, 2, 0).numpy()).save,
+                                   format="JPEG", quality=90))
     return paths

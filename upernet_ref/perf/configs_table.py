@@ -1,4 +1,5 @@
-"""`upernet configs`: the 12 published configurations at a glance, and one real forward pass.
+"""`upernet configs`: every configuration at a glance (the 12 published ones, then the small
+ones for laptops and tests, marked), and one real forward pass.
 
 Parameter counts and GMACs are computed from the models themselves, built on the `meta`
 device (no memory, no compute), so the table doubles as a check against the spec's figures.
@@ -15,9 +16,11 @@ from upernet_ref.model.upernet import build_model, count_parameters
 
 
 def summary_rows(names: list[str] | None = None) -> list[dict]:
-    """One dict per configuration: recipe, parameters, GMACs at the crop size (eval mode)."""
+    """One dict per configuration (default: all of them): recipe, parameters, GMACs at the crop
+    size (eval mode), and whether it is one of the small ones."""
+    published = set(list_configs(published_only=True))
     rows = []
-    for name in names or list_configs(published_only=True):
+    for name in names or list_configs():
         cfg = get_config(name)
         with torch.device("meta"):
             model = build_model(cfg)
@@ -32,6 +35,7 @@ def summary_rows(names: list[str] | None = None) -> list[dict]:
             "params_spec": REPORTED_PARAMS.get(cfg.model.depth, {}).get(cfg.data.dataset),
             "gmacs": count_macs(model.eval(), cfg.data.crop_size) / 1e9,
             "miou": cfg.reported_miou,
+            "small": name not in published,
         })
     return rows
 
@@ -44,10 +48,15 @@ def format_summary(rows: list[dict]) -> str:
         same = "yes" if r["params"] == r["params_spec"] else ("-" if r["params_spec"] is None else "NO")
         crop = "x".join(map(str, r["crop"]))
         miou = f"{r['miou']:.2f}" if r["miou"] is not None else "-"
-        lines.append(f"{r['name']:<30} {r['classes']:>7} {crop:>9} {r['batch']:>5} {r['iters']:>7} "
-                     f"{r['params']:>12,} {same:>6} {r['gmacs']:>7.1f} {miou:>6}")
+        name = r["name"] + (" *" if r.get("small") else "")
+        gmacs = f"{r['gmacs']:.1f}" if r["gmacs"] >= 1 else f"{r['gmacs']:.3f}"
+        lines.append(f"{name:<30} {r['classes']:>7} {crop:>9} {r['batch']:>5} {r['iters']:>7} "
+                     f"{r['params']:>12,} {same:>6} {gmacs:>7} {miou:>6}")
     lines.append("GMACs: one forward pass at the crop size, eval mode (no auxiliary head); "
                  "mIoU: published single-scale val.")
+    if any(r.get("small") for r in rows):
+        lines.append("* small configuration for a laptop CPU, notebooks and tests (same "
+                     "architecture and recipe shape, not a published one)")
     return "\n".join(lines)
 
 

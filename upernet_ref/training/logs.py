@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from upernet_ref.files import atomic_write
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -56,7 +59,7 @@ def plot_curves(records: list[dict[str, Any]], path: str | Path | None = None, t
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        atomic_write(path, partial(fig.savefig, dpi=100, format="png"))
         plt.close(fig)
     return fig
 

@@ -10,18 +10,42 @@ no work is lost when a job is pre-empted (`StopFlag`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import typing
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from upernet_ref.configs import Config
+from upernet_ref.errors import UsageError
+
+
+def check_finite_state(model: nn.Module, iteration: int, kept: str) -> None:
+    """Stop (NonFiniteLossError) when a weight or buffer of `model` holds a NaN or an inf.
+
+    A diverging run can keep a finite loss while BatchNorm's `running_var` overflows (the
+    training loss uses the batch's statistics, evaluation the running ones): such a model would
+    be saved as "the last good checkpoint" and predict garbage. One fused reduction, one sync.
+    `kept` says which checkpoint is left (for the message).
+    """
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    from upernet_ref.checkpoints import non_finite_tensors
+    from upernet_ref.training.step import NonFiniteLossError  # step imports this module
+    bad = non_finite_tensors(model.state_dict())
+    raise NonFiniteLossError(
+        f"non-finite weights or BatchNorm statistics after iteration {iteration} "
+        f"({len(bad)} tensor(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+        f"stopped before saving them; {kept}. Try a lower --train.lr or --train.amp=none")
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +214,34 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
                            f"in {headroom:.0%} of the memory of {device}; try --train.amp=bf16 "
                            f"or a smaller crop")
     return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None]:
+    """Hold `out_dir/.lock` (an flock) for the run, so a second training started into the same
+    folder stops at once (UsageError, exit 2) instead of interleaving its checkpoints and log
+    lines with the first one's. The lock goes with the process, even after kill -9."""
+    if not enabled:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UsageError(f"{out_dir} is used by another training run ({holder}): wait for it "
+                             f"to finish, or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
 
 
 # --------------------------------------------------------------------------------------------

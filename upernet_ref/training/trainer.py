@@ -35,17 +35,20 @@ import torch
 from torch import nn
 
 from upernet_ref import configs
-from upernet_ref.checkpoints import load_backbone_weights, load_weights, read_checkpoint_file, save_checkpoint
+from upernet_ref.checkpoints import (load_backbone_weights, load_weights, read_checkpoint_file,
+                                     remove_stale_temporary_files, save_checkpoint)
 from upernet_ref.configs import Config
 from upernet_ref.errors import before_work
+from upernet_ref.files import write_text
 from upernet_ref.model.upernet import build_model
 from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
                                               all_gather_object, all_reduce_max, all_reduce_sum,
                                               barrier, batch_decomposition, cleanup,
                                               init_distributed, use_sync_bn)
 from upernet_ref.training.logs import RunLogger
-from upernet_ref.training.runtime import (StopFlag, choose_per_device_batch, deterministic_mode,
-                                          rng_state, seed_everything, set_rng_state)
+from upernet_ref.training.runtime import (StopFlag, check_finite_state, choose_per_device_batch,
+                                          deterministic_mode, rng_state, run_folder_lock,
+                                          seed_everything, set_rng_state)
 from upernet_ref.training.schedule import PolyLR, build_optimizer, build_scheduler
 from upernet_ref.training.step import NonFiniteLossError, StepLosses, train_step
 
@@ -66,6 +69,7 @@ class TrainResult:
     per_device_batch: int = 0
     accumulation: int = 1
     world_size: int = 1
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # data.on_bad=skip: item -> problem
 
 
 @dataclasses.dataclass
@@ -165,11 +169,14 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
     with contextlib.ExitStack() as on_exit:  # run last to first when train() returns or raises
         on_exit.callback(cleanup, info)
         on_exit.enter_context(deterministic_mode(cfg.train.deterministic, info.device))
+        on_exit.enter_context(run_folder_lock(out_dir, info.is_main))  # one run per folder
         seed_everything(cfg.train.seed)  # same initial weights on every process
         # Everything up to the first step is set-up: a problem here (data folder, weights,
         # resume) is the user's input, reported by `upernet train` with exit status 2.
         with before_work():
             train_set, val_set = datasets(cfg, data_root, train_dataset, val_dataset, say=say)
+            for stale in remove_stale_temporary_files(out_dir) if info.is_main else []:
+                say(f"removed {stale}, the temporary file of a checkpoint save that was interrupted")
             run = build_run(cfg, info, out_dir=out_dir, max_iters=max_iters,
                             per_device_batch=per_device_batch, weights=weights,
                             backbone_weights=backbone_weights, train_size=len(train_set),
@@ -212,6 +219,7 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
                                     end=end, say=say)
             if window.iterations == 0:  # speed figures leave out validation and checkpoint time
                 window.started = time.perf_counter()
+        result.skipped = report_skipped(train_set, logger, iteration=run.iteration, say=say)
         return result
 
 
@@ -232,7 +240,8 @@ def build_datasets(cfg: Config, data_root: str | None):
     from upernet_ref.data.datasets import build_dataset
     from upernet_ref.data.transforms import train_transform
 
-    train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data))
+    train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data),
+                              on_bad=cfg.data.on_bad)
     try:
         val_set = build_dataset(cfg, cfg.data.val_split, data_root, None)
     except (FileNotFoundError, ValueError) as err:
@@ -360,7 +369,7 @@ def start_logger(run: Run, *, resumed: bool, tensorboard: bool) -> RunLogger:
     logger = RunLogger(run.out_dir, enabled=run.info.is_main, tensorboard=tensorboard,
                        resume_from=run.iteration if resumed else None)
     if run.info.is_main:
-        (run.out_dir / "config.json").write_text(json.dumps(configs.to_dict(run.cfg), indent=2))
+        write_text(run.out_dir / "config.json", json.dumps(configs.to_dict(run.cfg), indent=2))
     return logger
 
 
@@ -399,15 +408,32 @@ def take_step(run: Run, batches: GlobalBatches) -> tuple[StepLosses, float]:
         losses = train_step(run.forward_model, batches.next(), run.optimizer, run.scaler,
                             run.cfg, distributed=run.info.distributed)
     except NonFiniteLossError as err:
-        kept = (f"the last good checkpoint is {run.last_path}" if run.last_path.exists()
-                else "no checkpoint was written yet")
         raise NonFiniteLossError(
             f"{err} at iteration {run.iteration + 1} of {run.cfg.name}; stopped before applying "
-            f"that update; {kept}. Try a lower --train.lr, --train.amp=none, or check the data "
-            f"(upernet data check)") from None
+            f"that update; {_kept(run)}. Try a lower --train.lr, --train.amp=none, or check the "
+            f"data (upernet data check)") from None
     run.scheduler.step()
     run.iteration += 1
+    check_finite_state(run.model, run.iteration, _kept(run))  # BN statistics too, before any save
     return losses, lr
+
+
+def _kept(run: Run) -> str:
+    """Which checkpoint a stopped run leaves, for its message."""
+    return (f"the last good checkpoint is {run.last_path}" if run.last_path.exists()
+            else "no checkpoint was written yet")
+
+
+def report_skipped(train_set, logger: RunLogger, *, iteration: int, say: Say) -> dict[str, str]:
+    """The samples skipped with data.on_bad=skip (every worker, every rank): said, and logged."""
+    from upernet_ref.data.datasets import skipped_samples
+    skipped = skipped_samples(train_set)
+    if skipped:
+        logger.log({"kind": "data", "iter": iteration, "skipped": len(skipped),
+                    "skipped_samples": skipped})
+        say(f"skipped {len(skipped)} bad training sample(s) (data.on_bad=skip), listed in "
+            f"{logger.path}; first: {next(iter(skipped.values()))}")
+    return skipped
 
 
 def stop_requested_anywhere(stop: StopFlag, info: DistInfo) -> bool:
