@@ -363,3 +363,4 @@ def test_a_second_run_into_the_same_folder_stops_before_any_work(tmp_path):
                                              rf"run \(pid {os.getpid()} on .*\): wait for it"):
             run(small_cfg(), tmp_path / "run", max_iters=1)
     assert run(small_cfg(), tmp_path / "run", max_iters=1).iteration == 1  # released: runs
+    assert not (tmp_path / "run" / ".lock").exists()

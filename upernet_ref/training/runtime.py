@@ -224,7 +224,8 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
 def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None]:
     """Hold `out_dir/.lock` (an flock) for the run, so a second training started into the same
     folder stops at once (UsageError, exit 2) instead of interleaving its checkpoints and log
-    lines with the first one's. The lock goes with the process, even after kill -9."""
+    lines with the first one's. The lock goes with the process, even after kill -9 (which
+    leaves the file: the next run takes it over)."""
     if not enabled:
         yield
         return
@@ -241,7 +242,11 @@ def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
-        yield
+        try:
+            yield
+        finally:  # the folder is left as the run wrote it (removed while still held)
+            with contextlib.suppress(OSError):
+                (out_dir / ".lock").unlink()
 
 
 # --------------------------------------------------------------------------------------------
