@@ -94,14 +94,14 @@ def test_peak_override_gives_an_mfu_on_any_device():
 
 
 def test_out_of_memory_is_recorded_and_the_other_phases_still_run(monkeypatch):
-    real = bench.bench_training
+    real = bench.prepare_training
 
     def eager_does_not_fit(*args, **kwargs):
         if kwargs.get("settings") is None:  # the eager step (the fast one gets its settings)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "bench_training", eager_does_not_fit)
+    monkeypatch.setattr(bench, "prepare_training", eager_does_not_fit)
     result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
                        fast=True, warmup=0, repeats=1)
     assert set(result["errors"]) == {"train"}
@@ -111,6 +111,38 @@ def test_out_of_memory_is_recorded_and_the_other_phases_still_run(monkeypatch):
     assert "train_speedup" not in result["fast"]
     table = format_table(result)
     assert "CUDA out of memory at batch 2" in table and "fast training speed-up" not in table
+
+
+def test_eager_and_fast_are_timed_in_turn_and_the_speedup_is_the_median_ratio(monkeypatch):
+    """A change of load half-way (round 2 is slow for both) must not decide the speed-up."""
+    clock, calls = [0.0], []
+    durations = {"eager": [1.0, 5.0, 1.0], "fast": [0.5, 1.0, 0.25]}  # ratios 2, 5, 4
+
+    def path(name):
+        def call():
+            clock[0] += durations[name][sum(c == name for c in calls)]
+            calls.append(name)
+        return bench.TimedPath(call)
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    paths = {"infer": path("eager"), "fast_infer": path("fast")}
+    cpu = torch.device("cpu")
+    bench.measure_interleaved(paths, cpu, 3, bench.MemoryMeter(cpu), {}, batch=1)
+    assert calls == ["eager", "fast"] * 3
+    assert paths["infer"].walls == [1.0, 5.0, 1.0]
+    speedup = bench.paired_speedup(paths["infer"], paths["fast_infer"])
+    assert speedup["speedup"] == 4.0 and speedup["speedup_runs"] == [2.0, 5.0, 4.0]
+
+
+def test_bench_reports_the_interleaved_speedups(tmp_path):
+    result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
+                       fast=True, warmup=0, repeats=3)
+    fast = result["fast"]
+    assert result["interleaved"] and len(fast["speedup_runs"]) == 3
+    assert len(fast["train_speedup_runs"]) == 3 and fast["train_cpu_speedup"] > 0
+    assert len(result["runs_ms"]) == len(fast["runs_ms"]) == 3
+    table = format_table(result)
+    assert "median of 3 interleaved eager/fast rounds" in table and "CPU" in table
 
 
 def test_training_compile_failure_falls_back_to_uncompiled(monkeypatch):

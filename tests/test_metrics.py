@@ -11,7 +11,7 @@ from upernet_ref.evaluation.metrics import ConfusionMatrix, all_reduce_matrix, c
 
 
 def naive_metrics(preds, targets, num_classes, ignore=255):
-    """Python loops over pixels: the definitions of spec section 4, nothing shared with metrics."""
+    """Python loops over pixels: the definitions of docs/SPEC.md ("Test protocol"), nothing shared with metrics."""
     m = np.zeros((num_classes, num_classes), dtype=np.int64)
     for p, t in zip(preds, targets):
         for pv, tv in zip(np.asarray(p).ravel(), np.asarray(t).ravel()):

@@ -1,6 +1,6 @@
 """Checkpoint files: reading published ones, converting their names, saving ours atomically.
 
-Three layouts exist for the same network (spec section 2):
+Three layouts exist for the same network (docs/SPEC.md, "Checkpoint layouts"):
 - sssegmentation (the published table): `backbone_net.*`, `ppm_net.*`, `lateral_convs.*`,
   `fpn_convs.*`, `decoder.{0,1,4}`, `auxiliary_decoder.{0,1,4}`; files are `torch.save`d dicts
   whose "model" entry is the state_dict.

@@ -1,4 +1,10 @@
-"""`upernet export`: the command line of `upernet_ref.perf.export`."""
+"""`upernet export`: export a model to ONNX or torch.export, checked against PyTorch on the
+same input.
+
+    upernet export --checkpoint runs/demo/last.pt --out demo.onnx
+
+The library side is `upernet_ref.perf.export`.
+"""
 from __future__ import annotations
 import argparse
 import sys
@@ -14,12 +20,11 @@ from upernet_ref import configs
 from upernet_ref.configs import get_config
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.export import (export_onnx, export_torch)
-from upernet_ref.perf.export import __doc__ as _LIB_DOC
 
 
 @command("upernet export")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet export", description=_LIB_DOC.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
     parser.add_argument("--config", help="configuration name (default: the one stored in "
                         "--checkpoint; needed for published files and without a checkpoint)")

@@ -1,4 +1,10 @@
-"""`upernet memory`: the command line of `upernet_ref.perf.memory`."""
+"""`upernet memory`: estimate the peak device memory of a training step without running it
+(fake tensors, no GPU needed), and the largest batch that fits.
+
+    upernet memory --config upernet_r50_os8_ade20k --memory-gb 24
+
+The library side is `upernet_ref.perf.memory`.
+"""
 from __future__ import annotations
 import argparse
 import dataclasses
@@ -12,14 +18,20 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, comma
 from upernet_ref.errors import before_work
 from upernet_ref.files import write_text
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
-from upernet_ref.perf.memory import __doc__ as _LIB_DOC
+
+EPILOG = ("The estimate runs two of the trainer's own steps (step.train_step) on fake tensors "
+          "while torch's memory tracker follows every tensor. Read it as a lower bound: it leaves "
+          "out the CUDA context (~0.5 GB), cuDNN / cuBLAS workspaces, allocator fragmentation, "
+          "DDP's gradient buckets and torch.compile's intermediates (upernet_ref/perf/memory.py "
+          "says how it compares with measured peaks).")
+DESCRIPTION = ("Estimate the peak device memory of a training step without running it (fake tensors, no GPU needed), and the largest batch that fits.")
 
 
 @command("upernet memory")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet memory", description=_LIB_DOC.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="upernet memory", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=_LIB_DOC.split("\n\n", 2)[2] + "\n\n" + OVERRIDES_HELP)
+                                     epilog=EPILOG + "\n\n" + OVERRIDES_HELP)
     parser.add_argument("--config", required=True,
                         help="configuration name, or 'all' for the 12 published ones")
     parser.add_argument("--batch", type=positive_int, default=None,

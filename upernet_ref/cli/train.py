@@ -1,4 +1,12 @@
-"""`upernet train`: the command line of `upernet_ref.training.trainer`."""
+"""`upernet train`: train a configuration with the published recipe (SGD, poly schedule, the
+configuration's loss) on a CPU, one GPU or many (start it with torchrun).
+
+    upernet train --config upernet_small_demo
+    upernet train --config upernet_r50_os8_ade20k --data-root data/ade --train.lr=0.02
+    torchrun --nproc_per_node=8 -m upernet_ref.cli train --config upernet_r50_os8_ade20k ...
+
+The library side is `upernet_ref.training.trainer`.
+"""
 from __future__ import annotations
 import argparse
 import os
@@ -12,7 +20,6 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
                                     command, parse_args_and_overrides, positive_int)
 from upernet_ref.errors import before_work
 from upernet_ref.training.trainer import train
-from upernet_ref.training.trainer import __doc__ as _LIB_DOC
 
 
 # --------------------------------------------------------------------------------------------
@@ -21,7 +28,7 @@ from upernet_ref.training.trainer import __doc__ as _LIB_DOC
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="upernet train", description=_LIB_DOC.split("\n\n")[0],
+        prog="upernet train", description=__doc__.split("\n\n")[0],
         epilog=OVERRIDES_HELP + " Several GPUs or machines: start this command with torchrun "
                "(see README).")
     parser.add_argument("--config", required=True, help="configuration name (upernet configs)")

@@ -1,4 +1,4 @@
-"""Label conventions of the three benchmarks (spec section 4): names, colours, id tables.
+"""Label conventions of the three benchmarks (docs/SPEC.md, "Data on disk"): names, colours, id tables.
 
 - VOC: the 21 PASCAL VOC 2012 classes; palette = the devkit's bit-interleaved colour map
   (`voc_colormap`), the same one stored in every SegmentationClass PNG.

@@ -3,7 +3,7 @@
 Every dataset follows the data contract of docs/DESIGN.md: item `i` is `(image, mask)` with
 `image` uint8 (3, H, W) RGB and `mask` int64 (H, W) of *training* labels `0..C-1` or 255
 (ignore), or `transform(image, mask)`. The raw label files use each benchmark's own convention
-(spec section 4), turned into training labels by one 256-entry look-up table per dataset:
+(docs/SPEC.md, "Data on disk"), turned into training labels by one 256-entry look-up table per dataset:
 
     VOC         0..20 and 255 (boundary) kept as they are
     ADE20K      reduce-zero-label: 0 ("other") -> 255, k -> k - 1 (1..150 -> 0..149)

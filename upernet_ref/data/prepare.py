@@ -1,6 +1,7 @@
 """Dataset preparation (SBD -> VOC trainaug, Cityscapes train ids) and the dataset check.
 
-- `prepare_voc_aug`: the augmented VOC training set of the paper's VOC numbers (spec section 4):
+- `prepare_voc_aug`: the augmented VOC training set of the paper's VOC numbers
+  (docs/SPEC.md, "Data on disk"):
   SBD `cls/*.mat` (MATLAB struct `GTcls.Segmentation`, 0..20) become palette PNGs in
   `VOC2012/SegmentationClassAug/`, except where VOC's own SegmentationClass PNG is copied instead
   (VOC wins where both annotate an image: it has the 255 boundaries the VOC val labels have), and

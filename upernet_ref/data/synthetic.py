@@ -1,6 +1,7 @@
 """The embedded demo dataset: procedurally generated scenes, shipped as code (no download).
 
-UPerNet's published numbers need VOC, ADE20K or Cityscapes (spec section 4). To train and test
+UPerNet's published numbers need VOC, ADE20K or Cityscapes (docs/SPEC.md,
+"Data on disk"). To train and test
 the whole pipeline on a laptop without them, `DemoScenes` draws small outdoor-like scenes:
 a sky and a ground split by a tilted, wavy horizon, and 3-6 shapes painted in depth order (later
 shapes occlude earlier ones). Each class has its own colour *and* texture distribution, with

@@ -107,7 +107,8 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, size: tuple[int,
 
 def random_rescale(image: torch.Tensor, mask: torch.Tensor, base_scale: Sequence[int],
                    ratio_range: Sequence[float]):
-    """Fit the image into base_scale x ratio, ratio ~ U(ratio_range) (spec section 3)."""
+    """Fit the image into base_scale x ratio, ratio ~ U(ratio_range) (docs/SPEC.md,
+    "Training recipe")."""
     ratio = _uniform(*ratio_range)
     scale = (int(base_scale[0] * ratio), int(base_scale[1] * ratio))
     return resize_pair(image, mask, rescale_size(image.shape[-2], image.shape[-1], scale))
@@ -212,7 +213,7 @@ def pad_to(image: torch.Tensor, mask: torch.Tensor, size: Sequence[int], ignore_
 # The pipelines
 
 class TrainTransform:
-    """The published training pipeline (spec section 3); see `train_transform`."""
+    """The published training pipeline (docs/SPEC.md, "Training recipe"); see `train_transform`."""
 
     def __init__(self, data_cfg: DataConfig) -> None:
         self.cfg = data_cfg
@@ -244,7 +245,7 @@ class TrainTransform:
 
 
 class TestTransform:
-    """The published test pipeline (spec section 3); see `test_transform`."""
+    """The published test pipeline (docs/SPEC.md, "Test protocol"); see `test_transform`."""
 
     def __init__(self, data_cfg: DataConfig) -> None:
         self.cfg = data_cfg

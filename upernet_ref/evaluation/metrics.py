@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix: IoU, mIoU, mAcc, aAcc (spec section 4).
+"""Segmentation metrics from one confusion matrix: IoU, mIoU, mAcc, aAcc (docs/SPEC.md, "Test protocol").
 
 The published protocol accumulates a single `num_classes x num_classes` confusion matrix over
 the *whole* validation set (rows = ground truth, columns = prediction; pixels labelled 255 are

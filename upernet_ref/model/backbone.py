@@ -17,7 +17,7 @@ from torch import nn
 
 STANDARD_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
-# output stride -> (stage strides, stage dilations), spec section 2
+# output stride -> (stage strides, stage dilations) (docs/SPEC.md, "Architecture")
 STRIDES_DILATIONS = {
     8: ((1, 2, 1, 1), (1, 1, 2, 4)),
     16: ((1, 2, 2, 1), (1, 1, 1, 2)),
@@ -76,6 +76,9 @@ class Bottleneck(nn.Module):
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    """A 3x3 conv -> BN -> ReLU of the deep stem as three flat modules, not a
+    `layers.ConvBNReLU`: the published v1c checkpoints name them `stem.0`, `stem.1`, `stem.3`,
+    ... (docs/SPEC.md, "Checkpoint layouts"), which a nested `conv` / `bn` would change."""
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 

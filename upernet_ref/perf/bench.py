@@ -1,7 +1,8 @@
 """Speed and memory figures (`upernet bench`).
 
     upernet bench --config upernet_r50_os8_ade20k --size 512x512 --mode both --fast \\
-        --warmup 1 --repeats 3 --json bench.json
+        --warmup 1 --repeats 5 --json bench.json
+    upernet bench --config upernet_r50_os8_ade20k --mode train --train.amp=bf16
 
 What is measured (per configuration, input size and batch):
 
@@ -17,29 +18,36 @@ What is measured (per configuration, input size and batch):
   images/s = train batch / step time. BatchNorm in train mode needs > 1 value per channel at the
   PPM's 1x1 pool, so the train batch is at least 2. Override the configuration as for
   training (`--train.amp=bf16`, `--train.ohem=true`, ...).
-- Peak memory: CUDA: `torch.cuda.max_memory_allocated` over the phase (weights included).
-  CPU: the peak resident set size (Linux VmHWM, reset before each phase by writing 5 to
-  /proc/self/clear_refs) minus the resident set size before the model was built, i.e. weights
-  + activations + workspace, like the CUDA figure. Falls back to `ru_maxrss` when the peak
-  cannot be reset (then a phase only shows if it exceeds every earlier one).
+- `--fast`: the same figures for the fast path: `fast.fast_inference_model` for inference
+  (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
+  the same training step with channels_last + autocast (+ compile) over the configuration's
+  (`fast.default_fast_settings`, `FastSettings.train_overrides`, as `upernet train --fast`).
+  The two paths are timed *interleaved*, eager, fast, eager, fast, ..., and the speed-up is the
+  median of the per-round ratios eager time / fast time, for the wall time and for the process
+  CPU time: a change of load on a shared machine then hits both paths of a round alike instead
+  of deciding the speed-up (timed one after the other, one run here gave 0.56x and another
+  4.17x for the same build). With torch.compile the first (compiling) call is never timed; if
+  compiling fails, the fast path runs uncompiled and the JSON says why (`compile_error`,
+  `train_compile_error`).
+- Peak memory of a path: its own weights and buffers (and SGD momentum for training) plus the
+  most any of its calls added to what was in use when the call started. CUDA:
+  `torch.cuda.max_memory_allocated` - `memory_allocated` before the call. CPU: the peak resident
+  set size (Linux VmHWM, reset before each call by writing 5 to /proc/self/clear_refs) - the
+  resident set size before it; falls back to `ru_maxrss` when the peak cannot be reset. So the
+  figure of one path does not count the other path's weights, resident while they interleave.
 - MFU (CUDA): achieved FLOP/s (2 x MACs x images/s; x 3 for a training step, forward +
   backward) over the device's dense bf16/fp16 tensor-core peak from `hardware.PEAK_TFLOPS`
   (matched on the device name, `hardware.peak_tflops_for_name`; `--peak-tflops` for other
   GPUs). The eager rows use the same bf16 peak, so eager and fast MFUs compare directly.
-- `--fast`: the same figures for the fast path: `fast.fast_inference_model` for inference
-  (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
-  the same training step with channels_last + autocast (+ compile) over the configuration's
-  (`fast.default_fast_settings`, `FastSettings.train_overrides`, as `upernet train --fast`). With
-  torch.compile the first (compiling) call is never timed; if compiling fails, the fast path
-  runs uncompiled and the JSON says why (`compile_error`, `train_compile_error`).
 - CUDA: `torch.backends.cudnn.benchmark` is on during the run (as in training); "eager fp32"
   means PyTorch's defaults, under which cuDNN convolutions use TF32 tensor cores
   (`torch.backends.cudnn.allow_tf32`, recorded in `machine`).
-- A phase that runs out of GPU memory is recorded in `errors` (e.g. `{"train": "CUDA out of
-  memory ..."}`) with its figures left None; the other phases still run.
+- A path that runs out of GPU memory is recorded in `errors` (e.g. `{"train": "CUDA out of
+  memory ..."}`) with its figures left None; the other paths still run.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -50,10 +58,10 @@ from torch import nn
 
 from upernet_ref import configs
 from upernet_ref.configs import Config
-from upernet_ref.perf.flops import count_macs
-from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_summary, fast_inference_model
-from upernet_ref.perf.hardware import device_peak_tflops, machine_info
 from upernet_ref.model.upernet import build_model
+from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_summary, fast_inference_model
+from upernet_ref.perf.flops import count_macs
+from upernet_ref.perf.hardware import device_peak_tflops, machine_info
 from upernet_ref.training.schedule import build_optimizer
 from upernet_ref.training.step import train_step
 
@@ -85,86 +93,144 @@ def _rss_kb(field: str = "VmRSS") -> int | None:
 
 
 class MemoryMeter:
-    """Peak memory of a phase in MB (see the module docstring for the method)."""
+    """The memory one call adds to what was in use when it started, in MB (see the module
+    docstring for the method)."""
 
-    def __init__(self, device: torch.device, baseline_kb: int | None):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.baseline_kb = baseline_kb or 0
         self.method = ""
+        self._start = 0.0
 
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "torch.cuda.max_memory_allocated"
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+            self.method = ("torch.cuda.max_memory_allocated during a call - allocated before it "
+                           "+ the path's own weights (and optimizer state)")
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM (the peak RSS) to the current RSS, Linux >= 4.0
-            self.method = "peak RSS (VmHWM, reset per phase) - RSS before the model was built"
+            self.method = ("peak RSS during a call (VmHWM, reset per call) - RSS before it + the "
+                           "path's own weights (and optimizer state)")
         except OSError:
-            self.method = "ru_maxrss (process-lifetime peak) - RSS before the model was built"
+            self.method = ("ru_maxrss (process-lifetime peak) - RSS before a call + the path's "
+                           "own weights (and optimizer state)")
+        self._start = (_rss_kb() or 0) / 1024
 
-    def peak_mb(self) -> float:
+    def added_mb(self) -> float:
+        """Peak since `reset()` minus the usage at `reset()`."""
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self._start
         peak_kb = _rss_kb("VmHWM") if self.method.startswith("peak RSS") else None
         if peak_kb is None:
             peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-        return (peak_kb - self.baseline_kb) / 1024
+        return max(peak_kb / 1024 - self._start, 0.0)
+
+
+def resident_mb(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """Weights, buffers and optimizer state (SGD momentum) of one path, in MB."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size()
+               for t in [*module.parameters(), *module.buffers()]}
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            tensors.update({t.data_ptr(): t.numel() * t.element_size()
+                            for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(tensors.values()) / 2**20
 
 
 # --------------------------------------------------------------------------------------------
-# Timing
+# Timing: the paths of a phase (eager, fast) take turns
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: typing.Callable[[], typing.Any], device: torch.device, warmup: int,
-               repeats: int) -> dict[str, float]:
-    """Median wall and CPU seconds of `repeats` calls of `fn` after `warmup` untimed calls."""
+@dataclasses.dataclass
+class TimedPath:
+    """One measured path of a phase: its call, and per timed call the wall seconds, the process
+    CPU seconds and the memory the call added."""
+    call: typing.Callable[[], typing.Any]
+    resident: typing.Callable[[], float] = lambda: 0.0  # its weights (+ momentum), MB
+    first_calls_s: float = 0.0  # the untimed warm-up calls (compilation included)
+    walls: list[float] = dataclasses.field(default_factory=list)
+    cpus: list[float] = dataclasses.field(default_factory=list)
+    added_mb: list[float] = dataclasses.field(default_factory=list)
+
+
+def warm_up(path: TimedPath, device: torch.device, calls: int) -> None:
+    """Run `calls` untimed calls (their total time goes to `first_calls_s`)."""
     start = time.perf_counter()
-    for _ in range(warmup):
-        fn()
+    for _ in range(calls):
+        path.call()
     _sync(device)
-    warmup_s = time.perf_counter() - start
-    walls, cpus = [], []
+    path.first_calls_s += time.perf_counter() - start
+
+
+def measure_interleaved(paths: dict[str, TimedPath], device: torch.device, repeats: int,
+                        meter: MemoryMeter, errors: dict[str, str], batch: int) -> None:
+    """Time the paths in turn, `repeats` rounds of (eager, fast): a change of load on a shared
+    machine then hits both alike, and the per-round ratios stay comparable. A path that runs
+    out of GPU memory is recorded in `errors` and left out of the next rounds."""
     for _ in range(repeats):
-        _sync(device)
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        _sync(device)
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return {"median_s": statistics.median(walls), "min_s": min(walls),
-            "cpu_s": statistics.median(cpus), "warmup_s": warmup_s, "runs_s": walls}
+        for name, path in paths.items():
+            if name in errors:
+                continue
+            try:
+                meter.reset()
+                wall, cpu = time.perf_counter(), time.process_time()
+                path.call()
+                _sync(device)
+                path.walls.append(time.perf_counter() - wall)
+                path.cpus.append(time.process_time() - cpu)
+                path.added_mb.append(meter.added_mb())
+            except torch.cuda.OutOfMemoryError as err:
+                errors[name] = f"CUDA out of memory at batch {batch}: {error_summary(err)}"
+            _free_memory(device)  # outside the except block: the failed call's tensors are gone
 
 
-def bench_inference(model: nn.Module, images: torch.Tensor, device: torch.device,
-                    warmup: int, repeats: int, meter: MemoryMeter) -> dict[str, typing.Any]:
-    """Latency, images/s and peak memory of `model(images)` under no_grad."""
-    meter.reset()
-    with torch.no_grad():
-        t = time_calls(lambda: model(images), device, warmup, repeats)
-    batch = images.shape[0]
-    return {"latency_ms": 1000 * t["median_s"], "latency_min_ms": 1000 * t["min_s"],
-            "cpu_ms": 1000 * t["cpu_s"], "images_per_s": batch / t["median_s"],
-            "first_calls_s": t["warmup_s"], "runs_ms": [1000 * r for r in t["runs_s"]],
-            "peak_memory_mb": meter.peak_mb()}
+def path_figures(path: TimedPath | None, batch: int, prefix: str = "") -> dict[str, typing.Any]:
+    """Median / min wall ms, median CPU ms, images/s and peak MB of a measured path; None
+    figures when it was not measured. `prefix` "train_" names the training figures."""
+    ms_key = "train_step_ms" if prefix else "latency_ms"
+    min_key = "train_step_min_ms" if prefix else "latency_min_ms"
+    if path is None or not path.walls:
+        return {ms_key: None, f"{prefix}images_per_s": None, f"{prefix}peak_memory_mb": None}
+    median = statistics.median(path.walls)
+    return {ms_key: 1000 * median, min_key: 1000 * min(path.walls),
+            f"{prefix}cpu_ms": 1000 * statistics.median(path.cpus),
+            f"{prefix}images_per_s": batch / median,
+            f"{prefix}first_calls_s": path.first_calls_s,
+            f"{prefix}runs_ms": [1000 * w for w in path.walls],
+            f"{prefix}cpu_runs_ms": [1000 * c for c in path.cpus],
+            f"{prefix}peak_memory_mb": path.resident() + max(path.added_mb)}
 
 
-def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   device: torch.device, warmup: int, repeats: int, meter: MemoryMeter,
-                   cfg: Config, settings: FastSettings | None = None) -> dict[str, typing.Any]:
-    """Time the trainer's own step (`step.train_step`): the configuration's loss (class weights,
-    OHEM, loss weights, ignore index), autocast and channels_last, and its SGD
+def paired_speedup(eager: TimedPath, fast: TimedPath, prefix: str = "") -> dict[str, typing.Any]:
+    """The median over the interleaved rounds of eager time / fast time, wall and CPU."""
+    pairs = list(zip(eager.walls, fast.walls, eager.cpus, fast.cpus))
+    if not pairs:
+        return {}
+    walls = [e / f for e, f, _, _ in pairs]
+    cpus = [e / f for _, _, e, f in pairs if f > 0]
+    return {f"{prefix}speedup": statistics.median(walls),
+            f"{prefix}cpu_speedup": statistics.median(cpus) if cpus else None,
+            f"{prefix}speedup_runs": walls}
+
+
+def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     device: torch.device, cfg: Config,
+                     settings: FastSettings | None = None) -> tuple[TimedPath, dict[str, typing.Any]]:
+    """The trainer's own step (`step.train_step`) as a timed path: the configuration's loss
+    (class weights, OHEM, loss weights, ignore index), autocast and channels_last, and its SGD
     (`schedule.build_optimizer`). With `settings`, the fast path's choices override those
-    (`FastSettings.train_overrides`).
+    (`FastSettings.train_overrides`). Returns the path and its description
+    (`train_settings`, `train_compile_error`).
 
-    With compile, the first step (which compiles) is one of the warmup steps and always
-    untimed; if it fails, the steps run uncompiled and `train_compile_error` says why.
+    With compile, the first step (which compiles) runs here, untimed; if it fails, the steps
+    run uncompiled and `train_compile_error` says why.
     """
     if settings is not None:
         cfg = configs.override(cfg, settings.train_overrides())
@@ -174,12 +240,13 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     forward = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    state = {"forward": forward}
 
     def step() -> None:
-        train_step(forward, (images, labels), optimizer, scaler, cfg)
+        train_step(state["forward"], (images, labels), optimizer, scaler, cfg)
 
-    meter.reset()
-    compile_error, first_s = None, 0.0
+    path = TimedPath(step, resident=lambda: resident_mb(model, optimizer))
+    compile_error = None
     if forward is not model:
         start = time.perf_counter()
         try:
@@ -188,20 +255,11 @@ def bench_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             raise
         except Exception as err:  # noqa: BLE001 - torch.compile unavailable: run uncompiled
             compile_error = error_summary(err)
-        if compile_error is not None:
-            forward = model
+            state["forward"] = model
         _sync(device)
-        first_s, warmup = time.perf_counter() - start, max(warmup - 1, 0)
-    t = time_calls(step, device, warmup, repeats)
-    batch = images.shape[0]
-    figures = {"train_step_ms": 1000 * t["median_s"], "train_step_min_ms": 1000 * t["min_s"],
-               "train_cpu_ms": 1000 * t["cpu_s"], "train_images_per_s": batch / t["median_s"],
-               "train_first_calls_s": first_s + t["warmup_s"],
-               "train_runs_ms": [1000 * r for r in t["runs_s"]],
-               "train_peak_memory_mb": meter.peak_mb(),
-               "train_settings": train_settings_text(cfg, compiled=forward is not model),
-               "train_compile_error": compile_error}
-    return figures
+        path.first_calls_s = time.perf_counter() - start
+    return path, {"train_settings": train_settings_text(cfg, compiled=state["forward"] is not model),
+                  "train_compile_error": compile_error}
 
 
 def train_settings_text(cfg: Config, compiled: bool) -> str:
@@ -251,34 +309,38 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _fast_settings(device: torch.device, dtype: str, compile: str) -> FastSettings:
+    """The device's fast-path choices, with `--dtype` / `--compile` when not "auto"."""
+    settings = default_fast_settings(device)
+    if dtype != "auto":
+        settings = dataclasses.replace(settings, dtype={"float32": None, "bfloat16": torch.bfloat16,
+                                                        "float16": torch.float16}[dtype])
+    if compile != "auto":
+        settings = dataclasses.replace(settings, compile=compile == "on")
+    return settings
+
+
 def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile, seed,
                peak_tflops, gmacs, train_gmacs) -> dict[str, typing.Any]:
-    baseline_kb = _rss_kb()
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
-    meter = MemoryMeter(device, baseline_kb if device.type == "cpu" else None)
+    meter = MemoryMeter(device)
     generator = torch.Generator().manual_seed(seed)
     peak = peak_tflops if peak_tflops is not None else device_peak_tflops(device)
     errors: dict[str, str] = {}
     result: dict[str, typing.Any] = {
         "config": cfg.name, "device": str(device), "size": list(size), "batch": batch,
-        "mode": mode, "warmup": warmup, "repeats": repeats, "gmacs": gmacs,
-        "train_gmacs": train_gmacs, "latency_ms": None, "images_per_s": None,
+        "mode": mode, "warmup": warmup, "repeats": repeats, "interleaved": fast,
+        "gmacs": gmacs, "train_gmacs": train_gmacs, "latency_ms": None, "images_per_s": None,
         "train_images_per_s": None, "peak_memory_mb": None, "mfu": None,
         "peak_tflops": peak, "machine": machine_info(device), "errors": errors,
     }
-    settings = default_fast_settings(device)
-    if dtype != "auto":
-        settings = FastSettings({"float32": None, "bfloat16": torch.bfloat16,
-                                 "float16": torch.float16}[dtype], settings.channels_last,
-                                settings.compile)
-    if compile != "auto":
-        settings = FastSettings(settings.dtype, settings.channels_last, compile == "on")
+    settings = _fast_settings(device, dtype, compile)
     # With torch.compile the first call compiles: never time it.
     fast_warmup = max(warmup, 1) if settings.compile else warmup
 
-    def attempt(phase: str, phase_batch: int, fn: typing.Callable[[], dict]) -> dict | None:
-        """fn()'s figures, or None when the phase does not fit in GPU memory (recorded)."""
+    def attempt(phase: str, phase_batch: int, fn: typing.Callable[[], typing.Any]) -> typing.Any:
+        """fn()'s value, or None when it does not fit in GPU memory (recorded in `errors`)."""
         try:
             return fn()
         except torch.cuda.OutOfMemoryError as err:
@@ -286,73 +348,85 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
         _free_memory(device)  # outside the except block: the failed phase's tensors are gone
         return None
 
-    train_batch = max(batch, 2)
     if mode in ("infer", "both"):
         images = torch.randn(batch, 3, *size, generator=generator).to(device)
         model.eval()
-        figures = attempt("infer", batch, lambda: bench_inference(
-            model, images, device, warmup, repeats, meter))
-        if figures is not None:
-            result.update(figures)
-            result["mfu"] = model_flops_utilization(gmacs, result["images_per_s"], peak)
-        result["memory_method"] = meter.method
-        if fast:
-            def fast_phase() -> dict:
-                fast_model = fast_inference_model(model, device, dtype=settings.dtype,
-                                                  channels_last=settings.channels_last,
-                                                  compile=settings.compile)
-                figures = bench_inference(fast_model, images, device, fast_warmup, repeats,
-                                          meter)
-                figures["settings"] = fast_model.settings.describe()
-                figures["compile_error"] = fast_model.compile_error
-                return figures
 
-            figures = attempt("fast_infer", batch, fast_phase)
-            fast_figures: dict[str, typing.Any] = {"settings": settings.describe()}
-            if figures is not None:
-                fast_figures.update(figures)
-                fast_figures["mfu"] = model_flops_utilization(gmacs, figures["images_per_s"], peak)
-                if result["images_per_s"]:
-                    fast_figures["speedup"] = figures["images_per_s"] / result["images_per_s"]
-            result["fast"] = fast_figures
-        del images
+        def forward(net: nn.Module) -> typing.Callable[[], typing.Any]:
+            def call() -> typing.Any:
+                with torch.no_grad():
+                    return net(images)
+            return call
+
+        paths = {"infer": TimedPath(forward(model), resident=lambda: resident_mb(model))}
+        fast_model = attempt("fast_infer", batch, lambda: fast_inference_model(
+            model, device, dtype=settings.dtype, channels_last=settings.channels_last,
+            compile=settings.compile)) if fast else None
+        if fast_model is not None:
+            paths["fast_infer"] = TimedPath(forward(fast_model),
+                                            resident=lambda: resident_mb(fast_model))
+        for name, path in paths.items():
+            attempt(name, batch, lambda: warm_up(path, device,
+                                                 fast_warmup if name == "fast_infer" else warmup))
+        measure_interleaved(paths, device, repeats, meter, errors, batch)
+        result.update(path_figures(paths["infer"], batch))
+        result["mfu"] = model_flops_utilization(gmacs, result["images_per_s"], peak)
+        if fast:
+            figures: dict[str, typing.Any] = {"settings": settings.describe()}
+            if fast_model is not None and "fast_infer" not in errors:
+                figures.update(path_figures(paths["fast_infer"], batch))
+                figures.update(settings=fast_model.settings.describe(),
+                               compile_error=fast_model.compile_error,
+                               mfu=model_flops_utilization(gmacs, figures["images_per_s"], peak))
+                if "infer" not in errors:
+                    figures.update(paired_speedup(paths["infer"], paths["fast_infer"]))
+            result["fast"] = figures
+        result["memory_method"] = meter.method
+        del images, fast_model, paths
         _free_memory(device)
     if mode in ("train", "both"):
+        train_batch = max(batch, 2)
         images = torch.randn(train_batch, 3, *size, generator=generator).to(device)
         labels = torch.randint(0, cfg.model.num_classes, (train_batch, *size),
                                generator=generator).to(device)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
         result["train_batch"] = train_batch
-        figures = attempt("train", train_batch, lambda: bench_training(
-            model, images, labels, device, warmup, repeats, meter, cfg))
-        if figures is not None:
-            result.update(figures)
-            result["train_mfu"] = model_flops_utilization(
-                train_gmacs, result["train_images_per_s"], peak, factor=3)
-        else:
-            result.update(train_step_ms=None, train_mfu=None, train_peak_memory_mb=None)
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # both start from it
+        paths, described = {}, {}
+        for name, settings_ in (("train", None), ("fast_train", settings)):
+            if name == "fast_train" and not fast:
+                continue
+            if name == "fast_train":
+                torch.manual_seed(seed)
+                model = build_model(cfg).to(device)
+                model.load_state_dict(state)
+            prepared = attempt(name, train_batch, lambda: prepare_training(
+                model, images, labels, device, cfg, settings=settings_))
+            if prepared is not None:
+                paths[name], described[name] = prepared
+                calls = fast_warmup if name == "fast_train" else warmup
+                if paths[name].first_calls_s:  # the compiling step was the first warm-up call
+                    calls = max(calls - 1, 0)
+                attempt(name, train_batch, lambda: warm_up(paths[name], device, calls))
+        measure_interleaved(paths, device, repeats, meter, errors, train_batch)
+        figures = path_figures(paths.get("train") if "train" not in errors else None,
+                               train_batch, "train_")
+        result.update(figures, **described.get("train", {}))
+        result["train_mfu"] = model_flops_utilization(
+            train_gmacs, result["train_images_per_s"], peak, factor=3)
         if result["peak_memory_mb"] is None:
             result["peak_memory_mb"] = result["train_peak_memory_mb"]
         result["memory_method"] = meter.method
         if fast:
-            del model  # the eager run's weights, gradients: the fast run starts from `state`
-            _free_memory(device)
-            torch.manual_seed(seed)
-            model = build_model(cfg).to(device)
-            model.load_state_dict(state)
             fast_cfg = configs.override(cfg, settings.train_overrides())
-            figures = attempt("fast_train", train_batch, lambda: bench_training(
-                model, images, labels, device, fast_warmup, repeats, meter, cfg,
-                settings=settings))
-            fast_figures = result.setdefault("fast", {})
-            fast_figures["train_settings"] = train_settings_text(fast_cfg, settings.compile)
-            if figures is not None:
-                fast_figures.update(figures)
-                fast_figures["train_mfu"] = model_flops_utilization(
+            figures = result.setdefault("fast", {})
+            figures["train_settings"] = train_settings_text(fast_cfg, settings.compile)
+            if "fast_train" in paths and "fast_train" not in errors:
+                figures.update(path_figures(paths["fast_train"], train_batch, "train_"),
+                               **described["fast_train"])
+                figures["train_mfu"] = model_flops_utilization(
                     train_gmacs, figures["train_images_per_s"], peak, factor=3)
-                if result["train_images_per_s"]:
-                    fast_figures["train_speedup"] = (figures["train_images_per_s"]
-                                                     / result["train_images_per_s"])
+                if "train" in paths and "train" not in errors:
+                    figures.update(paired_speedup(paths["train"], paths["fast_train"], "train_"))
     return result
 
 
@@ -384,19 +458,26 @@ def format_table(result: dict[str, typing.Any]) -> str:
         if fast:
             row("fast (--fast)", "infer", fast, "", errors.get("fast_infer"))
     if result["mode"] in ("train", "both"):
-        row(f"{eager} (batch {result['train_batch']})", "train", result, "train_",
+        amp = (result.get("train_settings") or "fp32").split(",")[0].replace(" autocast", "")
+        tf32 = " (TF32 convs)" if amp == "fp32" and m.get("tf32_convolutions") else ""
+        row(f"eager {amp}{tf32} (batch {result['train_batch']})", "train", result, "train_",
             errors.get("train"))
         if fast:
             row(f"fast (batch {result['train_batch']})", "train", fast, "train_",
                 errors.get("fast_train"))
     if fast.get("settings"):
         lines.append(f"fast inference: {fast['settings']}")
+    if result.get("train_settings"):
+        lines.append(f"training step: {result['train_settings']}")
     if fast.get("train_settings"):
         lines.append(f"fast training: {fast['train_settings']}")
-    if "speedup" in fast:
-        lines.append(f"fast inference speed-up: {fast['speedup']:.2f}x")
-    if "train_speedup" in fast:
-        lines.append(f"fast training speed-up: {fast['train_speedup']:.2f}x")
+    for phase, prefix in (("inference", ""), ("training", "train_")):
+        if f"{prefix}speedup" in fast:
+            cpu = fast.get(f"{prefix}cpu_speedup")
+            lines.append(f"fast {phase} speed-up: {fast[prefix + 'speedup']:.2f}x wall"
+                         + (f", {cpu:.2f}x CPU" if cpu is not None else "")
+                         + f" (median of {len(fast[prefix + 'speedup_runs'])} interleaved "
+                           f"eager/fast rounds)")
     for key in ("compile_error", "train_compile_error"):
         if fast.get(key):
             lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")

@@ -12,6 +12,7 @@ import torch
 
 from upernet_ref.configs import REPORTED_PARAMS, get_config, list_configs
 from upernet_ref.perf.flops import count_macs
+from upernet_ref.model.layers import resize
 from upernet_ref.model.upernet import build_model, count_parameters
 
 
@@ -81,7 +82,7 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
         image, _ = DemoScenes("val", num_samples=1, size=size or cfg.data.crop_size)[0]
     x, _ = test_transform(cfg.data)(image, torch.zeros(image.shape[-2:], dtype=torch.int64))
     if size is not None:
-        x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        x = resize(x[None], size)[0]
     torch.manual_seed(0)
     model = build_model(cfg).eval().to(device)
     batch = x[None].to(device)

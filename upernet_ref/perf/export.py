@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from upernet_ref.model.layers import resize
 from upernet_ref.model.ppm import PyramidPooling
 
 
@@ -72,8 +72,7 @@ class StaticPyramidPooling(nn.Module):
         for k, (scale, branch) in enumerate(zip(self.pool_scales, self.branches)):
             p = getattr(self, f"pool_matrix{k}")  # (s*s, h*w)
             pooled = torch.matmul(flat, p.t()).reshape(b, c, scale, scale)  # (B, C, s, s)
-            outs.append(F.interpolate(branch(pooled), size=(h, w), mode="bilinear",
-                                      align_corners=False))
+            outs.append(resize(branch(pooled), (h, w)))
         return self.bottleneck(torch.cat(outs, dim=1))
 
 

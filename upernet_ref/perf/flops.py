@@ -2,7 +2,8 @@
 
 `torch.utils.flop_counter.FlopCounterMode` counts the FLOPs of every convolution and matrix
 product a forward pass executes (2 FLOPs per multiply-accumulate); BatchNorm, ReLU, pooling and
-interpolation are not counted, as in the published GMAC figures (spec section 1). Running on the
+interpolation are not counted, as in the published GMAC figures (docs/SPEC.md,
+"The 12 published results"). Running on the
 `meta` device makes this free for the full-size models.
 """
 from __future__ import annotations

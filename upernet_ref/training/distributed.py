@@ -1,7 +1,7 @@
 """One process or many: torchrun's environment, the process group, and the data order.
 
 The published recipes train on 8 GPUs with SyncBN and a global batch of 16 (8 for
-Cityscapes); spec section 5 notes that users want the same recipe on 1-2 GPUs or a CPU. The
+Cityscapes; docs/SPEC.md, "Training recipe"); users want the same recipe on 1-2 GPUs or a CPU. The
 trainer therefore runs one code path everywhere:
 
 - `init_distributed()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Without them (or with

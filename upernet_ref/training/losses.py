@@ -71,7 +71,7 @@ def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7,
 def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor,
                       train_cfg: TrainConfig,
                       ignore_index: int = 255) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of spec section 3, and its parts for logging.
+    """The training loss of the recipe (docs/SPEC.md, "Training recipe"), and its parts for logging.
 
     Args:
         outputs: the model's {"out": (B, K, H, W), "aux": (B, K, H, W) (optional)}.

@@ -2,7 +2,7 @@
 the per-device batch that fits in memory, and stopping on a signal.
 
 These are the pieces of `train.py` that are not the loop itself. Each serves one promise of the
-trainer (spec section 5): runs are repeatable (`seed_everything`, `set_deterministic`), a resumed
+trainer: runs are repeatable (`seed_everything`, `set_deterministic`), a resumed
 run continues exactly where it stopped (`rng_state` / `set_rng_state`, saved for every process),
 the published global batch is kept on whatever memory there is (`choose_per_device_batch`), and
 no work is lost when a job is pre-empted (`StopFlag`).

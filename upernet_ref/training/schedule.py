@@ -1,4 +1,5 @@
-"""The optimiser and the poly learning-rate schedule of the published recipe (spec section 3).
+"""The optimiser and the poly learning-rate schedule of the published recipe
+(docs/SPEC.md, "Training recipe").
 
 SGD with lr 0.01, momentum 0.9, weight decay 5e-4 on *all* parameters (BatchNorm and biases
 included), one learning rate for all, no nesterov. The learning rate follows the "poly" policy
