@@ -148,6 +148,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_calls(fn: typing.Callable[[], typing.Any], device: torch.device, warmup: int,
+               repeats: int) -> dict[str, float]:
+    """Median wall and CPU seconds of `repeats` calls of `fn` after `warmup` untimed calls."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    warmup_s = time.perf_counter() - start
+    walls, cpus = [], []
+    for _ in range(repeats):
+        _sync(device)
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return {"median_s": statistics.median(walls), "min_s": min(walls),
+            "cpu_s": statistics.median(cpus), "warmup_s": warmup_s, "runs_s": walls}
+
+
 @dataclasses.dataclass
 class TimedPath:
     """One measured path of a phase: its call, and per timed call the wall seconds, the process
