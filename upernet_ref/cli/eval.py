@@ -1,4 +1,8 @@
-"""`upernet eval`: the command line of `upernet_ref.evaluation.evaluate`."""
+"""`upernet eval`: mIoU of a checkpoint on a split, with the published protocol
+(docs/SPEC.md, "Test protocol").
+
+The library side is `upernet_ref.evaluation.evaluate`.
+"""
 from __future__ import annotations
 import argparse
 import json
@@ -18,7 +22,6 @@ from upernet_ref.errors import UsageError, before_work
 from upernet_ref.files import write_text
 from upernet_ref.evaluation.metrics import format_table
 from upernet_ref.evaluation.evaluate import (_world, evaluate)
-from upernet_ref.evaluation.evaluate import __doc__ as _LIB_DOC
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _jsonable(x: typing.Any) -> typing.Any:
 
 @command("upernet eval")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet eval", description=_LIB_DOC.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="upernet eval", description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--data-root", help="dataset folder (not needed for the demo dataset)")

@@ -1,4 +1,7 @@
-"""`upernet predict`: the command line of `upernet_ref.evaluation.predict`."""
+"""`upernet predict`: segmentation maps for images, as index PNGs, colour PNGs and overlays.
+
+The library side is `upernet_ref.evaluation.predict`.
+"""
 from __future__ import annotations
 import argparse
 import sys
@@ -12,12 +15,11 @@ from upernet_ref.errors import DataError, UsageError, before_work
 from upernet_ref.evaluation.predict import (class_names_and_palette, describe_prediction,
                                             find_images, output_clashes, predict_image,
                                             save_prediction)
-from upernet_ref.evaluation.predict import __doc__ as _LIB_DOC
 
 
 @command("upernet predict")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet predict", description=_LIB_DOC.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="upernet predict", description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--out", default="predictions",

@@ -1,4 +1,4 @@
-"""`upernet eval`: mIoU of a checkpoint on a split, with the published protocol (spec section 4).
+"""`upernet eval`: mIoU of a checkpoint on a split, with the published protocol (docs/SPEC.md, "Test protocol").
 
     upernet eval --config upernet_r50_os8_ade20k --checkpoint ckpt.pth --data-root data/ade
     upernet eval --checkpoint runs/demo/last.pt            # config stored in the checkpoint
