@@ -31,6 +31,7 @@ from torch import nn
 from upernet_ref import build_model, configs
 from upernet_ref.perf.fast import fast_inference_model
 from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.data.transforms import test_transform
 
 SHARED = Path(os.environ.get("UPERNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 REALDATA = SHARED / "realdata"
@@ -170,6 +171,8 @@ def run_agreement(args: argparse.Namespace) -> dict:
     print(f"(b) upernet_small_demo trained {args.iters} iterations, demo val", flush=True)
     result["small_demo_trained_val"] = compare(net, val_images, VARIANTS)
     print("    mIoU (whole-image evaluation of demo val)", flush=True)
+    val = DemoScenes("val", num_samples=args.val_samples, size=tuple(cfg.data.base_scale[::-1]),
+                     seed=0, transform=test_transform(cfg.data))  # the form evaluate takes
     mious = {"eager fp32": evaluate(net, val, cfg, device="cpu", progress=False,
                                     num_workers=0)["miou"]}
     for name, kwargs in VARIANTS.items():
@@ -181,7 +184,7 @@ def run_agreement(args: argparse.Namespace) -> dict:
         print(f"  {name:80s} {100 * mious[name]:.3f} (eager {100 * mious['eager fp32']:.3f})",
               flush=True)
     result["small_demo_trained_miou"] = mious
-    print(f"(b') the same trained model on real images 192x256", flush=True)
+    print("(b') the same trained model on real images 192x256", flush=True)
     result["small_demo_trained_real"] = compare(net, small_images, VARIANTS)
 
     return run_r50(args, result)

@@ -125,7 +125,8 @@ plt.show()
 # ### Sliding windows by hand
 #
 # Run the network on every window, add its logits into a sum at the window's place, divide by the
-# count map, then softmax at the label size. It must equal `inference(..., mode="slide")`:
+# count map, then softmax at the label size. It must equal `inference` with the protocol
+# `test.mode=slide` (`upernet eval --test.mode=slide`), written here as an override of `cfg`:
 
 # %%
 def slide_by_hand(model, image, crop_size, stride):
@@ -141,9 +142,10 @@ def slide_by_hand(model, image, crop_size, stride):
 with torch.no_grad():
     ours = slide_by_hand(model, image.to(device), cfg.test.crop_size, cfg.test.stride)
     ours = resize(ours, tuple(mask.shape)).softmax(1) if ours.shape[-2:] != mask.shape else ours.softmax(1)
-theirs = inference.inference(model, image, cfg.test, tuple(mask.shape), mode="slide")
+slide = override(cfg, {"test.mode": "slide"}).test
+theirs = inference.inference(model, image, slide, tuple(mask.shape))
 torch.testing.assert_close(ours, theirs)
-print(f"{len(windows)} windows: by hand == inference(mode='slide')")
+print(f"{len(windows)} windows: by hand == inference with test.mode=slide")
 
 # %% [markdown]
 # ### Multi-scale + flip by hand
@@ -169,15 +171,17 @@ def multiscale_flip_by_hand(model, image, scales, out_size):
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 with torch.no_grad():
     ours = multiscale_flip_by_hand(model, image.to(device), TTA_SCALES, tuple(mask.shape))
-theirs = inference.inference(model, image, cfg.test, tuple(mask.shape), scales=TTA_SCALES, flip=True)
+tta = override(cfg, {"test.scales": TTA_SCALES, "test.flip": True}).test
+theirs = inference.inference(model, image, tta, tuple(mask.shape))
 torch.testing.assert_close(ours, theirs)
-print(f"{2 * len(TTA_SCALES)} views: by hand == inference(scales=..., flip=True)")
+print(f"{2 * len(TTA_SCALES)} views: by hand == inference with test.scales=... and test.flip=true")
 
 # %% [markdown]
 # ## 4. Four protocols on one image
 #
-# `inference.inference(model, image, test_cfg, out_size, mode=..., scales=..., flip=...)` returns
-# class probabilities at `out_size`. It runs the views one at a time and adds each view's softmax
+# `inference.inference(model, image, test, out_size)` returns class probabilities at `out_size`,
+# with every option from `test`, a `TestConfig` (`cfg.test`, or another protocol written as
+# overrides of it, as `upernet eval --test.mode=slide --test.flip=true` does). It runs the views one at a time and adds each view's softmax
 # into one accumulator at the output size, so twelve views need the memory of one forward at the
 # largest scale plus that accumulator. It averages **softmax probabilities, not logits**: logit
 # magnitudes differ between scales, and probabilities give each view one normalised vote (as
@@ -189,22 +193,23 @@ print(f"{2 * len(TTA_SCALES)} views: by hand == inference(scales=..., flip=True)
 # asynchronously).
 
 # %%
-protocols = {
-    "whole": dict(mode="whole"),
-    "slide": dict(mode="slide"),
-    "whole + ms + flip": dict(mode="whole", scales=TTA_SCALES, flip=True),
-    "slide + ms + flip": dict(mode="slide", scales=TTA_SCALES, flip=True),
+protocols = {  # as overrides of the configuration: the command line's --test.* options
+    "whole": {"test.mode": "whole"},
+    "slide": {"test.mode": "slide"},
+    "whole + ms + flip": {"test.mode": "whole", "test.scales": TTA_SCALES, "test.flip": True},
+    "slide + ms + flip": {"test.mode": "slide", "test.scales": TTA_SCALES, "test.flip": True},
 }
 calls = []
 hook = model.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape[-2:])))
 results = {}
-for name, options in protocols.items():
+for name, changes in protocols.items():
+    test = override(cfg, changes).test
     calls.clear()
     with FlopCounterMode(display=False) as flops:
-        probs = inference.inference(model, image.to(device), cfg.test, tuple(mask.shape), **options)
+        probs = inference.inference(model, image.to(device), test, tuple(mask.shape))
     forwards, sizes = len(calls), sorted(set(calls))
-    seconds = time_calls(lambda: inference.inference(model, image.to(device), cfg.test, tuple(mask.shape),
-                                                     **options), device, warmup=0, repeats=1)["median_s"]
+    seconds = time_calls(lambda: inference.inference(model, image.to(device), test, tuple(mask.shape)),
+                         device, warmup=0, repeats=1)["median_s"]
     pred = probs.argmax(1)[0].cpu()
     valid = mask != 255
     results[name] = dict(pred=pred, forwards=forwards, macs=flops.get_total_flops() // 2,
@@ -214,10 +219,8 @@ hook.remove()
 print(f"{'protocol':<20}{'forwards':>9}{'MMACs':>9}   input sizes")
 for name, r in results.items():
     print(f"{name:<20}{r['forwards']:>9}{r['macs'] / 1e6:>9.1f}   {r['sizes']}")
-for name, options in protocols.items():
-    expected = inference.num_forward_passes((h, w), override(cfg, {
-        "test.mode": options["mode"], "test.scales": options.get("scales", (1.0,)),
-        "test.flip": options.get("flip", False)}).test)
+for name, changes in protocols.items():
+    expected = inference.num_forward_passes((h, w), override(cfg, changes).test)
     assert results[name]["forwards"] == expected, name
 
 # %%
@@ -259,23 +262,27 @@ for name, r in results.items():
 # - The result is a probability distribution at the label's size, whatever the views.
 
 # %%
-one_window = inference.inference(model, image, cfg.test, mode="slide", crop_size=(h, w), stride=(h, w))
-torch.testing.assert_close(one_window, inference.inference(model, image, cfg.test, mode="whole"))
-probs = inference.inference(model, image, cfg.test, out_size=(150, 200), scales=(0.5, 1.5), flip=True)
+one_window = override(cfg, {"test.mode": "slide", "test.crop_size": (h, w), "test.stride": (h, w)}).test
+torch.testing.assert_close(inference.inference(model, image, one_window),
+                           inference.inference(model, image, override(cfg, {"test.mode": "whole"}).test))
+two_scales = override(cfg, {"test.scales": (0.5, 1.5), "test.flip": True}).test
+probs = inference.inference(model, image, two_scales, out_size=(150, 200))
 print(tuple(probs.shape))
 torch.testing.assert_close(probs.sum(1).cpu(), torch.ones(1, 150, 200))
 
 # %% [markdown]
 # ## 6. Over a validation set, and at the published size
 #
-# `evaluate.evaluate` runs `inference` on every image of a split and accumulates one confusion
-# matrix (notebook 07). On the first 20 validation scenes, with the trained model:
+# `evaluate.evaluate` runs `inference` with `cfg.test` on every image of a split and accumulates
+# one confusion matrix (notebook 07); its dataset gives the items as `test_transform(cfg.data)`
+# makes them, as `val` does. Another protocol is another configuration. On the first 20
+# validation scenes, with the trained model:
 
 # %%
 val_small = torch.utils.data.Subset(val, range(20))
 split_miou = {}
 for name in ("whole", "slide", "whole + ms + flip"):
-    r = evaluate(model, val_small, cfg, device, progress=False, num_workers=0, **protocols[name])
+    r = evaluate(model, val_small, override(cfg, protocols[name]), device, progress=False, num_workers=0)
     split_miou[name] = r["miou"]
     assert r["aacc"] > 0.8  # far better than always answering "sky" (0.39, notebook 07)
 print("protocol:", r["protocol"])
@@ -311,10 +318,8 @@ with torch.device("meta"):
     big = build_model(big_cfg).eval()
 size = (512, 683)
 gmacs = {}
-for name, options in protocols.items():
-    test = override(big_cfg, {"test.mode": options["mode"],
-                              "test.scales": options.get("scales", (1.0,)),
-                              "test.flip": options.get("flip", False)}).test
+for name, changes in protocols.items():
+    test = override(big_cfg, changes).test
     total = 0
     for s in test.scales:
         scaled = (int(size[0] * s + 0.5), int(size[1] * s + 0.5))
@@ -340,14 +345,15 @@ assert 16 < tta_cost < 19
 #   for UPerNet-50 (40.44 -> 41.55, docs/SPEC.md, "Paper vs published recipe"); on the demo
 #   scenes here, one to two points.
 # - `inference.inference` accumulates one view at a time at the output size, so TTA does not need
-#   more memory than its largest forward; `upernet eval --mode slide --scales ... --flip` and
-#   `upernet predict` expose the same options.
+#   more memory than its largest forward. Every option lives in one `TestConfig`:
+#   `upernet eval` and `upernet predict` take the same ones as `--test.mode=slide
+#   --test.scales=... --test.flip=true` (or the shorthands `--mode`, `--scales`, `--flip`).
 #
 # ## Exercise (checked)
 #
 # Write flip test-time augmentation at a single scale: the softmax of the image's logits and of
 # its mirror's logits (flipped back), averaged. The model returns `{"out": logits}`.
-# `check_flip_inference` compares it with `inference.inference(..., flip=True)`.
+# `check_flip_inference` compares it with `inference.inference` with `test.flip=true`.
 
 # %% tags=["raises-exception"]
 def flip_inference(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
@@ -372,5 +378,5 @@ course.check_flip_inference(flip_inference)
 #    compare the predictions with `inference.inference`: where do they differ?
 # 2. Halve the sliding stride: how many forwards, and does the pixel accuracy change?
 # 3. Find the smallest set of scales that gives the same prediction as the six on this image.
-# 4. Time `inference.inference` with `flip=True` on a GPU for a 512x2048 Cityscapes-sized input,
+# 4. Time `inference.inference` with `test.flip=true` on a GPU for a 512x2048 Cityscapes-sized input,
 #    whole vs sliding (crop 512x1024, stride 341x683).

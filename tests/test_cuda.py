@@ -27,7 +27,7 @@ from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.training.runtime import autocast, choose_per_device_batch
 from upernet_ref.data.synthetic import DemoScenes
 from upernet_ref.training.trainer import train
-from upernet_ref.data.transforms import train_transform
+from upernet_ref.data.transforms import test_transform, train_transform
 
 # The agreement measure, the demo images and the 300-iteration demo model of the CPU tests
 # (`trained` is a fixture: here it trains on the GPU, the trainer's default device).
@@ -111,6 +111,8 @@ def test_fast_path_agrees_with_float32_eager_on_cuda(trained, strict_fp32):
     assert result["all"] >= 0.998, result  # 99.95% on CPU for the same kind of model
 
     val = DemoScenes("val", num_samples=16, size=tuple(DEMO_CFG.data.base_scale[::-1]), seed=0)
+    val = DemoScenes("val", num_samples=16, size=tuple(DEMO_CFG.data.base_scale[::-1]), seed=0,
+                     transform=test_transform(DEMO_CFG.data))  # the form evaluate takes
     eager_miou = evaluate(model, val, DEMO_CFG, device=CUDA, progress=False, num_workers=0)["miou"]
     fast_miou = evaluate(fast, val, DEMO_CFG, device=CUDA, progress=False, num_workers=0)["miou"]
     assert eager_miou > 0.3
@@ -210,7 +212,8 @@ def test_choose_per_device_batch_backs_off_on_out_of_memory():
 
 
 def test_evaluate_on_cuda_equals_cpu(trained, strict_fp32):
-    val = DemoScenes("val", num_samples=8, size=tuple(DEMO_CFG.data.base_scale[::-1]), seed=0)
+    val = DemoScenes("val", num_samples=8, size=tuple(DEMO_CFG.data.base_scale[::-1]), seed=0,
+                     transform=test_transform(DEMO_CFG.data))
     cpu = evaluate(copy.deepcopy(trained), val, DEMO_CFG, device="cpu", progress=False,
                    num_workers=0)
     gpu = evaluate(copy.deepcopy(trained), val, DEMO_CFG, device=CUDA, progress=False,

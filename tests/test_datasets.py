@@ -108,7 +108,7 @@ def test_folder_dataset_and_build_dataset(tmp_path):
     cfg = override(get_config("upernet_small_test"), ["data.dataset=folder", "data.num_classes=3"])
     built = build_dataset(cfg, "val", root=folder)
     assert built.classes == ("bg", "cat", "dog") and len(built) == 3
-    voc = make_fake_voc(tmp_path, n=4)
+    make_fake_voc(tmp_path, n=4)
     cfg = override(get_config("upernet_small_test"), ["data.dataset=voc", "data.num_classes=21"])
     assert len(build_dataset(cfg, "train", root=tmp_path)) == 2  # parent of VOCdevkit works too
     with pytest.raises(ValueError, match="needs its folder: --data-root"):

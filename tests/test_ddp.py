@@ -104,6 +104,7 @@ def _skip_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import json
     from upernet_ref.data.datasets import open_dataset, skipped_samples
+    from upernet_ref.data.transforms import test_transform
     from upernet_ref.evaluation.evaluate import evaluate
     from upernet_ref.model import build_model
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -114,8 +115,8 @@ def _skip_worker(rank: int, world_size: int, port: int, root: str, out: str) -> 
         cfg = get_config("upernet_small_test", ["data.dataset=folder", "data.num_classes=3",
                                                 "data.on_bad=skip"])
         torch.manual_seed(0)
-        metrics = evaluate(build_model(cfg), open_dataset("folder", root, "train"), cfg,
-                           progress=False)  # each rank evaluates every other item
+        val = open_dataset("folder", root, "train", transform=test_transform(cfg.data))
+        metrics = evaluate(build_model(cfg), val, cfg, progress=False)  # each rank evaluates every other item
         with open(f"{out}/{rank}.json", "w") as f:
             json.dump({"train": counted, "eval": metrics["skipped_samples"],
                        "images": metrics["num_images"]}, f)

@@ -137,9 +137,41 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
                           "--crop", "32x32", "--stride", "24", "--scales", "0.75,1", "--flip"],
                          capsys)
     assert code == 0, out.err
-    saved = json.loads((path.parent / "small_eval_val_slide_s0.75-1_flip_limit1.json").read_text())
+    saved = json.loads((path.parent / "small_eval_val_slide_crop32x32_stride24x24_s0.75-1_flip"
+                        "_limit1.json").read_text())
     assert saved["mode"] == "slide" and saved["flip"] and saved["scales"] == [0.75, 1.0]
     assert saved["stride"] == [24, 24] and "sliding-window" in saved["protocol"]
+
+
+def test_eval_takes_test_overrides_and_the_shorthands_are_the_same_overrides(checkpoint, tmp_path,
+                                                                             capsys):
+    path, _ = checkpoint
+    ckpt = shutil.copy(path, tmp_path / "last.pt")
+    by_key = ["--test.mode=slide", "--test.crop_size=32x32", "--test.stride=256x256",
+              "--test.scales=0.75,1", "--test.flip=true"]
+    by_shorthand = ["--mode", "slide", "--crop", "32", "--stride", "256x256", "--scales", "0.75,1",
+                    "--flip"]
+    results = []
+    for i, protocol in enumerate((by_key, by_shorthand)):
+        json_path = tmp_path / f"{i}.json"
+        code, out = run_eval(["--checkpoint", str(ckpt), "--limit", "2", "--json", str(json_path)]
+                             + protocol, capsys)
+        assert code == 0, out.err
+        results.append(json.loads(json_path.read_text()))
+    for result in results:
+        assert (result["mode"], result["crop_size"], result["stride"], result["scales"],
+                result["flip"]) == ("slide", [32, 32], [256, 256], [0.75, 1.0], True)
+        assert "stride 256x256" in result["protocol"]
+    assert results[0]["miou"] == pytest.approx(results[1]["miou"], abs=1e-9)
+    # a bad value is refused before any work, in one line naming the key
+    code, out = run_eval(["--checkpoint", str(ckpt), "--test.stride=0x256"], capsys)
+    assert code == 2 and "test.stride" in out.err and "Traceback" not in out.err
+    code, out = run_eval(["--checkpoint", str(ckpt), "--test.mode=tiles"], capsys)
+    assert code == 2 and "test.mode must be 'whole' or 'slide'" in out.err
+    # a shorthand and its own key together are ambiguous
+    code, out = run_eval(["--checkpoint", str(ckpt), "--stride", "24", "--test.stride=32x32"], capsys)
+    assert code == 2 and "--stride and --test.stride both given" in out.err
+    assert not list(tmp_path.glob("last_eval_*.json"))  # nothing was computed for the refusals
 
 
 def _eval_cli_worker(rank, world, port, checkpoint_path, out_dir):
@@ -177,10 +209,13 @@ def test_eval_cli_under_torchrun_shards_the_split(checkpoint, tmp_path, capsys, 
 
 
 def test_protocol_tag_names_every_choice():
-    assert protocol_tag("whole", (1.0,), False) == "whole"
-    assert protocol_tag("slide", (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), True, fast=True, limit=100) \
-        == "slide_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100"
-    assert protocol_tag("whole", (0.75,), False) == "whole_s0.75"
+    test = configs.TestConfig
+    assert protocol_tag(test()) == "whole"
+    assert protocol_tag(test(mode="slide", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True),
+                        fast=True, limit=100) \
+        == "slide_crop512x512_stride341x341_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100"
+    assert protocol_tag(test(scales=(0.75,))) == "whole_s0.75"
+    assert protocol_tag(test(mode="slide", stride=(256, 256))) != protocol_tag(test(mode="slide"))
 
 
 def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, capsys):
@@ -190,22 +225,24 @@ def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, cap
         code, out = run_eval(["--checkpoint", str(ckpt), "--limit", "1"] + protocol, capsys)
         assert code == 0, out.err
     written = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert written == ["last_eval_val_slide_flip_limit1.json", "last_eval_val_whole_limit1.json"]
+    assert written == ["last_eval_val_slide_crop32x32_stride24x24_flip_limit1.json",
+                       "last_eval_val_whole_limit1.json"]
     whole, slide = (json.loads((tmp_path / name).read_text()) for name in reversed(written))
     assert whole["mode"] == "whole" and not whole["flip"]
     assert slide["mode"] == "slide" and slide["flip"]
 
 
-def test_evaluate_applies_the_test_pipeline_to_raw_items(checkpoint):
+def test_evaluate_takes_items_in_the_test_pipelines_form_and_refuses_raw_ones(checkpoint):
     from upernet_ref.data.synthetic import DemoScenes
     from upernet_ref.data.transforms import test_transform
     _, model = checkpoint
-    raw = evaluate(model, DemoScenes("val"), CFG, "cpu", progress=False, num_workers=0, limit=2)
+    was_training = model.training
     ready = evaluate(model, DemoScenes("val", transform=test_transform(CFG.data)), CFG, "cpu",
                      progress=False, num_workers=0, limit=2)
-    for key in ("gt_pixels", "pred_pixels"):  # ints: no NaN to trip the comparison
-        assert raw[key] == ready[key]
-    assert raw["pixels"] == ready["pixels"] > 0 and raw["miou"] == pytest.approx(ready["miou"])
+    assert ready["pixels"] > 0 and ready["num_images"] == 2
+    with pytest.raises(ValueError, match=r"transform=test_transform\(cfg.data\)"):
+        evaluate(model, DemoScenes("val"), CFG, "cpu", progress=False, num_workers=0, limit=2)
+    assert model.training == was_training  # restored after the refusal too
 
 
 def test_eval_loads_a_published_sssegmentation_file(checkpoint, tmp_path, capsys):

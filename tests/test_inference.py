@@ -1,6 +1,8 @@
 """inference: whole vs sliding window vs multi-scale + flip."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -63,8 +65,8 @@ def test_sliding_equals_whole_when_one_window_covers_the_image():
     model = build_model("upernet_small_test").eval()
     image = torch.randn(1, 3, 32, 32)
     cfg = configs.TestConfig(crop_size=(32, 32), stride=(21, 21))
-    whole = inference(model, image, cfg, mode="whole")
-    slide = inference(model, image, cfg, mode="slide")
+    whole = inference(model, image, cfg)
+    slide = inference(model, image, dataclasses.replace(cfg, mode="slide"))
     torch.testing.assert_close(slide, whole)
     assert tuple(whole.shape) == (1, 8, 32, 32)
     torch.testing.assert_close(whole.sum(1), torch.ones(1, 32, 32))  # probabilities
@@ -86,12 +88,12 @@ def test_flip_tta_of_a_mirror_equivariant_model_equals_plain_inference():
     x = image.flip(-1)
     torch.testing.assert_close(model(x), model(image).flip(-1))  # the premise
     plain = inference(model, image, configs.TestConfig())
-    flipped = inference(model, image, configs.TestConfig(), flip=True)
+    flipped = inference(model, image, configs.TestConfig(flip=True))
     torch.testing.assert_close(flipped, plain)
     # a model that is not mirror-symmetric does change with flip TTA (the test can fail)
     with torch.no_grad():
         model.convs[0].weight[..., 0] += 0.5
-    assert not torch.allclose(inference(model, image, configs.TestConfig(), flip=True),
+    assert not torch.allclose(inference(model, image, configs.TestConfig(flip=True)),
                               inference(model, image, configs.TestConfig()))
 
 
@@ -118,8 +120,20 @@ def test_number_of_forward_passes():
     inference(model, image, cfg)
     # 0.5: 25x35 -> 1 x 2 windows (padded to 32 high); 1.0: 50x70 -> 2 x 3 windows; x2 flip
     assert model.calls == num_forward_passes((50, 70), cfg) == (2 + 6) * 2
-    with pytest.raises(ValueError, match="mode"):
-        inference(model, image, cfg, mode="tiles")
+
+
+
+@pytest.mark.parametrize("bad, message", [(dict(mode="tiles"), "test.mode"),
+                                          (dict(scales=()), "test.scales"),
+                                          (dict(scales=(1.0, -0.5)), "test.scales"),
+                                          (dict(crop_size=(0, 512)), "test.crop_size"),
+                                          (dict(stride=(341,)), "test.stride")])
+def test_a_bad_test_protocol_is_refused_when_the_config_is_built(bad, message):
+    with pytest.raises(ValueError, match=message):
+        configs.TestConfig(**bad)
+    key, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=message):  # the same check on the command line's path
+        configs.override(configs.get_config("upernet_small_test"), {f"test.{key}": value})
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,18 +180,17 @@ def test_large_outputs_are_predicted_in_bounded_memory_with_the_same_labels(opti
     from upernet_ref.evaluation.inference import predict_labels
     model, image = ManyClasses().eval(), torch.randn(1, 3, 24, 32)
     out_size, budget = (96, 128), 2 ** 20   # 150 x 96 x 128 floats: 7.4 MB
-    probs = inference(model, image, TestConfig(), out_size=out_size, **options)
+    test = TestConfig(**options)
+    probs = inference(model, image, test, out_size=out_size)
     assert probs.shape == (1, 150, 96, 128)  # C x H x W: 14.4 GB for a 6000x4000 photo
     with LargestTensor() as bounded:
-        labels = predict_labels(model, image, TestConfig(), out_size=out_size, max_bytes=budget,
-                                **options)
+        labels = predict_labels(model, image, test, out_size=out_size, max_bytes=budget)
     assert bounded.largest <= budget and labels.shape == (1, 96, 128)
     agree_except_near_ties(labels, probs)
     # four times the output size: the same bound (the photo's size does not matter)
     with LargestTensor() as larger:
-        predict_labels(model, image, TestConfig(), out_size=(192, 256), max_bytes=budget, **options)
+        predict_labels(model, image, test, out_size=(192, 256), max_bytes=budget)
     assert larger.largest <= budget
     # an output that fits the budget takes the accumulator path: exactly inference's argmax
-    small = predict_labels(model, image, TestConfig(), out_size=(50, 70), **options)
-    assert torch.equal(small, inference(model, image, TestConfig(), out_size=(50, 70),
-                                        **options).argmax(1))
+    small = predict_labels(model, image, test, out_size=(50, 70))
+    assert torch.equal(small, inference(model, image, test, out_size=(50, 70)).argmax(1))

@@ -205,13 +205,27 @@ def test_the_final_checkpoint_is_written_before_the_final_validation(tmp_path):
     result = train(cfg, out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
                    log=lambda *_: None, train_dataset=TinyScenes(),
                    val_dataset=TinyScenes(n=2, on_get=at_validation))
-    assert seen == [None, 3]  # iteration 2: periodic, no checkpoint due; iteration 3: saved first
+    # set-up looks at item 0 once (a raw val set is refused before training); then iteration 2:
+    # periodic, no checkpoint due; iteration 3: saved first
+    assert seen == [None, None, 3]
     assert [r["iter"] for r in result.val] == [2, 3]
     ckpt = read_checkpoint_file(last)
     assert ckpt["iteration"] == 3
     best = max(result.val, key=lambda r: r["miou"])
     assert ckpt["best_miou"] == pytest.approx(best["miou"])  # re-saved after a final best
     assert read_checkpoint_file(tmp_path / "best.pt")["iteration"] == best["iter"]
+
+
+def test_a_raw_val_set_is_refused_before_training(tmp_path):
+    """evaluate takes val items in the test pipeline's form: a uint8 one is refused at set-up,
+    not after hours of training at the first validation."""
+    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.errors import found_before_work
+    with pytest.raises(ValueError, match=r"transform=test_transform\(cfg.data\)") as raised:
+        train(small_cfg(), out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
+              log=lambda *_: None, train_dataset=TinyScenes(), val_dataset=DemoScenes("val"))
+    assert found_before_work(raised.value)  # `upernet train` exits 2: the user's input
+    assert not (tmp_path / "last.pt").exists()
 
 
 def test_deterministic_mode_puts_every_global_flag_back():

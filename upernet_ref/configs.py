@@ -116,14 +116,32 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TestConfig:
-    """How a model is evaluated: whole-image at the base scale, or sliding window, +-TTA."""
+    """How a model is evaluated: whole-image at the base scale, or sliding window, +-TTA
+    (docs/SPEC.md, "Test protocol").
+
+    The one place the test-time options live: `upernet eval` / `predict` resolve their
+    `--test.*` overrides (and the `--mode`, `--scales`, `--flip`, `--crop`, `--stride`
+    shorthands) into it, and `evaluate` / `inference` / `predict_labels` read it. Checked when
+    built, so a bad value is refused before any work.
+    """
 
     mode: str = "whole"  # whole or slide
     scales: tuple[float, ...] = (1.0,)  # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = False
     crop_size: tuple[int, int] = (512, 512)  # sliding window (height, width)
     stride: tuple[int, int] = (341, 341)
-    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"test.mode must be 'whole' or 'slide', got {self.mode!r}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"test.scales must be positive factors (e.g. 0.5,1,1.5), "
+                             f"got {self.scales!r}")
+        for name in ("crop_size", "stride"):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) <= 0:
+                raise ValueError(f"test.{name} must be two positive sizes HxW (e.g. 512x512), "
+                                 f"got {value!r}")
 
 
 @dataclass(frozen=True)

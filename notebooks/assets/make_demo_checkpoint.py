@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from upernet_ref.cli.demo import DEMO_CONFIG, DEMO_ITERS
 from upernet_ref.configs import get_config
 from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.data.transforms import test_transform
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.upernet import build_model
 from upernet_ref.checkpoints import load_weights
@@ -40,7 +41,8 @@ def main() -> int:
         model = build_model(cfg)
         load_weights(model, result.last_checkpoint)
     model.eval()
-    metrics = evaluate(model, DemoScenes(cfg.data.val_split), cfg, "cpu", progress=False)
+    val = DemoScenes(cfg.data.val_split, transform=test_transform(cfg.data))
+    metrics = evaluate(model, val, cfg, "cpu", progress=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp_out = OUT.with_suffix(".tmp")
     save_file(state, str(tmp_out), metadata={"config": cfg.name, "iterations": str(DEMO_ITERS),

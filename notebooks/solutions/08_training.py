@@ -145,13 +145,15 @@ print(f"{steps} steps: the same losses, and all {len(package_model.state_dict())
 #
 # 40 iterations of the recipe (poly schedule over those 40), validating on 20 val scenes at the
 # end. Everything goes to `out_dir`: `last.pt` (and `best.pt`), `log.jsonl`, `curves.png`,
-# TensorBoard events in `tb/`, and `config.json`.
+# TensorBoard events in `tb/`, and `config.json`. The validation set gives its items in the test
+# pipeline's form, `test_transform(cfg.data)` (normalised, fitted to the base scale), the one
+# form `evaluate` takes; the pictures below show the raw scenes.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 # (speeds and times vary)
 out_dir = Path(tempfile.mkdtemp()) / "run"
-val_set = DemoScenes("val", num_samples=20)
+val_set = DemoScenes("val", num_samples=20, transform=test_transform(cfg.data))
 result = train(cfg, out_dir=out_dir, device=device, max_iters=40, progress=False,
                val_dataset=val_set, tensorboard=False)
 
@@ -191,7 +193,7 @@ print("iteration", ckpt["iteration"], "| epoch", ckpt["epoch"], "| position in t
 model = build_model(configs.from_dict(ckpt["config"]))
 _ = model.load_state_dict(ckpt["model"])
 model.to(device)
-fig = prediction_figure(model, val_set, cfg, count=3, device=device)
+fig = prediction_figure(model, DemoScenes("val", num_samples=3), cfg, count=3, device=device)
 plt.show()
 
 # %% [markdown]
@@ -229,8 +231,9 @@ print("losses after the resume match the uninterrupted run")
 
 # %%
 trained = course.load_demo_checkpoint(build_model(cfg)).to(device).eval()
-full_val = DemoScenes("val")
-metrics = evaluate(trained, full_val, cfg, device, progress=False, num_workers=0)
+full_val = DemoScenes("val")  # raw scenes, for the pictures
+metrics = evaluate(trained, DemoScenes("val", transform=test_transform(cfg.data)), cfg, device,
+                   progress=False, num_workers=0)
 chance_all = chance_miou(full_val, cfg.data.num_classes)
 assert metrics["miou"] >= 0.75, metrics["miou"]
 print(f"{metrics['num_images']} val images: mIoU >= 75% (chance: {100 * chance_all:.1f}%)")

@@ -160,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     from upernet_ref.checkpoints import load_weights
     from upernet_ref.training.distributed import resolve_device
     from upernet_ref.model.upernet import build_model
+    from upernet_ref.data.transforms import test_transform
 
     model = build_model(cfg)
     load_weights(model, result.last_checkpoint)
     device = resolve_device(args.device)
     model.to(device)
-    val = DemoScenes(cfg.data.val_split)
-    metrics = evaluate(model, val, cfg, device, progress=False)
+    val = DemoScenes(cfg.data.val_split)  # raw, for the pictures and the chance level
+    metrics = evaluate(model, DemoScenes(cfg.data.val_split, transform=test_transform(cfg.data)),
+                       cfg, device, progress=False)
     chance = chance_miou(val, cfg.data.num_classes)
     print(f"\nDemo val split ({metrics['num_images']} images): {metrics['protocol']}\n")
     print(format_table(metrics, val.classes))

@@ -35,15 +35,48 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         "published sssegmentation / mmsegmentation file (then --config is needed)")
     add_trust_checkpoint(parser)
     parser.add_argument("--config", help="configuration name (default: the one in the checkpoint)")
-    parser.add_argument("--mode", choices=("whole", "slide"), help="default: the config's")
-    parser.add_argument("--crop", type=parse_pair, help="sliding window HxW")
-    parser.add_argument("--stride", type=parse_pair, help="sliding stride HxW")
-    parser.add_argument("--scales", type=parse_scales, help="e.g. 0.5,0.75,1,1.25,1.5,1.75")
-    parser.add_argument("--flip", action="store_true", default=None, help="add mirrored views")
+    shorthand = "shorthand for --test.{}=... (default: the config's)"
+    parser.add_argument("--mode", choices=("whole", "slide"), help=shorthand.format("mode"))
+    parser.add_argument("--crop", type=parse_pair,
+                        help="sliding window HxW; " + shorthand.format("crop_size"))
+    parser.add_argument("--stride", type=parse_pair,
+                        help="sliding stride HxW; " + shorthand.format("stride"))
+    parser.add_argument("--scales", type=parse_scales,
+                        help="e.g. 0.5,0.75,1,1.25,1.5,1.75; " + shorthand.format("scales"))
+    parser.add_argument("--flip", action="store_true", default=None,
+                        help="add mirrored views; shorthand for --test.flip=true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--fast", action="store_true", help="the fast inference path: BatchNorm "
                         "folded, channels_last, bf16/fp16 where the device is fast at it "
                         "(fuse.fast_inference_model)")
+
+
+# the shorthands of `add_inference_arguments` and the `test.*` field each one sets
+_SHORTHANDS = {"mode": "mode", "crop": "crop_size", "stride": "stride", "scales": "scales",
+               "flip": "flip"}
+
+
+def test_overrides(args: argparse.Namespace) -> list[str]:
+    """`args.overrides` with the shorthands written out as the `test.*` overrides they are
+    (`--stride 256x256` -> `test.stride=256x256`), so the test protocol is resolved once, by
+    `configs.override`, into `cfg.test`. A shorthand and its own `--test.*` are refused
+    together."""
+    given = {item.split("=", 1)[0] for item in args.overrides}
+    written = []
+    for option, field in _SHORTHANDS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if f"test.{field}" in given:
+            raise UsageError(f"--{option} and --test.{field} both given: use one")
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, tuple):
+            text = ("x" if option in ("crop", "stride") else ",").join(f"{v:g}" for v in value)
+        else:
+            text = str(value)
+        written.append(f"test.{field}={text}")
+    return written + list(args.overrides)
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Config]:
@@ -61,7 +94,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     else:
         raise ValueError(f"checkpoint {path} stores no configuration: pass --config NAME "
                          f"(one of {', '.join(configs.list_configs())})")
-    cfg = configs.override(cfg, args.overrides)
+    cfg = configs.override(cfg, test_overrides(args))
     model = build_model(cfg)
     load_weights(model, state, where=str(path))
     if getattr(args, "fast", False):
@@ -70,17 +103,21 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     return model, cfg
 
 
-def protocol_tag(mode: str, scales: typing.Sequence[float], flip: bool, fast: bool = False,
-                 limit: int | None = None) -> str:
+def protocol_tag(test: configs.TestConfig, fast: bool = False, limit: int | None = None) -> str:
     """A short name for an evaluation protocol, used in the default results file name.
 
-    The mode, then the scales unless single-scale 1 (`s0.75-1`), `flip`, `fast` and
-    `limit<N>` when used: `whole`, `slide_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100`.
+    The mode (with its window when sliding: `slide_crop512x512_stride341x341`), the scales
+    unless single-scale 1 (`s0.75-1`), `flip`, `fast` and `limit<N>` when used: `whole`,
+    `slide_crop512x512_stride341x341_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100`; two
+    protocols never share a name, so one results file never overwrites another's.
     """
-    parts = [mode]
-    if tuple(float(s) for s in scales) != (1.0,):
-        parts.append("s" + "-".join(f"{s:g}" for s in scales))
-    parts += ["flip"] * bool(flip) + ["fast"] * bool(fast)
+    parts = [test.mode]
+    if test.mode == "slide":
+        parts += [f"crop{test.crop_size[0]}x{test.crop_size[1]}",
+                  f"stride{test.stride[0]}x{test.stride[1]}"]
+    if tuple(float(s) for s in test.scales) != (1.0,):
+        parts.append("s" + "-".join(f"{s:g}" for s in test.scales))
+    parts += ["flip"] * bool(test.flip) + ["fast"] * bool(fast)
     if limit is not None:
         parts.append(f"limit{limit}")
     return "_".join(parts)
@@ -105,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", help="default: the config's validation split")
     parser.add_argument("--json", help="results file (default: next to the checkpoint, "
                         "<checkpoint stem>_eval_<split>_<protocol>.json, e.g. "
-                        "last_eval_val_whole.json or last_eval_val_slide_s0.75-1-1.25_flip_fast"
-                        "_limit50.json)")
+                        "last_eval_val_whole.json or last_eval_val_slide_crop512x512_stride341x341"
+                        "_s0.75-1-1.25_flip_fast_limit50.json)")
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--num-workers", type=int, help="data loader workers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -129,9 +166,7 @@ def results_path(args: argparse.Namespace, cfg: Config, split: str) -> Path:
         check_writable_folder(path.parent, "--json")
         return path
     ckpt = Path(args.checkpoint)
-    scales = args.scales or cfg.test.scales
-    flip = cfg.test.flip if args.flip is None else args.flip
-    tag = protocol_tag(args.mode or cfg.test.mode, scales, flip, args.fast, args.limit)
+    tag = protocol_tag(cfg.test, args.fast, args.limit)
     name = f"{ckpt.stem}_eval_{split}_{tag}.json"
     try:
         return check_writable_folder(ckpt.parent, "checkpoint folder") / name
@@ -155,10 +190,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
               f"({count}) on {device}" + (" (fast path)" if args.fast else "")
               + (f" and {world - 1} more process(es)" if world > 1 else ""))
-    result = evaluate(model, dataset, cfg, device, mode=args.mode, scales=args.scales,
-                      flip=args.flip, crop_size=args.crop, stride=args.stride,
-                      progress=not args.no_progress, num_workers=args.num_workers,
-                      limit=args.limit)
+    result = evaluate(model, dataset, cfg, device, progress=not args.no_progress,
+                      num_workers=args.num_workers, limit=args.limit)
     if rank != 0:
         return 0
     classes = result.get("classes") or [str(i) for i in range(cfg.data.num_classes)]

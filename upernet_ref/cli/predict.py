@@ -53,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         model, cfg = load_model(args, device)
         classes, palette = class_names_and_palette(cfg)
     model.to(device).eval()
-    options = dict(mode=args.mode, scales=args.scales, flip=args.flip, crop_size=args.crop,
-                   stride=args.stride)
     failed = []
     for path, name in images:
         try:
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"upernet predict: error: {error}", file=sys.stderr)
             failed.append(path)
             continue
-        labels = predict_image(model, image, cfg, device, **options)
+        labels = predict_image(model, image, cfg, device)
         written = save_prediction(labels, image, palette, out_dir, name, args.alpha)
         print(f"{path} -> {written[0]}  {describe_prediction(labels, classes)}")
     done = len(images) - len(failed)

@@ -2,13 +2,18 @@
 
     upernet eval --config upernet_r50_os8_ade20k --checkpoint ckpt.pth --data-root data/ade
     upernet eval --checkpoint runs/demo/last.pt            # config stored in the checkpoint
-    upernet eval ... --mode slide --scales 0.5,0.75,1,1.25,1.5,1.75 --flip
+    upernet eval ... --test.mode=slide --test.scales=0.5,0.75,1,1.25,1.5,1.75 --test.flip=true
 
 `evaluate(model, dataset, cfg, ...)` is the programmatic API (the trainer calls it for periodic
-validation): every image is run through `inference.inference` at the test scale, its prediction
-compared with the label at the original size, and one confusion matrix is accumulated on the
-device over the whole split. With several processes (torchrun) each rank evaluates every
-`world_size`-th image and the matrices are summed before the metrics are computed.
+validation). Its dataset is in one form, the test pipeline's: items `(image, mask)` with the
+image as `test_transform(cfg.data)` gives it (float32, normalised, fitted to the base scale)
+and the mask at the image's original size, which is what `build_dataset(cfg, split, root,
+test_transform(cfg.data))` makes (the transform then runs in the DataLoader workers). Every
+image goes through `inference.predict_labels` with `cfg.test`, the one resolved test protocol,
+its prediction is compared with the label at the original size, and one confusion matrix is
+accumulated on the device over the whole split. With several processes (torchrun) each rank
+evaluates every `world_size`-th image and the matrices are summed before the metrics are
+computed.
 """
 from __future__ import annotations
 
@@ -65,20 +70,29 @@ class EvalItems(torch.utils.data.Dataset):
             return SkippedItem(describe(i) if describe else f"item {i}", str(e))
 
 
-def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: bool,
-                      crop_size: tuple[int, int], stride: tuple[int, int],
-                      subset: tuple[int, int] | None = None) -> str:
-    """One sentence saying how the numbers were obtained (printed and stored with them).
+def check_test_form(image: torch.Tensor) -> None:
+    """Refuse an image that did not go through the test pipeline (a raw uint8 one)."""
+    if not image.is_floating_point():
+        raise ValueError(f"evaluation takes items as test_transform(cfg.data) gives them (a "
+                         f"float image, normalised and fitted to the base scale), got a "
+                         f"{image.dtype} image: build the dataset with "
+                         f"transform=test_transform(cfg.data)")
+
+
+def describe_protocol(cfg: Config, subset: tuple[int, int] | None = None) -> str:
+    """One sentence saying how the numbers were obtained with `cfg.test` (printed and stored
+    with them).
 
     `subset`: (images evaluated, images in the split) when only the first ones were.
     """
+    test = cfg.test
     long_side, short_side = cfg.data.base_scale
-    how = ("whole-image inference" if mode == "whole"
-           else f"sliding-window inference (crop {crop_size[0]}x{crop_size[1]}, "
-                f"stride {stride[0]}x{stride[1]})")
-    tta = ("single scale, no flip" if scales == (1.0,) and not flip
-           else f"scales {', '.join(f'{s:g}' for s in scales)}{' + flip' if flip else ''}, "
-                f"softmax averaged")
+    how = ("whole-image inference" if test.mode == "whole"
+           else f"sliding-window inference (crop {test.crop_size[0]}x{test.crop_size[1]}, "
+                f"stride {test.stride[0]}x{test.stride[1]})")
+    tta = ("single scale, no flip" if tuple(test.scales) == (1.0,) and not test.flip
+           else f"scales {', '.join(f'{s:g}' for s in test.scales)}"
+                f"{' + flip' if test.flip else ''}, softmax averaged")
     return (f"{how} on the image fitted to {long_side}x{short_side} (aspect kept), {tta}; "
             f"logits resized to the label size, argmax; one confusion matrix over "
             f"{'the split' if subset is None else f'the first {subset[0]} of {subset[1]} images'}, "
@@ -87,32 +101,27 @@ def describe_protocol(cfg: Config, mode: str, scales: tuple[float, ...], flip: b
 
 
 def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
-             device: str | torch.device | None = None, mode: str | None = None,
-             scales: typing.Sequence[float] | None = None, flip: bool | None = None,
-             crop_size: tuple[int, int] | None = None, stride: tuple[int, int] | None = None,
-             progress: bool = True, num_workers: int | None = None,
-             limit: int | None = None) -> dict[str, typing.Any]:
+             device: str | torch.device | None = None, *, progress: bool = True,
+             num_workers: int | None = None, limit: int | None = None) -> dict[str, typing.Any]:
     """mIoU / mAcc / aAcc (fractions) and per-class IoU / Acc of `model` over `dataset`.
 
     Args:
-        dataset: items `(image, mask)`; `image` either normalised by `test_transform` or raw
-            uint8 (then `test_transform(cfg.data)` is applied here); `mask` at the original size.
-        cfg: the configuration (`cfg.test` gives the defaults of mode / scales / flip / crop /
-            stride, `cfg.data` the ignore index and number of classes).
+        dataset: items `(image, mask)` in the test pipeline's form: `image` as
+            `test_transform(cfg.data)` gives it (float, normalised, fitted to the base scale),
+            `mask` at the original size. A raw uint8 image is refused with a message saying so.
+        cfg: the configuration: `cfg.test` is the protocol (mode, scales, flip, crop, stride;
+            another one is another configuration, e.g. `configs.override(cfg, {"test.flip":
+            True})`), `cfg.data` gives the ignore index, the number of classes and `on_bad`.
         device: where to run (default: the model's device).
         limit: evaluate only the first `limit` images (quick checks).
 
     Returns the `metrics.summarize` dict plus `protocol` (a sentence), `mode`, `scales`, `flip`,
-    `num_images` (evaluated), `seconds`, `classes` (when the dataset has them), and with
-    `cfg.data.on_bad="skip"` the bad items left out: `skipped` (how many, over every worker
-    and rank) and `skipped_samples` ({item's files: problem}). The model's train/eval mode and
-    device are restored afterwards.
+    `crop_size`, `stride`, `num_images` (evaluated), `seconds`, `classes` (when the dataset has
+    them), and with `cfg.data.on_bad="skip"` the bad items left out: `skipped` (how many, over
+    every worker and rank) and `skipped_samples` ({item's files: problem}). The model's
+    train/eval mode and device are restored afterwards.
     """
-    mode = mode or cfg.test.mode
-    scales = tuple(float(s) for s in (scales or cfg.test.scales))
-    flip = cfg.test.flip if flip is None else flip
-    crop_size = tuple(crop_size or cfg.test.crop_size)
-    stride = tuple(stride or cfg.test.stride)
+    test = cfg.test
     param = next(model.parameters(), None)
     model_device = param.device if param is not None else torch.device("cpu")
     device = model_device if device is None else torch.device(device)
@@ -129,7 +138,6 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     workers = cfg.data.num_workers if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers,
                                          collate_fn=_first)
-    transform = None
     num_classes = cfg.data.num_classes
     cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device=device)
     start = time.perf_counter()
@@ -137,21 +145,15 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     items = loader
     if progress and rank == 0:
         from tqdm import tqdm
-        items = tqdm(loader, total=len(shard), desc=f"eval ({mode})", unit="img", leave=False)
+        items = tqdm(loader, total=len(shard), desc=f"eval ({test.mode})", unit="img", leave=False)
     try:
         for item in items:
             if isinstance(item, SkippedItem):
                 skipped[item.where] = item.problem
                 continue
             image, mask = item
-            if image.dtype == torch.uint8:  # a raw dataset: apply the published test pipeline
-                if transform is None:
-                    from upernet_ref.data.transforms import test_transform
-                    transform = test_transform(cfg.data)
-                image, mask = transform(image, mask)
-            labels = predict_labels(model, image.to(device), cfg.test,
-                                    out_size=tuple(mask.shape[-2:]), mode=mode, scales=scales,
-                                    flip=flip, crop_size=crop_size, stride=stride)
+            check_test_form(image)
+            labels = predict_labels(model, image.to(device), test, out_size=tuple(mask.shape[-2:]))
             cm.update(labels[0], mask.to(device))
     finally:
         model.train(model_was_training).to(model_device)  # the caller's model as it was
@@ -162,10 +164,9 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     from upernet_ref.training.distributed import all_gather_object
     skipped = {k: v for part in all_gather_object(skipped) for k, v in part.items()}
     result.update(
-        protocol=describe_protocol(cfg, mode, scales, flip, crop_size, stride,
-                                   None if total == len(dataset) else (total, len(dataset))),
-        mode=mode, scales=list(scales), flip=bool(flip), crop_size=list(crop_size),
-        stride=list(stride), num_images=total - len(skipped), seconds=time.perf_counter() - start,
+        protocol=describe_protocol(cfg, None if total == len(dataset) else (total, len(dataset))),
+        mode=test.mode, scales=list(test.scales), flip=bool(test.flip),
+        crop_size=list(test.crop_size), stride=list(test.stride), num_images=total - len(skipped), seconds=time.perf_counter() - start,
         skipped=len(skipped), skipped_samples=skipped,
     )
     classes = getattr(dataset, "classes", None)

@@ -1,4 +1,4 @@
-"""Test-time inference: whole image, sliding window, multi-scale + flip (spec section 3, "Test").
+"""Test-time inference: whole image, sliding window, multi-scale + flip (docs/SPEC.md, "Test protocol").
 
 The published protocol (the table's numbers) resizes the image to fit the base scale (aspect
 kept; `transforms.test_transform`), runs the network once on the whole image, resizes the logits
@@ -25,6 +25,10 @@ size: 14.4 GB for a 6000x4000 photo and 150 classes. `predict_labels` (what `upe
 and `upernet predict` use) builds the labels of such an output in bands of rows from the
 views' logits at the network's own size (bounded by the base scale the image is fitted to),
 never holding C x H x W.
+
+Every option comes from one resolved `configs.TestConfig` (`cfg.test`): to try another
+protocol, change the configuration, e.g. `dataclasses.replace(cfg.test, mode="slide")` or
+`configs.override(cfg, {"test.mode": "slide"}).test`, as `upernet eval --test.mode=slide` does.
 """
 from __future__ import annotations
 
@@ -91,16 +95,6 @@ def whole_inference(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return _logits(model, image)
 
 
-def _options(test_cfg: TestConfig | None, mode, scales, flip, crop_size, stride) -> tuple:
-    """(mode, scales, flip, crop_size, stride): the keyword arguments, else `test_cfg`'s."""
-    cfg = test_cfg or TestConfig()
-    mode = mode or cfg.mode
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
-    return (mode, tuple(scales) if scales else tuple(cfg.scales), cfg.flip if flip is None else flip,
-            tuple(crop_size or cfg.crop_size), tuple(stride or cfg.stride))
-
-
 def _on_model(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int] | None
               ) -> tuple[torch.Tensor, tuple[int, int]]:
     """(image as (B, 3, h, w) on the model's device, the output size: `out_size` or (h, w))."""
@@ -112,43 +106,41 @@ def _on_model(model: nn.Module, image: torch.Tensor, out_size: tuple[int, int] |
     return image, tuple(out_size) if out_size is not None else tuple(image.shape[-2:])
 
 
-def inference(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None = None,
-              out_size: tuple[int, int] | None = None, *, mode: str | None = None,
-              scales: typing.Sequence[float] | None = None, flip: bool | None = None,
-              crop_size: tuple[int, int] | None = None,
-              stride: tuple[int, int] | None = None) -> torch.Tensor:
+def inference(model: nn.Module, image: torch.Tensor, test: TestConfig,
+              out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Class probabilities (B, C, H_out, W_out): softmax averaged over every scale and flip.
 
     Args:
         model: the network in eval mode; returns logits or {"out": logits} at its input size.
         image: (B, 3, h, w) or (3, h, w) normalised image from `test_transform` (already fitted
             to the base scale); moved to the model's device.
-        test_cfg: mode / scales / flip / crop_size / stride; keyword arguments override it.
+        test: the test protocol (`cfg.test`): mode, scales, flip, crop_size, stride.
         out_size: (H, W) of the result, normally the original label size; default (h, w).
 
     The prediction is `inference(...).argmax(1)`; `predict_labels` gives it in bounded memory
     for outputs of any size.
     """
-    mode, scales, flip, crop_size, stride = _options(test_cfg, mode, scales, flip, crop_size, stride)
     image, out_size = _on_model(model, image, out_size)
-    views = _views(model, image, scales, flip, mode, crop_size, stride)
     with torch.no_grad():
-        probs = _accumulate(views, out_size)
-    return probs / (len(scales) * (2 if flip else 1))
+        probs = _accumulate(_views(model, image, test), out_size)
+    return probs / num_views(test)
 
 
-def _views(model: nn.Module, image: torch.Tensor, scales: tuple[float, ...], flip: bool,
-           mode: str, crop_size: tuple[int, int], stride: tuple[int, int]
-           ) -> typing.Iterator[torch.Tensor]:
+def num_views(test: TestConfig) -> int:
+    """How many views `inference` averages: one per scale, twice with flip."""
+    return len(test.scales) * (2 if test.flip else 1)
+
+
+def _views(model: nn.Module, image: torch.Tensor, test: TestConfig) -> typing.Iterator[torch.Tensor]:
     """Each view's logits (B, C, h*s, w*s), at its own scale, mirrored back; one at a time."""
     h, w = image.shape[-2:]
-    for scale in scales:
+    for scale in test.scales:
         size = (int(h * scale + 0.5), int(w * scale + 0.5))  # mmseg's rounding
         scaled = image if size == (h, w) else resize(image, size)
-        for mirrored in ((False, True) if flip else (False,)):
+        for mirrored in ((False, True) if test.flip else (False,)):
             x = scaled.flip(-1) if mirrored else scaled
-            logits = (slide_inference(model, x, crop_size, stride) if mode == "slide"
-                      else whole_inference(model, x))
+            logits = (slide_inference(model, x, test.crop_size, test.stride)
+                      if test.mode == "slide" else whole_inference(model, x))
             yield logits.flip(-1) if mirrored else logits
 
 
@@ -186,11 +178,9 @@ def resize_rows(x: torch.Tensor, out_size: tuple[int, int], r0: int, r1: int) ->
     return torch.lerp(rows.index_select(2, i0 - lo), rows.index_select(2, i1 - lo), w1)
 
 
-def predict_labels(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig | None = None,
-                   out_size: tuple[int, int] | None = None, *, max_bytes: int = 2 ** 30,
-                   mode: str | None = None, scales: typing.Sequence[float] | None = None,
-                   flip: bool | None = None, crop_size: tuple[int, int] | None = None,
-                   stride: tuple[int, int] | None = None) -> torch.Tensor:
+def predict_labels(model: nn.Module, image: torch.Tensor, test: TestConfig,
+                   out_size: tuple[int, int] | None = None, *,
+                   max_bytes: int = 2 ** 30) -> torch.Tensor:
     """The prediction (B, H_out, W_out) int64: `inference(...).argmax(1)` in bounded memory.
 
     When the probabilities at the output size (B x C x H_out x W_out floats) fit in
@@ -202,16 +192,15 @@ def predict_labels(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig |
     tensor is ever held. The two agree except at exact near-ties (float rounding of the
     resize, ~1e-6).
     """
-    mode, scales, flip, crop_size, stride = _options(test_cfg, mode, scales, flip, crop_size, stride)
     image, out_size = _on_model(model, image, out_size)
     with torch.no_grad():
-        views = _views(model, image, scales, flip, mode, crop_size, stride)
+        views = _views(model, image, test)
         first = next(views)
         b, c = first.shape[:2]
         height, width = out_size
         if b * c * height * width * 4 <= max_bytes:  # the accumulator fits: as `inference`
             probs = _accumulate(itertools.chain([first], views), out_size)
-            return (probs / (len(scales) * (2 if flip else 1))).argmax(1)
+            return (probs / num_views(test)).argmax(1)
         kept = [first] + list(views)  # (B, C, h*s, w*s) each
         labels = torch.empty(b, height, width, dtype=torch.long, device=first.device)
         # a band's resize holds about four band-sized tensors (two source rows each, their
@@ -226,11 +215,12 @@ def predict_labels(model: nn.Module, image: torch.Tensor, test_cfg: TestConfig |
             del scores
     return labels
 
-def num_forward_passes(size: tuple[int, int], test_cfg: TestConfig) -> int:
+
+def num_forward_passes(size: tuple[int, int], test: TestConfig) -> int:
     """How many network forwards `inference` makes for an image of `size` (h, w)."""
     total = 0
-    for scale in test_cfg.scales:
+    for scale in test.scales:
         s = (int(size[0] * scale + 0.5), int(size[1] * scale + 0.5))
-        views = len(window_grid(s, test_cfg.crop_size, test_cfg.stride)) if test_cfg.mode == "slide" else 1
-        total += views * (2 if test_cfg.flip else 1)
+        views = len(window_grid(s, test.crop_size, test.stride)) if test.mode == "slide" else 1
+        total += views * (2 if test.flip else 1)
     return total

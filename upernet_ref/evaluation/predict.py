@@ -2,7 +2,7 @@
 
     upernet predict --checkpoint runs/demo/last.pt --out preds photo.jpg folder/
     upernet predict --checkpoint upernet_r50_ade20k.pth --config upernet_r50_os8_ade20k \
-        --scales 0.5,0.75,1,1.25,1.5,1.75 --flip images/
+        --test.scales=0.5,0.75,1,1.25,1.5,1.75 --test.flip=true images/
 
 For every image `NAME.ext` it writes into `--out`:
 - `NAME.png`: the class index of every pixel (uint8, 8-bit grayscale), at the image's size;
@@ -15,8 +15,9 @@ of `--out`. Inputs that would write the same output file (`a/x.jpg` and `b/x.jpg
 files, `x.jpg` next to `x.png`) are refused before anything is predicted, with their names.
 
 The image goes through the published test pipeline (fitted to the base scale, normalised) and
-`inference.inference`, whose probabilities are resized back to the image's own size. An image
-that cannot be read is reported with its path and skipped; the exit status is then 1.
+`inference.predict_labels` with the protocol `cfg.test`, which gives the labels at the image's
+own size. An image that cannot be read is reported with its path and skipped; the exit status
+is then 1.
 """
 from __future__ import annotations
 
@@ -105,11 +106,12 @@ def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int
 
 
 def predict_image(model: torch.nn.Module, image: torch.Tensor, cfg: Config,
-                  device: torch.device, **options) -> torch.Tensor:
-    """uint8 (H, W) class indices for a uint8 (3, H, W) image, at its own size."""
+                  device: torch.device) -> torch.Tensor:
+    """uint8 (H, W) class indices for a uint8 (3, H, W) image, at its own size, with the test
+    pipeline of `cfg.data` and the protocol `cfg.test`."""
     h, w = image.shape[-2:]
     normalized, _ = test_transform(cfg.data)(image, None)  # fitted to the base scale
-    labels = predict_labels(model, normalized.to(device), cfg.test, out_size=(h, w), **options)
+    labels = predict_labels(model, normalized.to(device), cfg.test, out_size=(h, w))
     return labels[0].to(torch.uint8).cpu()  # bounded memory at any image size
 
 

@@ -154,7 +154,8 @@ def train(cfg: Config | str, data_root: str | None = None, out_dir: str | Path |
             full unpickler (runs code from the file; see `checkpoints.read_checkpoint_file`).
         progress: tqdm bar (default: on rank 0 when stderr is a terminal).
         train_dataset / val_dataset: use these instead of `cfg.data` (tests, notebooks); the
-            train set must return transformed fixed-size items.
+            train set must return transformed fixed-size items, the val set items as
+            `test_transform(cfg.data)` gives them (what `evaluate` takes).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the update was not applied).
@@ -236,14 +237,14 @@ def _quiet(message: str) -> None:
 
 
 def build_datasets(cfg: Config, data_root: str | None):
-    """(train set with the published train pipeline, raw val set or None)."""
+    """(train set with the published train pipeline, val set with the test pipeline, or None)."""
     from upernet_ref.data.datasets import build_dataset
-    from upernet_ref.data.transforms import train_transform
+    from upernet_ref.data.transforms import test_transform, train_transform
 
     train_set = build_dataset(cfg, cfg.data.train_split, data_root, train_transform(cfg.data),
                               on_bad=cfg.data.on_bad)
     try:
-        val_set = build_dataset(cfg, cfg.data.val_split, data_root, None)
+        val_set = build_dataset(cfg, cfg.data.val_split, data_root, test_transform(cfg.data))
     except (FileNotFoundError, ValueError) as err:
         print(f"note: no validation set ({err}); training without validation", file=sys.stderr)
         val_set = None
@@ -252,12 +253,16 @@ def build_datasets(cfg: Config, data_root: str | None):
 
 def datasets(cfg: Config, data_root: str | None, train_dataset, val_dataset, *, say: Say):
     """The given (train, val) sets, or those of `cfg.data` (`build_datasets`)."""
+    given_val = val_dataset is not None
     if train_dataset is None:
         if data_root and cfg.data.dataset == "demo":
             say(f"note: --data-root {data_root} is not used: {cfg.name} trains on the embedded "
                 f"demo scenes")
         train_dataset, built_val = build_datasets(cfg, data_root)
         val_dataset = val_dataset if val_dataset is not None else built_val
+    if given_val and len(val_dataset) > 0:  # a raw one is refused now, not at validation
+        from upernet_ref.evaluation.evaluate import check_test_form
+        check_test_form(val_dataset[0][0])
     if len(train_dataset) == 0:
         raise ValueError(f"the training set of {cfg.name} is empty")
     return train_dataset, val_dataset
