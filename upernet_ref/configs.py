@@ -76,6 +76,10 @@ class DataConfig:
     num_workers: int = 4
     on_bad: str = "raise"  # a bad sample: "raise" (stop, naming the file) or "skip" (count it)
 
+    def __post_init__(self) -> None:  # checked when built: refused before any work
+        if self.on_bad not in ("raise", "skip"):
+            raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {self.on_bad!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

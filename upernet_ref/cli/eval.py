@@ -48,7 +48,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--fast", action="store_true", help="the fast inference path: BatchNorm "
                         "folded, channels_last, bf16/fp16 where the device is fast at it "
-                        "(fuse.fast_inference_model)")
+                        "(perf.fast.fast_inference_model)")
 
 
 # the shorthands of `add_inference_arguments` and the `test.*` field each one sets
@@ -135,7 +135,7 @@ def _jsonable(x: typing.Any) -> typing.Any:
 
 @command("upernet eval")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet eval", description=__doc__.split("\n\n")[0].replace("\n", " "),
+    parser = argparse.ArgumentParser(prog="upernet eval", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--data-root", help="dataset folder (not needed for the demo dataset)")

@@ -19,7 +19,7 @@ from upernet_ref.evaluation.predict import (class_names_and_palette, describe_pr
 
 @command("upernet predict")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="upernet predict", description=__doc__.split("\n\n")[0].replace("\n", " "),
+    parser = argparse.ArgumentParser(prog="upernet predict", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
     add_inference_arguments(parser)
     parser.add_argument("--out", default="predictions",

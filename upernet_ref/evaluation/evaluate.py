@@ -132,8 +132,6 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    if cfg.data.on_bad not in ("raise", "skip"):
-        raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {cfg.data.on_bad!r}")
     shard = EvalItems(dataset, range(rank, total, world), skip=cfg.data.on_bad == "skip")
     workers = cfg.data.num_workers if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(shard, batch_size=1, shuffle=False, num_workers=workers,
@@ -166,7 +164,8 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     result.update(
         protocol=describe_protocol(cfg, None if total == len(dataset) else (total, len(dataset))),
         mode=test.mode, scales=list(test.scales), flip=bool(test.flip),
-        crop_size=list(test.crop_size), stride=list(test.stride), num_images=total - len(skipped), seconds=time.perf_counter() - start,
+        crop_size=list(test.crop_size), stride=list(test.stride),
+        num_images=total - len(skipped), seconds=time.perf_counter() - start,
         skipped=len(skipped), skipped_samples=skipped,
     )
     classes = getattr(dataset, "classes", None)
