@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png,
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from upernet_ref.data import transforms as T  # noqa: E402
 from upernet_ref.configs import get_config  # noqa: E402
-from upernet_ref.data.synthetic import DemoScenes  # noqa: E402
+from upernet_ref.demo_scenes import DemoScenes
 
 
 def make_pair(folder: Path, name: str, size: tuple[int, int], image_format: str, num_classes: int):

@@ -30,7 +30,7 @@ from torch import nn
 
 from upernet_ref import build_model, configs
 from upernet_ref.perf.fast import fast_inference_model
-from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.demo_scenes import DemoScenes
 from upernet_ref.data.transforms import test_transform
 
 SHARED = Path(os.environ.get("UPERNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -50,7 +50,7 @@ from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.layers import resize
 from upernet_ref.perf.bench import time_calls
 from upernet_ref.perf.flops import count_macs
-from upernet_ref.data.synthetic import DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize, denormalize, test_transform
 
 _ = torch.manual_seed(0)

@@ -24,8 +24,9 @@ from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.perf.fast import cuda_autocast_dtype, fast_inference_model
 from upernet_ref.perf.hardware import device_peak_tflops
 from upernet_ref.training.losses import segmentation_loss
-from upernet_ref.training.runtime import autocast, choose_per_device_batch
-from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.training.runtime import autocast
+from upernet_ref.perf.batch_probe import choose_per_device_batch
+from upernet_ref.demo_scenes import DemoScenes
 from upernet_ref.training.trainer import train
 from upernet_ref.data.transforms import test_transform, train_transform
 

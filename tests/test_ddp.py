@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.configs import get_config, override
-from upernet_ref.training.logs import read_log
+from upernet_ref.runs import read_log
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 

@@ -233,7 +233,7 @@ def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, cap
 
 
 def test_evaluate_takes_items_in_the_test_pipelines_form_and_refuses_raw_ones(checkpoint):
-    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.demo_scenes import DemoScenes
     from upernet_ref.data.transforms import test_transform
     _, model = checkpoint
     was_training = model.training

@@ -10,7 +10,7 @@ from PIL import Image
 
 from upernet_ref import build_model, configs
 from upernet_ref.cli.predict import main as predict_main
-from upernet_ref.data.synthetic import DEMO_CLASSES
+from upernet_ref.demo_scenes import DEMO_CLASSES
 
 CFG = configs.get_config("upernet_small_test")
 

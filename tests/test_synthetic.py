@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from upernet_ref.configs import get_config
-from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 
 
 def test_contract_dtypes_shapes_labels():

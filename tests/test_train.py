@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from upernet_ref.training import distributed
+from upernet_ref import collectives
 
+from upernet_ref.perf import batch_probe
+from upernet_ref import runs
 from upernet_ref.training import runtime
 from upernet_ref.cli import train as train_cli
 from upernet_ref.training import step as step_mod
 from upernet_ref.training import trainer as train_mod
 from upernet_ref.checkpoints import CheckpointError, read_checkpoint_file
 from upernet_ref.configs import get_config, override
-from upernet_ref.training.distributed import batch_decomposition
-from upernet_ref.training.logs import read_log
+from upernet_ref.training.data_order import batch_decomposition
+from upernet_ref.runs import read_log
 from upernet_ref.model import build_model
 from upernet_ref.training.schedule import poly_lr
 from upernet_ref.training.trainer import NonFiniteLossError, train
@@ -219,7 +221,7 @@ def test_the_final_checkpoint_is_written_before_the_final_validation(tmp_path):
 def test_a_raw_val_set_is_refused_before_training(tmp_path):
     """evaluate takes val items in the test pipeline's form: a uint8 one is refused at set-up,
     not after hours of training at the first validation."""
-    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.demo_scenes import DemoScenes
     from upernet_ref.errors import found_before_work
     with pytest.raises(ValueError, match=r"transform=test_transform\(cfg.data\)") as raised:
         train(small_cfg(), out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
@@ -239,11 +241,11 @@ def test_deterministic_mode_puts_every_global_flag_back():
 
 
 def test_out_of_memory_is_recognised_in_all_its_forms():
-    assert runtime.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))
-    assert runtime.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert runtime.is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
-    assert not runtime.is_out_of_memory(RuntimeError("Expected more than 1 value per channel"))
-    assert not runtime.is_out_of_memory(ValueError("out of memory"))
+    assert batch_probe.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried"))
+    assert batch_probe.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert batch_probe.is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not batch_probe.is_out_of_memory(RuntimeError("Expected more than 1 value per channel"))
+    assert not batch_probe.is_out_of_memory(ValueError("out of memory"))
 
 
 def test_largest_fitting_batch():
@@ -253,9 +255,9 @@ def test_largest_fitting_batch():
         tried.append(batch)
         return batch <= 3
 
-    assert runtime.largest_fitting_batch([8, 4, 2, 1], fits) == 2
+    assert batch_probe.largest_fitting_batch([8, 4, 2, 1], fits) == 2
     assert tried == [8, 4, 2]  # stops at the first that fits
-    assert runtime.largest_fitting_batch([8, 4], fits) is None
+    assert batch_probe.largest_fitting_batch([8, 4], fits) is None
 
 
 def test_batch_decomposition_and_accumulation(tmp_path):
@@ -299,16 +301,16 @@ def test_resume_with_a_new_schedule_length_follows_the_new_curve(tmp_path):
 
 def test_sync_bn_only_with_several_cuda_processes():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert distributed.use_sync_bn("auto", 8, cuda)
-    assert distributed.use_sync_bn("syncbn", 2, cuda)
-    assert not distributed.use_sync_bn("auto", 1, cuda)  # one process: plain BN
-    assert not distributed.use_sync_bn("syncbn", 1, cuda)
-    assert not distributed.use_sync_bn("auto", 2, cpu)  # torch's SyncBatchNorm is CUDA-only
-    assert not distributed.use_sync_bn("batchnorm", 8, cuda)
+    assert collectives.use_sync_bn("auto", 8, cuda)
+    assert collectives.use_sync_bn("syncbn", 2, cuda)
+    assert not collectives.use_sync_bn("auto", 1, cuda)  # one process: plain BN
+    assert not collectives.use_sync_bn("syncbn", 1, cuda)
+    assert not collectives.use_sync_bn("auto", 2, cpu)  # torch's SyncBatchNorm is CUDA-only
+    assert not collectives.use_sync_bn("batchnorm", 8, cuda)
     with pytest.raises(ValueError, match="CUDA"):
-        distributed.use_sync_bn("syncbn", 2, cpu)
+        collectives.use_sync_bn("syncbn", 2, cpu)
     with pytest.raises(ValueError, match="train.norm"):
-        distributed.use_sync_bn("groupnorm", 1, cpu)
+        collectives.use_sync_bn("groupnorm", 1, cpu)
 
 
 def test_global_batch_decomposition():
@@ -372,7 +374,7 @@ def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
 
 def test_a_second_run_into_the_same_folder_stops_before_any_work(tmp_path):
     from upernet_ref.errors import UsageError
-    with runtime.run_folder_lock(tmp_path / "run"):  # the first run, still going
+    with runs.run_folder_lock(tmp_path / "run"):  # the first run, still going
         with pytest.raises(UsageError, match=rf"{tmp_path / 'run'} is used by another training "
                                              rf"run \(pid {os.getpid()} on .*\): wait for it"):
             run(small_cfg(), tmp_path / "run", max_iters=1)

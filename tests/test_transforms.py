@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from upernet_ref.data import transforms as T
 from upernet_ref.configs import get_config
-from upernet_ref.data.synthetic import DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_PALETTE, DemoScenes
 
 DEMO = get_config("upernet_small_demo").data  # crop (64, 64), base_scale (128, 96)
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from upernet_ref.cli.demo import DEMO_CONFIG, DEMO_ITERS
 from upernet_ref.configs import get_config
-from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.demo_scenes import DemoScenes
 from upernet_ref.data.transforms import test_transform
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.upernet import build_model

@@ -51,7 +51,7 @@ from PIL import Image
 from upernet_ref import course
 from upernet_ref.data import transforms as T
 from upernet_ref.configs import get_config
-from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 
 _ = torch.manual_seed(0)
 device = course.pick_device()  # (nothing here needs it: data is CPU work)

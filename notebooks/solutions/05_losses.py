@@ -46,7 +46,7 @@ from upernet_ref import course
 from upernet_ref.training import losses
 from upernet_ref.configs import TrainConfig, get_config
 from upernet_ref.model import build_model
-from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize, test_transform
 
 _ = torch.manual_seed(0)

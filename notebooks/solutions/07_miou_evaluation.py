@@ -44,7 +44,7 @@ import torch
 
 from upernet_ref import course
 from upernet_ref.evaluation import metrics
-from upernet_ref.data.synthetic import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
+from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize
 
 _ = torch.manual_seed(0)

@@ -43,10 +43,10 @@ from upernet_ref import course
 from upernet_ref import configs
 from upernet_ref.checkpoints import read_checkpoint_file
 from upernet_ref.cli.demo import chance_miou, prediction_figure
-from upernet_ref.training.distributed import GlobalBatchOrder, batch_decomposition
-from upernet_ref.training.logs import plot_curves, read_log
+from upernet_ref.training.data_order import GlobalBatchOrder, batch_decomposition
+from upernet_ref.runs import plot_curves, read_log
 from upernet_ref.model import build_model
-from upernet_ref.data.synthetic import DemoScenes
+from upernet_ref.demo_scenes import DemoScenes
 from upernet_ref.training.trainer import train
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.evaluation.evaluate import evaluate

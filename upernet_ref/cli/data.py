@@ -88,7 +88,7 @@ def default_splits(dataset: str, root: Path) -> list[str]:
 
 def check(args: argparse.Namespace) -> int:
     """Check every requested split; 1 if anything is wrong."""
-    from upernet_ref.data.prepare import check_dataset
+    from upernet_ref.prepare import check_dataset
     splits = args.split or default_splits(args.dataset, args.root)
     if not splits:
         print(f"{args.root}: no splits found (see data/README.md)")
@@ -126,7 +126,7 @@ def report(written: int, what: str, skipped: int) -> str:
 
 def prepare(args: argparse.Namespace) -> int:
     """Run `prepare voc-aug` or `prepare cityscapes`; 1 with a one-line error on failure."""
-    from upernet_ref.data.prepare import prepare_cityscapes, prepare_voc_aug
+    from upernet_ref.prepare import prepare_cityscapes, prepare_voc_aug
     try:
         if args.target == "voc-aug":
             ids, done = prepare_voc_aug(args.voc_root, args.sbd_root, args.workers,

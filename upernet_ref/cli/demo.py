@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from upernet_ref.evaluation.evaluate import evaluate
     from upernet_ref.evaluation.metrics import format_table
-    from upernet_ref.data.synthetic import DemoScenes
+    from upernet_ref.demo_scenes import DemoScenes
     from upernet_ref.training.trainer import train
 
     start = time.perf_counter()
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     from upernet_ref.checkpoints import load_weights
-    from upernet_ref.training.distributed import resolve_device
+    from upernet_ref.collectives import resolve_device
     from upernet_ref.model.upernet import build_model
     from upernet_ref.data.transforms import test_transform
 

@@ -165,7 +165,7 @@ def skipped_samples(dataset: typing.Any) -> dict[str, str]:
                 except DataError as e:
                     problem = str(e)
             local[dataset.describe(i)] = problem
-    from upernet_ref.training.distributed import all_gather_object
+    from upernet_ref.collectives import all_gather_object
     return {k: v for part in all_gather_object(local) for k, v in part.items()}
 
 
@@ -400,7 +400,7 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
     if on_bad not in ("raise", "skip"):
         raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {on_bad!r}")
     if cfg.data.dataset == "demo":
-        from upernet_ref.data.synthetic import DEMO_CLASSES, DemoScenes
+        from upernet_ref.demo_scenes import DEMO_CLASSES, DemoScenes
         if cfg.data.num_classes != len(DEMO_CLASSES):  # its labels are 0..7: a loss would fail
             raise UsageError(f"the demo scenes have {len(DEMO_CLASSES)} classes, but "
                              f"{cfg.name} has data.num_classes={cfg.data.num_classes}; use "

@@ -159,7 +159,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result = cm.summary()
-    from upernet_ref.training.distributed import all_gather_object
+    from upernet_ref.collectives import all_gather_object
     skipped = {k: v for part in all_gather_object(skipped) for k, v in part.items()}
     result.update(
         protocol=describe_protocol(cfg, None if total == len(dataset) else (total, len(dataset))),

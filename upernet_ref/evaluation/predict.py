@@ -90,7 +90,7 @@ def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int
     """
     name, n = cfg.data.dataset, cfg.data.num_classes
     if name == "demo":
-        from upernet_ref.data.synthetic import DEMO_CLASSES as classes, DEMO_PALETTE as palette
+        from upernet_ref.demo_scenes import DEMO_CLASSES as classes, DEMO_PALETTE as palette
     elif name in ("voc", "ade20k", "cityscapes"):
         from upernet_ref.data import classes as dataset_classes
         classes = getattr(dataset_classes, f"{name.upper()}_CLASSES")

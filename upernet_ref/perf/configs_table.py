@@ -78,7 +78,7 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
     cfg = get_config(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if image is None:
-        from upernet_ref.data.synthetic import DemoScenes
+        from upernet_ref.demo_scenes import DemoScenes
         image, _ = DemoScenes("val", num_samples=1, size=size or cfg.data.crop_size)[0]
     x, _ = test_transform(cfg.data)(image, torch.zeros(image.shape[-2:], dtype=torch.int64))
     if size is not None:

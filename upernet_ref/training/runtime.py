@@ -1,5 +1,4 @@
-"""The training process's run-time state: seeds, determinism, RNG snapshots, mixed precision,
-the per-device batch that fits in memory, and stopping on a signal.
+"""The training process's run-time state: seeds, determinism, RNG snapshots, mixed precision.
 
 These are the pieces of `train.py` that are not the loop itself. Each serves one promise of the
 trainer: runs are repeatable (`seed_everything`, `set_deterministic`), a resumed
@@ -10,22 +9,14 @@ no work is lost when a job is pre-empted (`StopFlag`).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import random
-import signal
-import socket
-import sys
-import threading
 import typing
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from upernet_ref.configs import Config
-from upernet_ref.errors import UsageError
 
 
 def check_finite_state(model: nn.Module, iteration: int, kept: str) -> None:
@@ -131,149 +122,3 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
     return autocast_to(device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-
-# --------------------------------------------------------------------------------------------
-# The per-device batch
-
-
-def largest_fitting_batch(candidates: typing.Iterable[int],
-                          fits: typing.Callable[[int], bool]) -> int | None:
-    """The first of `candidates` (largest first) for which `fits(batch)` is True, else None."""
-    for batch in candidates:
-        if fits(batch):
-            return batch
-    return None
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A CUDA allocation failure: torch's OutOfMemoryError, or cuBLAS / cuDNN failing to get
-    their workspace (raised as a plain RuntimeError)."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and ("out of memory" in text.lower()
-                                              or "STATUS_ALLOC_FAILED" in text)
-
-
-def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
-                            share: int, smallest: int = 1, headroom: float = 0.9) -> int:
-    """The largest divisor of `share` (this process's part of the global batch) whose training
-    step fits in memory.
-
-    On CPU: the full share (memory is rarely the limit there). On CUDA: run the trainer's own
-    step (`step.train_step`: forward, the configuration's loss, backward, the SGD update with its
-    momentum buffers) on random data at the crop size for each divisor, largest first. A batch
-    fits if it does not run out of memory and its peak, plus what DDP adds later (its gradient
-    buckets, about one more copy of the weights), stays under `headroom` of the device's memory.
-    The model's weights, BN statistics and the random state are left as they were.
-    """
-    from upernet_ref.training.schedule import build_optimizer
-    from upernet_ref.training.step import train_step
-
-    if device.type != "cuda":
-        return share
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    h, w = cfg.data.crop_size
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    limit = headroom * torch.cuda.get_device_properties(device).total_memory
-    batch_norms = [m for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-
-    def fits(batch: int) -> bool:
-        optimizer = build_optimizer(model, cfg.train)  # fresh: no momentum left from a probe
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
-        images = masks = None
-        if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
-            for m in batch_norms:  # so probe it with running statistics: the same memory
-                m.eval()
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            images = torch.randn(batch, 3, h, w, device=device)
-            masks = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
-            train_step(model, (images, masks), optimizer, scaler, cfg, check_finite=False)
-            return torch.cuda.max_memory_allocated(device) + weight_bytes <= limit
-        except RuntimeError as err:
-            if is_out_of_memory(err):
-                return False
-            raise
-        finally:
-            for m in batch_norms:
-                m.train()
-            model.zero_grad(set_to_none=True)
-            optimizer = scaler = images = masks = None
-            torch.cuda.empty_cache()
-
-    divisors = [d for d in range(share, 0, -1) if share % d == 0 and d >= min(smallest, share)]
-    with torch.random.fork_rng(devices=[device]):
-        chosen = largest_fitting_batch(divisors, fits)
-    with torch.no_grad():  # the probes' updates undone
-        model.load_state_dict(saved)
-    if chosen is None:
-        raise RuntimeError(f"even a per-device batch of {smallest} at crop {h}x{w} does not fit "
-                           f"in {headroom:.0%} of the memory of {device}; try --train.amp=bf16 "
-                           f"or a smaller crop")
-    return chosen
-
-
-# --------------------------------------------------------------------------------------------
-# One run per output folder
-
-
-@contextlib.contextmanager
-def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None]:
-    """Hold `out_dir/.lock` (an flock) for the run, so a second training started into the same
-    folder stops at once (UsageError, exit 2) instead of interleaving its checkpoints and log
-    lines with the first one's. The lock goes with the process, even after kill -9 (which
-    leaves the file: the next run takes it over)."""
-    if not enabled:
-        yield
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UsageError(f"{out_dir} is used by another training run ({holder}): wait for it "
-                             f"to finish, or give another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:  # the folder is left as the run wrote it (removed while still held)
-            with contextlib.suppress(OSError):
-                (out_dir / ".lock").unlink()
-
-
-# --------------------------------------------------------------------------------------------
-# Stopping on a signal
-
-
-class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the iteration's end.
-
-    A second signal stops at once (KeyboardInterrupt). Handlers are only installed from the main
-    thread (Python's rule); `restore()` puts the previous ones back.
-    """
-
-    def __init__(self, install: bool):
-        self.signum = 0
-        self.previous: dict[int, typing.Any] = {}
-        if install and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
-              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

@@ -33,7 +33,7 @@ from torch import nn
 
 from upernet_ref.configs import Config
 from upernet_ref.errors import UperNetError
-from upernet_ref.training.distributed import all_reduce_sum
+from upernet_ref.collectives import all_reduce_sum
 from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.training.runtime import autocast
 

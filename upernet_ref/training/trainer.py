@@ -41,14 +41,12 @@ from upernet_ref.configs import Config
 from upernet_ref.errors import before_work
 from upernet_ref.files import write_text
 from upernet_ref.model.upernet import build_model
-from upernet_ref.training.distributed import (DistInfo, GlobalBatchOrder, MicroBatchSampler, SeededItems,
-                                              all_gather_object, all_reduce_max, all_reduce_sum,
-                                              barrier, batch_decomposition, cleanup,
-                                              init_distributed, use_sync_bn)
-from upernet_ref.training.logs import RunLogger
-from upernet_ref.training.runtime import (StopFlag, check_finite_state, choose_per_device_batch,
-                                          deterministic_mode, rng_state, run_folder_lock,
-                                          seed_everything, set_rng_state)
+from upernet_ref.collectives import (DistInfo, all_gather_object, all_reduce_max, all_reduce_sum, barrier, cleanup, init_distributed, use_sync_bn)
+from upernet_ref.training.data_order import (GlobalBatchOrder, MicroBatchSampler, SeededItems, batch_decomposition)
+from upernet_ref.runs import RunLogger
+from upernet_ref.runs import StopFlag, run_folder_lock
+from upernet_ref.training.runtime import (check_finite_state, deterministic_mode, rng_state, seed_everything, set_rng_state)
+from upernet_ref.perf.batch_probe import choose_per_device_batch
 from upernet_ref.training.schedule import PolyLR, build_optimizer, build_scheduler
 from upernet_ref.training.step import NonFiniteLossError, StepLosses, train_step
 

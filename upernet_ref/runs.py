@@ -1,4 +1,5 @@
-"""Training logs: one JSON object per line (`log.jsonl`), TensorBoard, and a `curves.png` plot.
+"""A run folder's operations: its logs (one JSON object per line in `log.jsonl`, TensorBoard, a
+`curves.png` plot), the lock that keeps one run per folder, and stopping on a signal.
 
 `log.jsonl` is the record of a run: `{"kind": "train", "iter", "epoch", "loss", "loss_out",
 "loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations
@@ -8,12 +9,21 @@ lines written after the checkpoint's iteration are dropped, so the file reads li
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import signal
+import socket
+import sys
+import threading
+import typing
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from upernet_ref.errors import UsageError
 from upernet_ref.files import atomic_write
 
 
@@ -125,3 +135,66 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+# --------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+@contextlib.contextmanager
+def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None]:
+    """Hold `out_dir/.lock` (an flock) for the run, so a second training started into the same
+    folder stops at once (UsageError, exit 2) instead of interleaving its checkpoints and log
+    lines with the first one's. The lock goes with the process, even after kill -9 (which
+    leaves the file: the next run takes it over)."""
+    if not enabled:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UsageError(f"{out_dir} is used by another training run ({holder}): wait for it "
+                             f"to finish, or give another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:  # the folder is left as the run wrote it (removed while still held)
+            with contextlib.suppress(OSError):
+                (out_dir / ".lock").unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on a signal
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the iteration's end.
+
+    A second signal stops at once (KeyboardInterrupt). Handlers are only installed from the main
+    thread (Python's rule); `restore()` puts the previous ones back.
+    """
+
+    def __init__(self, install: bool):
+        self.signum = 0
+        self.previous: dict[int, typing.Any] = {}
+        if install and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
+              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
