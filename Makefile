@@ -30,3 +30,18 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The course, to work on: copies the student notebooks into course-work/ (git-ignored), so that
+# what you write and run never changes the tracked notebooks/. Then, with jupytext's notebook
+# view as the default for .py files (notebooks/jupyter-config):
+#   JUPYTER_CONFIG_PATH=notebooks/jupyter-config .venv/bin/jupyter lab course-work/
+# It never overwrites a notebook already in course-work/ (your work): delete it to start over.
+COURSE_WORK ?= course-work
+
+.PHONY: course
+course:
+	mkdir -p $(COURSE_WORK)
+	for nb in notebooks/[0-9][0-9]_*.ipynb; do \
+		test -e $(COURSE_WORK)/$$(basename $$nb) || cp $$nb $(COURSE_WORK)/; done
+	@echo "student notebooks in $(COURSE_WORK)/; open them with:"
+	@echo "  JUPYTER_CONFIG_PATH=notebooks/jupyter-config $(VENV)/bin/jupyter lab $(COURSE_WORK)/"

@@ -10,7 +10,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -67,7 +67,7 @@ from upernet_ref.model import count_parameters, randomize_batchnorm
 _ = torch.manual_seed(0)
 device = course.pick_device()
 course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
-full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+full_size = course.full_size(device)  # published widths on a GPU (or UPERNET_COURSE_FULL_SIZE=1)
 
 # %% [markdown]
 # ## 1. A dilated 3x3 convolution
@@ -408,9 +408,10 @@ class SketchResNet(nn.Module):
 # so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 
 # %%
-# the published R-50 at 512x512 on a GPU; a narrow, shallow one at 64x64 on a laptop CPU
-blocks, width, stem, size = ((3, 4, 6, 3), 64, 32, 512) if full_size else ((1, 1, 2, 2), 8, 8, 64)
-x = torch.randn(2, 3, size, size, device=device)
+# the published R-50 (at 128x128, to keep a CPU run of this branch short) on a GPU; a narrow,
+# shallow one at 64x64 on a laptop CPU
+blocks, width, stem, size = ((3, 4, 6, 3), 64, 32, 128) if full_size else ((1, 1, 2, 2), 8, 8, 64)
+x = torch.randn(1, 3, size, size, device=device)
 for os_ in (8, 16, 32):
     reference = ResNet(50, output_stride=os_, blocks=blocks, base_width=width, stem_width=stem)
     randomize_batchnorm(reference)
@@ -421,7 +422,9 @@ for os_ in (8, 16, 32):
         ours, theirs = sketch(x), reference(x)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
-    print(f"os {os_:2d}: sketch == upernet_ref.model.backbone.ResNet, shapes {[tuple(f.shape[1:]) for f in ours]}")
+    # what we print holds for both sizes: each level's stride and its channels / base width
+    print(f"os {os_:2d}: sketch == upernet_ref.model.backbone.ResNet; C2..C5 at 1/"
+          f"{[size // f.shape[-1] for f in ours]} of the input, {[f.shape[1] // width for f in ours]} x the width")
 
 # %% [markdown]
 # ## 8. The full-size backbones
@@ -458,13 +461,13 @@ with torch.device("meta"):
 # %% [markdown]
 # ## 9. On this machine
 #
-# A real forward pass: the full R-50 at 512x512 on a GPU, a narrow one at 64x64 on a CPU. What we
+# A real forward pass: the full R-50 at 256x256 on a GPU, a narrow one at 64x64 on a CPU. What we
 # print does not depend on which: the stride of each stage relative to the input, and the
 # channel multiple of the base width.
 
 # %%
 if full_size:
-    net, size = ResNet(50, output_stride=8), 512
+    net, size = ResNet(50, output_stride=8), 256
 else:
     net, size = ResNet(50, output_stride=8, blocks=(1, 1, 1, 1), base_width=8, stem_width=8), 64
 net = net.to(device).eval()

@@ -43,6 +43,21 @@ def pick_device() -> torch.device:
     return resolve_device("auto")
 
 
+FULL_SIZE_VARIABLE = "UPERNET_COURSE_FULL_SIZE"
+
+
+def full_size(device: torch.device) -> bool:
+    """Whether a notebook runs its comparisons at the published sizes (widths and depths).
+
+    True on a GPU, and on any machine when the environment variable `UPERNET_COURSE_FULL_SIZE`
+    is `1`: that is how the GPU branch of notebooks 01-03 is tested on a CPU
+    (`tests/test_notebook_full_size.py`). Their printed output is the same in both branches.
+    """
+    import os
+
+    return device.type == "cuda" or os.environ.get(FULL_SIZE_VARIABLE, "") == "1"
+
+
 def exact_comparisons() -> None:
     """Switch off TF32 so float32 comparisons against the package hold on Ampere+ GPUs too."""
     torch.backends.cudnn.allow_tf32 = False

@@ -10,7 +10,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -53,7 +53,7 @@ from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 _ = torch.manual_seed(0)
 device = course.pick_device()
 course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
-full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+full_size = course.full_size(device)  # published widths on a GPU (or UPERNET_COURSE_FULL_SIZE=1)
 
 
 # %% [markdown]
@@ -228,8 +228,8 @@ class SketchPPM(nn.Module):
         return self.bottleneck(torch.cat([x, *context], dim=1))
 
 
-# the published 2048 -> 512 PPM on C5 of a 512x512 image on a GPU; a 64 -> 16 one on a CPU
-cin, cout, side = (2048, 512, 64) if full_size else (64, 16, 8)
+# the published 2048 -> 512 PPM on C5 of a 128x128 image on a GPU; a 64 -> 16 one on a CPU
+cin, cout, side = (2048, 512, 16) if full_size else (64, 16, 8)
 reference = PyramidPooling(cin, cout, pool_scales)
 randomize_batchnorm(reference)
 sketch = SketchPPM(cin, cout, pool_scales)
@@ -240,8 +240,12 @@ for mode in ("eval", "train"):
         x = torch.randn(shape, device=device)
         getattr(reference, mode)(), getattr(sketch, mode)()
         with torch.no_grad():
-            torch.testing.assert_close(sketch(x), reference(x))
-        print(f"{mode:5s} {shape} -> {tuple(sketch(x).shape)}: sketch == PyramidPooling")
+            ours = sketch(x)
+            torch.testing.assert_close(ours, reference(x))
+        assert ours.shape == (2, cout, *shape[2:])
+        # printed without the sizes, which differ between the two branches
+        print(f"{mode:5s} {'square C5' if shape[2] == shape[3] else '13x17 C5 '}: sketch == PyramidPooling "
+              f"(output: C5's size, the head width)")
 
 # %% [markdown]
 # ## 7. The full-size PPM
@@ -310,12 +314,12 @@ plt.show()
 # %% [markdown]
 # ## 8. On this machine
 #
-# A real forward pass: the published 2048 -> 512 PPM on C5 of a 512x512 image at output stride 8
+# A real forward pass: the published 2048 -> 512 PPM on C5 of a 256x256 image at output stride 8
 # on a GPU; a 256 -> 64 one on a 16x16 map on a CPU. What we print holds for both.
 
 # %%
 if full_size:
-    ppm, c5 = PyramidPooling(2048, 512), torch.randn(2, 2048, 64, 64, device=device)
+    ppm, c5 = PyramidPooling(2048, 512), torch.randn(2, 2048, 32, 32, device=device)
 else:
     ppm, c5 = PyramidPooling(256, 64), torch.randn(2, 256, 16, 16, device=device)
 ppm = ppm.to(device).eval()

@@ -10,7 +10,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -55,7 +55,7 @@ from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 _ = torch.manual_seed(0)
 device = course.pick_device()
 course.exact_comparisons()  # no TF32 on Ampere+ GPUs: float32 comparisons keep their tolerances
-full_size = device.type == "cuda"  # real sizes on a GPU, small ones on a laptop CPU
+full_size = course.full_size(device)  # published widths on a GPU (or UPERNET_COURSE_FULL_SIZE=1)
 
 # %% [markdown]
 # ## 1. The four levels the head receives
@@ -237,9 +237,9 @@ class SketchUPerHead(nn.Module):
         return self.classifier(self.dropout(fused))
 
 
-# the published head (C2..C5 of a 512x512 image) on a GPU; a narrow one on small maps on a CPU
+# the published head (C2..C5 of a 128x128 image) on a GPU; a narrow one on small maps on a CPU
 if full_size:
-    check_in, check_width, check_classes, scale = (256, 512, 1024, 2048), 512, 150, 8
+    check_in, check_width, check_classes, scale = (256, 512, 1024, 2048), 512, 150, 2
 else:
     check_in, check_width, check_classes, scale = in_channels, channels, num_classes, 1
 reference = UPerHead(check_in, check_width, check_classes)
@@ -248,13 +248,14 @@ sketch = SketchUPerHead(check_in, check_width, check_classes)
 sketch.load_state_dict(reference.state_dict())  # strict: same names, same shapes
 reference, sketch = reference.to(device).eval(), sketch.to(device).eval()
 for geometry, sizes in (("os  8", (16, 8, 8, 8)), ("os 32", (16, 8, 4, 2))):
-    x = [torch.randn(2, c, s * scale, s * scale, device=device) for c, s in zip(check_in, sizes)]
+    x = [torch.randn(1, c, s * scale, s * scale, device=device) for c, s in zip(check_in, sizes)]
     with torch.no_grad():
         for a, b in zip(sketch.pyramid(x), reference.fpn_features(x)):
             torch.testing.assert_close(a, b)
         ours, theirs = sketch(x), reference(x)
     torch.testing.assert_close(ours, theirs)
-    print(f"{geometry}: pyramid and logits {tuple(ours.shape)}: sketch == UPerHead")
+    assert ours.shape == (1, check_classes, *x[0].shape[-2:])
+    print(f"{geometry}: pyramid and logits (classes at C2's size): sketch == UPerHead")
 
 # %% [markdown]
 # And the model is nothing more than backbone -> head -> resize to the input (plus the auxiliary
@@ -402,11 +403,11 @@ with torch.device("meta"):
         print(f"{mode:5s}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items()))
 
 # %% [markdown]
-# The same on this machine with real numbers: the published R-50 os 8 ADE20K model at 512x512 on a
+# The same on this machine with real numbers: the published R-50 os 8 ADE20K model at 128x128 on a
 # GPU, the small demo model at 64x64 on a CPU. What we print holds for both.
 
 # %%
-name, size = ("upernet_r50_os8_ade20k", 512) if full_size else ("upernet_small_demo", 64)
+name, size = ("upernet_r50_os8_ade20k", 128) if full_size else ("upernet_small_demo", 64)
 model = build_model(name).to(device)
 x = torch.randn(2, 3, size, size, device=device)
 with torch.no_grad():
