@@ -158,10 +158,10 @@ def run_agreement(args: argparse.Namespace) -> dict:
                             "train.seed": args.seed})
     from upernet_ref.checkpoints import load_weights
     from upernet_ref.evaluation.evaluate import evaluate
-    from upernet_ref.training.trainer import train
+    from upernet_ref.cli.train import run_training
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        trained = train(cfg, out_dir=tmp, max_iters=args.iters, validate=False, progress=False,
+        trained = run_training(cfg, out_dir=tmp, max_iters=args.iters, validate=False, progress=False,
                         tensorboard=False, handle_signals=False, log=lambda *_: None)
         net = load_weights(build_model(cfg), trained.last_checkpoint).eval()
     result["train_iters"], result["train_s"] = args.iters, time.perf_counter() - t0

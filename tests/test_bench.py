@@ -163,14 +163,14 @@ def test_training_compile_failure_falls_back_to_uncompiled(monkeypatch):
 
 
 def test_the_benchmarked_step_is_the_trained_step_with_the_configuration_s_loss(monkeypatch):
-    """bench times `step.train_step` with the configuration's loss and optimizer: class weights,
+    """bench times `trainer.train_step` with the configuration's loss and optimizer: class weights,
     OHEM, the loss weights and data.ignore_index reach the loss; lr, momentum and weight decay
     the SGD."""
     from upernet_ref.configs import override
-    from upernet_ref.training import step as step_mod
+    from upernet_ref.training import trainer as trainer_mod
 
     seen = []
-    real_loss, real_step = step_mod.segmentation_loss, step_mod.train_step
+    real_loss, real_step = trainer_mod.segmentation_loss, trainer_mod.train_step
 
     def spy_loss(outputs, target, train_cfg, ignore_index=255):
         seen.append((train_cfg, ignore_index))
@@ -182,7 +182,7 @@ def test_the_benchmarked_step_is_the_trained_step_with_the_configuration_s_loss(
         optimizers.append(optimizer)
         return real_step(model, batch, optimizer, scaler, cfg, **kwargs)
 
-    monkeypatch.setattr(step_mod, "segmentation_loss", spy_loss)
+    monkeypatch.setattr(trainer_mod, "segmentation_loss", spy_loss)
     monkeypatch.setattr(bench, "train_step", spy_step)
     cfg = override(get_config("upernet_small_test"), {
         "train.ohem": True, "train.class_weights": tuple(float(k + 1) for k in range(8)),

@@ -27,7 +27,7 @@ from upernet_ref.training.losses import segmentation_loss
 from upernet_ref.training.runtime import autocast
 from upernet_ref.perf.batch_probe import choose_per_device_batch
 from upernet_ref.demo_scenes import DemoScenes
-from upernet_ref.training.trainer import train
+from upernet_ref.cli.train import run_training
 from upernet_ref.data.transforms import test_transform, train_transform
 
 # The agreement measure, the demo images and the 300-iteration demo model of the CPU tests
@@ -170,7 +170,7 @@ def test_train_bf16_channels_last_on_cuda(tmp_path, compiled):
                                    "train.compile": compiled, "train.val_interval": 0,
                                    "train.checkpoint_interval": 100})
     data = DemoScenes("train", num_samples=16, size=(48, 64), transform=train_transform(cfg.data))
-    result = train(cfg, out_dir=tmp_path, device="cuda", max_iters=3, validate=False,
+    result = run_training(cfg, out_dir=tmp_path, device="cuda", max_iters=3, validate=False,
                    progress=False, tensorboard=False, handle_signals=False,
                    log=lambda *_: None, train_dataset=data)
     assert result.iteration == 3 and len(result.losses) == 3

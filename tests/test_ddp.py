@@ -60,12 +60,12 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from upernet_ref.training.trainer import train
-    result = train(_cfg(), out_dir=out, device="cpu", per_device_batch=2, max_iters=3,
+    from upernet_ref.cli.train import run_training
+    result = run_training(_cfg(), out_dir=out, device="cpu", per_device_batch=2, max_iters=3,
                    train_dataset=NoIgnoreScenes(), validate=False, progress=False,
                    tensorboard=False, handle_signals=False, log=lambda *_: None)
     assert (result.world_size, result.per_device_batch, result.accumulation) == (2, 2, 1)
-    assert not dist.is_initialized(), "train() must leave the process group"
+    assert not dist.is_initialized(), "run_training() must leave the process group"
 
 
 def test_two_processes_match_one_process(tmp_path, monkeypatch):
@@ -73,8 +73,8 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
 
-    from upernet_ref.training.trainer import train
-    single = train(_cfg(), out_dir=tmp_path / "one", device="cpu", per_device_batch=2,
+    from upernet_ref.cli.train import run_training
+    single = run_training(_cfg(), out_dir=tmp_path / "one", device="cpu", per_device_batch=2,
                    max_iters=3, train_dataset=NoIgnoreScenes(), validate=False, progress=False,
                    tensorboard=False, log=lambda *_: None)
     assert (single.world_size, single.per_device_batch, single.accumulation) == (1, 2, 2)

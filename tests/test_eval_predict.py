@@ -127,9 +127,9 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
     assert result["num_images"] == 3 and result["config"] == "upernet_small_test"
     assert "sky" in out.out and "mIoU" in out.out and "protocol: whole-image" in out.out
     # the CLI gives what the API gives
-    from upernet_ref.data.datasets import build_dataset
     from upernet_ref.data.transforms import test_transform
-    dataset = build_dataset(CFG, "val", None, test_transform(CFG.data))
+    from upernet_ref.demo_scenes import dataset_for
+    dataset = dataset_for(CFG, "val", None, test_transform(CFG.data))
     direct = evaluate(model, dataset, CFG, "cpu", progress=False, num_workers=0, limit=3)
     assert result["miou"] == pytest.approx(direct["miou"], abs=1e-9)
     # default results file: next to the checkpoint

@@ -88,7 +88,7 @@ def test_unreadable_files_are_refused_by_name(tmp_path):
 
 def test_one_list_of_suffixes_for_datasets_and_predict():
     from upernet_ref.data import datasets
-    from upernet_ref.evaluation import predict
+    from upernet_ref import predictions as predict
     assert datasets.IMAGE_SUFFIXES is IMAGE_SUFFIXES and predict.IMAGE_SUFFIXES is IMAGE_SUFFIXES
     assert {".bmp", ".tif", ".tiff", ".png", ".jpg"} <= set(IMAGE_SUFFIXES)
 
@@ -114,11 +114,11 @@ def test_a_folder_dataset_of_bmp_and_tif_images_trains_and_evaluates(tmp_path):
     from upernet_ref.data.transforms import test_transform
     from upernet_ref.evaluation.evaluate import evaluate
     from upernet_ref.model.upernet import build_model
-    from upernet_ref.training.trainer import train
+    from upernet_ref.cli.train import run_training
 
     root = make_bmp_tif_folder(tmp_path / "data")
     cfg = get_config("upernet_small_test", ["data.dataset=folder", "data.num_classes=3"])
-    result = train(cfg, data_root=str(root), out_dir=tmp_path / "run", max_iters=2,
+    result = run_training(cfg, data_root=str(root), out_dir=tmp_path / "run", max_iters=2,
                    progress=False, validate=False, tensorboard=False, log=lambda _: None)
     assert result.iteration == 2 and all(np.isfinite(result.losses))
     val = build_dataset(cfg, "val", root, test_transform(cfg.data))

@@ -7,9 +7,9 @@ import torch
 
 from upernet_ref.configs import get_config, override
 from upernet_ref.model import build_model
-from upernet_ref.training import step as step_mod
+from upernet_ref.training import trainer as trainer_mod
 from upernet_ref.training.schedule import build_optimizer
-from upernet_ref.training.step import NonFiniteLossError, train_step
+from upernet_ref.training.trainer import NonFiniteLossError, train_step
 
 CFG = override(get_config("upernet_small_test"), {"model.dropout": 0.0})
 
@@ -56,13 +56,13 @@ def test_micro_batches_accumulate_to_the_whole_batch_s_update():
 
 
 def test_a_non_finite_loss_raises_before_the_update(monkeypatch):
-    real = step_mod.segmentation_loss
+    real = trainer_mod.segmentation_loss
 
     def nan_loss(*args, **kwargs):
         total, parts = real(*args, **kwargs)
         return total * float("nan"), parts
 
-    monkeypatch.setattr(step_mod, "segmentation_loss", nan_loss)
+    monkeypatch.setattr(trainer_mod, "segmentation_loss", nan_loss)
     model, optimizer, scaler = setup()
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     with pytest.raises(NonFiniteLossError, match="non-finite loss"):
@@ -86,12 +86,12 @@ def test_the_configuration_s_loss_options_change_the_step():
 def test_the_memory_estimate_runs_the_training_step(monkeypatch):
     from upernet_ref.perf.memory import estimate_training_memory
     calls = []
-    real = step_mod.train_step
+    real = trainer_mod.train_step
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(step_mod, "train_step", spy)
+    monkeypatch.setattr(trainer_mod, "train_step", spy)
     estimate_training_memory(CFG, 3, (32, 32), "none")  # batch 3: not in the estimate's cache
     assert len(calls) == 2 and all(c["check_finite"] is False for c in calls)

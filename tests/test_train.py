@@ -19,15 +19,15 @@ from upernet_ref.perf import batch_probe
 from upernet_ref import runs
 from upernet_ref.training import runtime
 from upernet_ref.cli import train as train_cli
-from upernet_ref.training import step as step_mod
-from upernet_ref.training import trainer as train_mod
+from upernet_ref.cli.train import run_training
+from upernet_ref.training import trainer as trainer_mod
 from upernet_ref.checkpoints import CheckpointError, read_checkpoint_file
 from upernet_ref.configs import get_config, override
 from upernet_ref.training.data_order import batch_decomposition
 from upernet_ref.runs import read_log
 from upernet_ref.model import build_model
 from upernet_ref.training.schedule import poly_lr
-from upernet_ref.training.trainer import NonFiniteLossError, train
+from upernet_ref.training.trainer import NonFiniteLossError
 
 
 class TinyScenes(torch.utils.data.Dataset):
@@ -61,7 +61,7 @@ def small_cfg(**changes):
 
 def run(cfg, out, **kw):
     kw.setdefault("train_dataset", TinyScenes())
-    return train(cfg, out_dir=out, validate=False, progress=False, tensorboard=False,
+    return run_training(cfg, out_dir=out, validate=False, progress=False, tensorboard=False,
                  log=lambda *_: None, **kw)
 
 
@@ -112,7 +112,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = small_cfg(**{"train.checkpoint_interval": 2})
-    real_loss = step_mod.segmentation_loss
+    real_loss = trainer_mod.segmentation_loss
     calls = {"n": 0}
 
     def loss_with_nan(outputs, target, train_cfg, ignore_index=255):
@@ -122,7 +122,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
             total = total * float("nan")
         return total, parts
 
-    monkeypatch.setattr(step_mod, "segmentation_loss", loss_with_nan)
+    monkeypatch.setattr(trainer_mod, "segmentation_loss", loss_with_nan)
     with pytest.raises(NonFiniteLossError, match="iteration 4"):
         run(cfg, tmp_path, max_iters=10)
     ckpt = read_checkpoint_file(tmp_path / "last.pt")
@@ -135,8 +135,8 @@ def test_non_finite_batchnorm_statistics_stop_the_run_before_they_are_saved(tmp_
     """A diverging run can keep a finite loss while BN's running_var overflows (the loss uses
     the batch's statistics): the run stops like a non-finite loss, last.pt stays good."""
     cfg = small_cfg(**{"train.checkpoint_interval": 2})
-    built, real_loss, calls = [], step_mod.segmentation_loss, {"n": 0}
-    monkeypatch.setattr(train_mod, "build_model", lambda c: built.append(build_model(c)) or built[-1])
+    built, real_loss, calls = [], trainer_mod.segmentation_loss, {"n": 0}
+    monkeypatch.setattr(train_cli, "build_model", lambda c: built.append(build_model(c)) or built[-1])
 
     def loss_then_overflow(outputs, target, train_cfg, ignore_index=255):
         calls["n"] += 1
@@ -145,7 +145,7 @@ def test_non_finite_batchnorm_statistics_stop_the_run_before_they_are_saved(tmp_
             bn.running_var = torch.full_like(bn.running_var, float("inf"))
         return real_loss(outputs, target, train_cfg, ignore_index)
 
-    monkeypatch.setattr(step_mod, "segmentation_loss", loss_then_overflow)
+    monkeypatch.setattr(trainer_mod, "segmentation_loss", loss_then_overflow)
     with pytest.raises(NonFiniteLossError, match=r"after iteration 4 \(1 tensor\(s\): "
                                                  r"decode_head.fuse.bn.running_var\)") as info:
         run(cfg, tmp_path, max_iters=10)
@@ -164,7 +164,7 @@ def test_bad_samples_are_skipped_and_counted_across_dataloader_workers(tmp_path)
     stale.write_bytes(b"PK half a checkpoint")
     cfg = small_cfg(**{"data.dataset": "folder", "data.num_classes": 3, "data.on_bad": "skip",
                        "data.num_workers": 2})
-    result = train(cfg, data_root=str(root), out_dir=tmp_path / "run", max_iters=2,
+    result = run_training(cfg, data_root=str(root), out_dir=tmp_path / "run", max_iters=2,
                    validate=False, progress=False, tensorboard=False, log=lambda *_: None)
     assert result.iteration == 2 and not stale.exists()
     assert list(result.skipped) == [f"image {root}/images/train/img1.jpg, label "
@@ -173,7 +173,7 @@ def test_bad_samples_are_skipped_and_counted_across_dataloader_workers(tmp_path)
     record = [r for r in read_log(tmp_path / "run" / "log.jsonl") if r["kind"] == "data"]
     assert record[0]["skipped"] == 1 and record[0]["skipped_samples"] == result.skipped
     with pytest.raises(ValueError, match="data.on_bad must be 'raise' or 'skip', got 'ignore'"):
-        train(override(cfg, ["data.on_bad=ignore"]), data_root=str(root), out_dir=tmp_path / "r2",
+        run_training(override(cfg, ["data.on_bad=ignore"]), data_root=str(root), out_dir=tmp_path / "r2",
               max_iters=1, progress=False, log=lambda *_: None)
 
 
@@ -204,7 +204,7 @@ def test_the_final_checkpoint_is_written_before_the_final_validation(tmp_path):
             seen.append(read_checkpoint_file(last)["iteration"] if last.exists() else None)
 
     cfg = small_cfg(**{"train.val_interval": 2})  # checkpoint_interval stays 100
-    result = train(cfg, out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
+    result = run_training(cfg, out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
                    log=lambda *_: None, train_dataset=TinyScenes(),
                    val_dataset=TinyScenes(n=2, on_get=at_validation))
     # set-up looks at item 0 once (a raw val set is refused before training); then iteration 2:
@@ -224,7 +224,7 @@ def test_a_raw_val_set_is_refused_before_training(tmp_path):
     from upernet_ref.demo_scenes import DemoScenes
     from upernet_ref.errors import found_before_work
     with pytest.raises(ValueError, match=r"transform=test_transform\(cfg.data\)") as raised:
-        train(small_cfg(), out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
+        run_training(small_cfg(), out_dir=tmp_path, max_iters=3, progress=False, tensorboard=False,
               log=lambda *_: None, train_dataset=TinyScenes(), val_dataset=DemoScenes("val"))
     assert found_before_work(raised.value)  # `upernet train` exits 2: the user's input
     assert not (tmp_path / "last.pt").exists()

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from upernet_ref.errors import UperNetError
+from upernet_ref.training.runtime import non_finite_tensors
 
 SOURCES = ("upernet_ref", "sssegmentation", "mmsegmentation", "torchvision", "mmcls")
 
@@ -322,12 +323,6 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
         parts = [block("missing keys", missing), block("unexpected keys", unexpected),
                  block("shape mismatches", mismatched)]
         raise CheckpointError(f"{where} does not fit the model:\n" + "\n".join(p for p in parts if p))
-
-
-def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
-    """Names of the floating-point tensors in `state_dict` holding a NaN or an infinity."""
-    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)
-            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,

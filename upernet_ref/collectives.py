@@ -68,8 +68,7 @@ def resolve_device(name: str | None, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device: str | None = None) -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE > 1; a single process otherwise."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
+    rank, world_size = launch_rank_and_world()
     local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     owns_group = False
@@ -91,6 +90,19 @@ def cleanup(info: DistInfo | None = None) -> None:
         return
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, number of processes) in the process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launch_rank_and_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun set them ((0, 1) without torchrun): what a command knows
+    before the process group exists or after it ended (its error report)."""
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
 
 
 def barrier() -> None:

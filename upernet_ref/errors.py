@@ -51,3 +51,10 @@ def before_work() -> typing.Iterator[None]:
 def found_before_work(err: BaseException) -> bool:
     """Whether `err` was raised inside a `before_work()` block (or is a `UsageError`)."""
     return isinstance(err, UsageError) or bool(getattr(err, "before_work", False))
+
+
+class NonFiniteLossError(UperNetError, RuntimeError):
+    """The loss (or a weight) became NaN or infinite; training stopped before applying that
+    update or writing anything non-finite (exit 3)."""
+
+    exit_code = 3

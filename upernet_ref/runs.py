@@ -195,6 +195,10 @@ class StopFlag:
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
               f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
 
+    def reason(self) -> str | None:
+        """The signal's name ("SIGTERM") once one arrived, else None (the loop's `should_stop`)."""
+        return signal.Signals(self.signum).name if self.signum else None
+
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

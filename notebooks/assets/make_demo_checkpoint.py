@@ -27,7 +27,7 @@ from upernet_ref.data.transforms import test_transform
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.upernet import build_model
 from upernet_ref.checkpoints import load_weights
-from upernet_ref.training.trainer import train
+from upernet_ref.cli.train import run_training
 
 OUT = Path(__file__).resolve().parent / "upernet_small_demo.safetensors"
 
@@ -36,7 +36,7 @@ def main() -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = get_config(DEMO_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(cfg, out_dir=Path(tmp) / "run", device="cpu", max_iters=DEMO_ITERS,
+        result = run_training(cfg, out_dir=Path(tmp) / "run", device="cpu", max_iters=DEMO_ITERS,
                        progress=False, tensorboard=False, handle_signals=False)
         model = build_model(cfg)
         load_weights(model, result.last_checkpoint)

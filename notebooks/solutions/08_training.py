@@ -47,11 +47,11 @@ from upernet_ref.training.data_order import GlobalBatchOrder, batch_decompositio
 from upernet_ref.runs import plot_curves, read_log
 from upernet_ref.model import build_model
 from upernet_ref.demo_scenes import DemoScenes
-from upernet_ref.training.trainer import train
+from upernet_ref.cli.train import run_training
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.training.schedule import build_optimizer, build_scheduler
-from upernet_ref.training.step import train_step
+from upernet_ref.training.trainer import train_step
 
 _ = torch.manual_seed(0)
 device = course.pick_device()
@@ -86,7 +86,7 @@ print("process 1 of 2, per-device 2, its 2 micro-batches:",
 # weight decay on every parameter: $d = g + \lambda p$, $b \leftarrow 0.9\,b + d$,
 # $p \leftarrow p - \mathrm{lr}\,b$, with the poly lr of this iteration. Written out, it must give
 # the same losses and the same parameters after a few steps as the package's training step,
-# `training.step.train_step` (the one the trainer repeats), with `build_optimizer` and
+# `training.trainer.train_step` (the one the trainer repeats), with `build_optimizer` and
 # `build_scheduler`, driving an identical copy of the model on the same batches (dropout draws
 # seeded alike):
 
@@ -154,8 +154,8 @@ print(f"{steps} steps: the same losses, and all {len(package_model.state_dict())
 # (speeds and times vary)
 out_dir = Path(tempfile.mkdtemp()) / "run"
 val_set = DemoScenes("val", num_samples=20, transform=test_transform(cfg.data))
-result = train(cfg, out_dir=out_dir, device=device, max_iters=40, progress=False,
-               val_dataset=val_set, tensorboard=False)
+result = run_training(cfg, out_dir=out_dir, device=device, max_iters=40, progress=False,
+                      val_dataset=val_set, tensorboard=False)
 
 # %%
 records = read_log(out_dir / "log.jsonl")
@@ -208,9 +208,9 @@ plt.show()
 # (speeds vary)
 tiny = configs.override(cfg, {"train.log_interval": 1})
 split_dir = Path(tempfile.mkdtemp())
-a = train(tiny, out_dir=split_dir / "full", device=device, max_iters=4, progress=False, validate=False, tensorboard=False)
-b1 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=4, stop_at=2, progress=False, validate=False, tensorboard=False)
-b2 = train(tiny, out_dir=split_dir / "split", device=device, max_iters=4, resume=True, progress=False, validate=False, tensorboard=False)
+a = run_training(tiny, out_dir=split_dir / "full", device=device, max_iters=4, progress=False, validate=False, tensorboard=False)
+b1 = run_training(tiny, out_dir=split_dir / "split", device=device, max_iters=4, stop_at=2, progress=False, validate=False, tensorboard=False)
+b2 = run_training(tiny, out_dir=split_dir / "split", device=device, max_iters=4, resume=True, progress=False, validate=False, tensorboard=False)
 
 # %%
 print(f"uninterrupted: {len(a.losses)} iterations | stopped at {b1.iteration} | resumed to {b2.iteration}")
@@ -291,8 +291,8 @@ if device.type == "cuda":
     from upernet_ref.data.transforms import train_transform
     real = configs.override(configs.get_config("upernet_r50_os8_ade20k"), {"train.log_interval": 1, "train.amp": "bf16"})
     scenes = DemoScenes("train", size=(384, 512), transform=train_transform(real.data))
-    gpu_run = train(real, out_dir=Path(tempfile.mkdtemp()), device=device, stop_at=5,
-                    train_dataset=scenes, validate=False, progress=False, tensorboard=False)
+    gpu_run = run_training(real, out_dir=Path(tempfile.mkdtemp()), device=device, stop_at=5,
+                           train_dataset=scenes, validate=False, progress=False, tensorboard=False)
     print("per-device batch", gpu_run.per_device_batch, "x accumulation", gpu_run.accumulation,
           "| losses", [round(x, 3) for x in gpu_run.losses])
 else:
@@ -353,7 +353,7 @@ course.check_segmentation_loss(training_loss)
 #
 # ## Going further
 #
-# 1. Run `upernet demo` (or `train(cfg)` with the full 300 iterations) and compare its mIoU with
+# 1. Run `upernet demo` (or `run_training(cfg)` with the full 300 iterations) and compare its mIoU with
 #    the 40-iteration run here.
 # 2. Train with `per_device_batch=4` (2 accumulation steps). Are the losses identical? Why not
 #    (hint: BatchNorm statistics)?

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from upernet_ref.evaluation.evaluate import evaluate
     from upernet_ref.evaluation.metrics import format_table
     from upernet_ref.demo_scenes import DemoScenes
-    from upernet_ref.training.trainer import train
+    from upernet_ref.cli.train import run_training
 
     start = time.perf_counter()
     if not args.no_summary:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     print(f"Training {cfg.name} on the embedded demo scenes ({len(DemoScenes('train'))} train "
           f"images, {cfg.data.num_classes} classes), {args.max_iters or cfg.train.max_iters} iterations:")
-    result = train(cfg, out_dir=run_dir, device=args.device, max_iters=args.max_iters,
+    result = run_training(cfg, out_dir=run_dir, device=args.device, max_iters=args.max_iters,
                    progress=False if args.no_progress else None)
     if result.interrupted:
         return 130

@@ -21,7 +21,8 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.files import write_text
 from upernet_ref.evaluation.metrics import format_table
-from upernet_ref.evaluation.evaluate import (_world, evaluate)
+from upernet_ref.collectives import rank_and_world
+from upernet_ref.evaluation.evaluate import evaluate
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,14 +175,19 @@ def results_path(args: argparse.Namespace, cfg: Config, split: str) -> Path:
         return check_writable_folder(Path.cwd(), "current folder (for the results file)") / name
 
 
+def _bar(items: typing.Iterable, count: int) -> typing.Iterable:
+    from tqdm import tqdm
+    return tqdm(items, total=count, desc="eval", unit="img", leave=False)
+
+
 def _run(args: argparse.Namespace, device: torch.device) -> int:
     with before_work():
         model, cfg = load_model(args, device)
-        from upernet_ref.data.datasets import build_dataset
         from upernet_ref.data.transforms import test_transform
+        from upernet_ref.demo_scenes import dataset_for
         split = args.split or cfg.data.val_split
-        dataset = build_dataset(cfg, split, args.data_root, test_transform(cfg.data))
-        rank, world = _world()
+        dataset = dataset_for(cfg, split, args.data_root, test_transform(cfg.data))
+        rank, world = rank_and_world()
         json_path = results_path(args, cfg, split) if rank == 0 else None
 
     if rank == 0:
@@ -190,7 +196,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
               f"({count}) on {device}" + (" (fast path)" if args.fast else "")
               + (f" and {world - 1} more process(es)" if world > 1 else ""))
-    result = evaluate(model, dataset, cfg, device, progress=not args.no_progress,
+    result = evaluate(model, dataset, cfg, device, progress=None if args.no_progress else _bar,
                       num_workers=args.num_workers, limit=args.limit)
     if rank != 0:
         return 0

@@ -19,7 +19,7 @@ from upernet_ref.errors import before_work
 from upernet_ref.files import write_text
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
 
-EPILOG = ("The estimate runs two of the trainer's own steps (step.train_step) on fake tensors "
+EPILOG = ("The estimate runs two of the trainer's own steps (trainer.train_step) on fake tensors "
           "while torch's memory tracker follows every tensor. Read it as a lower bound: it leaves "
           "out the CUDA context (~0.5 GB), cuDNN / cuBLAS workspaces, allocator fragmentation, "
           "DDP's gradient buckets and torch.compile's intermediates (upernet_ref/perf/memory.py "

@@ -1,6 +1,6 @@
 """`upernet predict`: segmentation maps for images, as index PNGs, colour PNGs and overlays.
 
-The library side is `upernet_ref.evaluation.predict`.
+The library side is `upernet_ref.predictions`.
 """
 from __future__ import annotations
 import argparse
@@ -12,7 +12,7 @@ from upernet_ref.cli.eval import add_inference_arguments, load_model
 from upernet_ref.cli.common import check_writable_folder, command
 from upernet_ref.data.images import IMAGE_SUFFIXES, read_image
 from upernet_ref.errors import DataError, UsageError, before_work
-from upernet_ref.evaluation.predict import (class_names_and_palette, describe_prediction,
+from upernet_ref.predictions import (class_names_and_palette, describe_prediction,
                                             find_images, output_clashes, predict_image,
                                             save_prediction)
 

@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode
 
 from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, read_image
-from upernet_ref.errors import DataError, UsageError
+from upernet_ref.errors import DataError
 from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
                               CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
                               IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, describe_values, label_lut,
@@ -395,18 +395,11 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
 
 def build_dataset(cfg, split: str, root: str | Path | None = None,
                   transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
-    """The dataset named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder", "hf",
-    "demo"); `root` as in `open_dataset`, not needed for the embedded "demo" scenes."""
+    """The dataset on disk named by `cfg.data.dataset` ("voc", "ade20k", "cityscapes", "folder",
+    "hf"); `root` as in `open_dataset`. (The embedded "demo" scenes are generated, not read: the
+    commands build them with `demo_scenes.dataset_for`.)"""
     if on_bad not in ("raise", "skip"):
         raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {on_bad!r}")
-    if cfg.data.dataset == "demo":
-        from upernet_ref.demo_scenes import DEMO_CLASSES, DemoScenes
-        if cfg.data.num_classes != len(DEMO_CLASSES):  # its labels are 0..7: a loss would fail
-            raise UsageError(f"the demo scenes have {len(DEMO_CLASSES)} classes, but "
-                             f"{cfg.name} has data.num_classes={cfg.data.num_classes}; use "
-                             f"--data.num_classes={len(DEMO_CLASSES)} (and model.num_classes), "
-                             f"or train on a dataset with {cfg.data.num_classes} classes")
-        return DemoScenes(split, transform=transform)
     if root is None:
         raise ValueError(f"dataset {cfg.data.dataset!r} needs its folder: --data-root DIR "
                          f"(layouts in data/README.md)")

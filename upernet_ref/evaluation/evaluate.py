@@ -22,19 +22,13 @@ import time
 import typing
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from upernet_ref.collectives import all_gather_object, rank_and_world
 from upernet_ref.configs import Config
 from upernet_ref.errors import DataError
 from upernet_ref.evaluation.inference import predict_labels
 from upernet_ref.evaluation.metrics import ConfusionMatrix
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _first(batch: list) -> typing.Any:  # DataLoader collate for batch_size=1, sizes vary
@@ -101,7 +95,8 @@ def describe_protocol(cfg: Config, subset: tuple[int, int] | None = None) -> str
 
 
 def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
-             device: str | torch.device | None = None, *, progress: bool = True,
+             device: str | torch.device | None = None, *,
+             progress: typing.Callable[[typing.Iterable, int], typing.Iterable] | None = None,
              num_workers: int | None = None, limit: int | None = None) -> dict[str, typing.Any]:
     """mIoU / mAcc / aAcc (fractions) and per-class IoU / Acc of `model` over `dataset`.
 
@@ -113,6 +108,8 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
             another one is another configuration, e.g. `configs.override(cfg, {"test.flip":
             True})`), `cfg.data` gives the ignore index, the number of classes and `on_bad`.
         device: where to run (default: the model's device).
+        progress: `progress(items, count)` wraps this process's items, e.g. in a progress bar
+            (`upernet eval`'s tqdm); rank 0 only.
         limit: evaluate only the first `limit` images (quick checks).
 
     Returns the `metrics.summarize` dict plus `protocol` (a sentence), `mode`, `scales`, `flip`,
@@ -128,7 +125,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     model_was_training = model.training
     model.to(device).eval()
 
-    rank, world = _world()
+    rank, world = rank_and_world()
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
     total = len(dataset) if limit is None else min(limit, len(dataset))
@@ -142,8 +139,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     skipped: dict[str, str] = {}
     items = loader
     if progress and rank == 0:
-        from tqdm import tqdm
-        items = tqdm(loader, total=len(shard), desc=f"eval ({test.mode})", unit="img", leave=False)
+        items = progress(loader, len(shard))
     try:
         for item in items:
             if isinstance(item, SkippedItem):
@@ -159,7 +155,6 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result = cm.summary()
-    from upernet_ref.collectives import all_gather_object
     skipped = {k: v for part in all_gather_object(skipped) for k, v in part.items()}
     result.update(
         protocol=describe_protocol(cfg, None if total == len(dataset) else (total, len(dataset))),

@@ -11,9 +11,30 @@ import typing
 import torch
 from torch import nn
 
+from upernet_ref.collectives import DistInfo, all_reduce_max, use_sync_bn
 from upernet_ref.configs import Config
+from upernet_ref.training.data_order import batch_decomposition
+from upernet_ref.training.runtime import grad_scaler
 from upernet_ref.training.schedule import build_optimizer
-from upernet_ref.training.step import train_step
+from upernet_ref.training.trainer import train_step
+
+
+def probe_per_device_batch(model: nn.Module, cfg: Config, info: DistInfo) -> int | None:
+    """What `upernet train` gives the loop as its per-device batch when none is asked for: on
+    CUDA the largest that fits (`choose_per_device_batch`, on the model placed as it will train),
+    the same on every process (the smallest); None elsewhere (the loop takes the whole share)."""
+    if info.device.type != "cuda":
+        return None
+    share = batch_decomposition(cfg.train.batch_size, info.world_size)[0]
+    sync_bn = use_sync_bn(cfg.train.norm, info.world_size, info.device)
+    model.to(info.device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    # plain BN needs 2 images: the PPM's 1x1 pooled branch has one value per channel per image
+    chosen = choose_per_device_batch(model, cfg, info.device, share, 1 if sync_bn else 2)
+    if info.distributed:  # every process must use the same: take the smallest
+        chosen = -int(all_reduce_max(torch.tensor([-chosen], device=info.device)).item())
+    return chosen
 
 
 def largest_fitting_batch(candidates: typing.Iterable[int],
@@ -41,7 +62,7 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
     step fits in memory.
 
     On CPU: the full share (memory is rarely the limit there). On CUDA: run the trainer's own
-    step (`step.train_step`: forward, the configuration's loss, backward, the SGD update with its
+    step (`trainer.train_step`: forward, the configuration's loss, backward, the SGD update with its
     momentum buffers) on random data at the crop size for each divisor, largest first. A batch
     fits if it does not run out of memory and its peak, plus what DDP adds later (its gradient
     buckets, about one more copy of the weights), stays under `headroom` of the device's memory.
@@ -59,7 +80,7 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
 
     def fits(batch: int) -> bool:
         optimizer = build_optimizer(model, cfg.train)  # fresh: no momentum left from a probe
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+        scaler = grad_scaler(cfg.train.amp, device)
         images = masks = None
         if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
             for m in batch_norms:  # so probe it with running statistics: the same memory

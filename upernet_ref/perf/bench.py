@@ -12,7 +12,7 @@ What is measured (per configuration, input size and batch):
   untimed ones (`torch.no_grad`, eval mode; CUDA synchronised); images/s = batch / latency.
   Also the median process CPU time per batch (`time.process_time`, all threads): on a shared
   machine the wall time includes waiting for other processes, the CPU time does not.
-- Training: the trainer's own step (`step.train_step`: forward in train mode with the auxiliary
+- Training: the trainer's own step (`trainer.train_step`: forward in train mode with the auxiliary
   head under the configuration's autocast, its loss with class weights / OHEM / loss weights /
   ignore index, backward, its SGD from `schedule.build_optimizer`), timed the same way; train
   images/s = train batch / step time. BatchNorm in train mode needs > 1 value per channel at the
@@ -63,7 +63,7 @@ from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_sum
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.perf.hardware import device_peak_tflops, machine_info
 from upernet_ref.training.schedule import build_optimizer
-from upernet_ref.training.step import train_step
+from upernet_ref.training.trainer import train_step
 
 
 def model_flops_utilization(gmacs: float, images_per_s: float | None,
@@ -243,7 +243,7 @@ def paired_speedup(eager: TimedPath, fast: TimedPath, prefix: str = "") -> dict[
 def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      device: torch.device, cfg: Config,
                      settings: FastSettings | None = None) -> tuple[TimedPath, dict[str, typing.Any]]:
-    """The trainer's own step (`step.train_step`) as a timed path: the configuration's loss
+    """The trainer's own step (`trainer.train_step`) as a timed path: the configuration's loss
     (class weights, OHEM, loss weights, ignore index), autocast and channels_last, and its SGD
     (`schedule.build_optimizer`). With `settings`, the fast path's choices override those
     (`FastSettings.train_overrides`). Returns the path and its description

@@ -6,7 +6,7 @@
 
 Will the published per-GPU batch (16 images over 8 GPUs = 2 per GPU; 1 for Cityscapes) fit on
 my GPU, and how large a batch fits on one 80 GB GPU? The answer is computed on any machine, in
-seconds, by running two of the trainer's own steps (`step.train_step`: the real model, loss and
+seconds, by running two of the trainer's own steps (`trainer.train_step`: the real model, loss and
 optimizer) on *fake* tensors
 (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no data, no arithmetic) while torch's
 memory tracker (`torch.distributed._tools.mem_tracker.MemTracker`) follows every tensor's
@@ -74,7 +74,7 @@ def _estimate(cfg: Config, batch: int, size: tuple[int, int], amp: str) -> Memor
 
     from upernet_ref.model.upernet import build_model
     from upernet_ref.training.schedule import build_optimizer
-    from upernet_ref.training.step import train_step
+    from upernet_ref.training.trainer import train_step
 
     h, w = size
     cfg = configs.override(cfg, {"train.amp": amp})

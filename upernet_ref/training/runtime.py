@@ -1,10 +1,9 @@
 """The training process's run-time state: seeds, determinism, RNG snapshots, mixed precision.
 
-These are the pieces of `train.py` that are not the loop itself. Each serves one promise of the
-trainer: runs are repeatable (`seed_everything`, `set_deterministic`), a resumed
-run continues exactly where it stopped (`rng_state` / `set_rng_state`, saved for every process),
-the published global batch is kept on whatever memory there is (`choose_per_device_batch`), and
-no work is lost when a job is pre-empted (`StopFlag`).
+Each serves one promise of the loop (`trainer.train`): runs are repeatable (`seed_everything`,
+`set_deterministic`), a resumed run continues exactly where it stopped (`rng_state` /
+`set_rng_state`, saved for every process), nothing non-finite is ever saved
+(`check_finite_state`), and `train.amp` means one thing everywhere (`autocast`, `grad_scaler`).
 """
 from __future__ import annotations
 
@@ -17,6 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from upernet_ref.errors import NonFiniteLossError
+
+
+def non_finite_tensors(state_dict: typing.Mapping[str, typing.Any]) -> list[str]:
+    """Names of the floating-point tensors in `state_dict` holding a NaN or an infinity."""
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor)
+            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def check_finite_state(model: nn.Module, iteration: int, kept: str) -> None:
@@ -30,8 +36,6 @@ def check_finite_state(model: nn.Module, iteration: int, kept: str) -> None:
     tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         return
-    from upernet_ref.checkpoints import non_finite_tensors
-    from upernet_ref.training.step import NonFiniteLossError  # step imports this module
     bad = non_finite_tensors(model.state_dict())
     raise NonFiniteLossError(
         f"non-finite weights or BatchNorm statistics after iteration {iteration} "
@@ -46,12 +50,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool, device: torch.device) -> None:
-    """Deterministic kernels (and seeded data order) for bit-for-bit repeatable runs.
+def set_deterministic(enabled: bool, device: torch.device) -> tuple:
+    """Deterministic kernels (and seeded data order) for bit-for-bit repeatable runs; returns
+    the flags as they were, for `restore_deterministic`.
 
     On CUDA some backward kernels used here (bilinear upsampling, adaptive pooling) have no
     deterministic version; `warn_only=True` keeps them with a warning instead of failing.
     """
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -60,21 +68,24 @@ def set_deterministic(enabled: bool, device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = enabled
         torch.backends.cudnn.benchmark = not enabled
+    return before
+
+
+def restore_deterministic(before: tuple) -> None:
+    """Put back every global flag `set_deterministic` touched (torch's deterministic-algorithms
+    switch, cuDNN's deterministic and benchmark flags)."""
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
 @contextlib.contextmanager
 def deterministic_mode(enabled: bool, device: torch.device) -> typing.Iterator[None]:
-    """`set_deterministic` for the duration of a block; every global flag it touches (torch's
-    deterministic-algorithms switch, cuDNN's deterministic and benchmark flags) is put back."""
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    set_deterministic(enabled, device)
+    """`set_deterministic` for the duration of a block, then every flag put back."""
+    before = set_deterministic(enabled, device)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        restore_deterministic(before)
 
 
 def rng_state() -> dict[str, typing.Any]:
@@ -122,3 +133,8 @@ def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManage
     if amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
     return autocast_to(device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def grad_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """The AMP gradient scaler of `train.amp`: active for fp16 only (bf16 has float32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")

@@ -1,4 +1,4 @@
-"""`upernet predict`: segmentation maps for images, as index PNGs, colour PNGs and overlays.
+"""Predictions for image files (`upernet predict`): index PNGs, colour PNGs and overlays.
 
     upernet predict --checkpoint runs/demo/last.pt --out preds photo.jpg folder/
     upernet predict --checkpoint upernet_r50_ade20k.pth --config upernet_r50_os8_ade20k \
