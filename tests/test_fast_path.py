@@ -1,6 +1,8 @@
 """BatchNorm folding is exact, and the fast inference path agrees with fp32 eager (issue 6)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,11 @@ from PIL import Image
 from torch import nn
 
 from upernet_ref import build_model, configs
-from upernet_ref.perf.fast import (BF16_FLOAT32_MODULES, Float32, count_batchnorms,
-                              cuda_autocast_dtype, default_fast_settings, fast_inference_model,
-                              fold_batchnorm, fold_conv_bn, keep_float32)
+from upernet_ref.perf import fast as fast_module
+from upernet_ref.perf.fast import (BF16_FLOAT32_MODULES, CPU_COMPILE_AFTER_S, Float32,
+                                   compile_rule, count_batchnorms, cuda_autocast_dtype,
+                                   default_fast_settings, fast_inference_model, fold_batchnorm,
+                                   fold_conv_bn, keep_float32)
 from upernet_ref.demo_scenes import DemoScenes
 
 from shared_paths import REALDATA
@@ -84,9 +88,27 @@ def test_fast_model_float32_is_exact_and_returns_float32(model):
 
 def test_default_settings_are_documented_rules():
     cpu = default_fast_settings("cpu")
-    assert cpu.channels_last and not cpu.compile
+    assert cpu.channels_last
     assert cpu.dtype in (None, torch.bfloat16)
     assert cpu.float32_modules == (BF16_FLOAT32_MODULES if cpu.dtype is not None else ())
+    compiles, why = compile_rule("cpu")
+    assert cpu.compile == cpu.freezing == compiles and why
+    assert cpu.compile_after_s == (CPU_COMPILE_AFTER_S if compiles else 0.0)
+    assert cpu.train_overrides()["train.compile"] is False  # measured slower on the CPU
+
+
+def test_compile_rule_needs_a_cpp_compiler_and_an_x86_vector_unit(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(fast_module, "cpp_compiler", lambda: None)
+    assert compile_rule("cpu") == (False, "no C++ compiler on PATH (g++/c++/clang++): "
+                                          "inductor cannot build kernels")
+    monkeypatch.setattr(fast_module, "cpp_compiler", lambda: "/usr/bin/g++")
+    assert compile_rule("cpu")[0] is True
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert compile_rule("cpu")[0] is False
+    assert default_fast_settings("cpu").compile is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert compile_rule("cpu")[0] is True and "freezing" in compile_rule("cpu")[1]
 
 
 def test_cuda_dtype_is_bf16_only_with_bf16_tensor_cores():
@@ -106,7 +128,7 @@ def _broken_compile(error: Exception):
 def test_fast_model_runs_uncompiled_when_compile_fails(model, monkeypatch):
     """E.g. a GPU machine without Triton or a C compiler: a warning, not a crash."""
     monkeypatch.setattr(torch, "compile", _broken_compile(RuntimeError("no C compiler\n...")))
-    fast = fast_inference_model(model, "cpu", dtype=None, compile=True)
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=True, compile_after_s=0)
     assert fast.settings.compile and fast.compile_error is None
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
@@ -120,10 +142,78 @@ def test_fast_model_runs_uncompiled_when_compile_fails(model, monkeypatch):
 
 def test_fast_model_does_not_hide_out_of_memory(model, monkeypatch):
     monkeypatch.setattr(torch, "compile", _broken_compile(torch.cuda.OutOfMemoryError("OOM")))
-    fast = fast_inference_model(model, "cpu", dtype=None, compile=True)
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=True, compile_after_s=0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         fast(torch.randn(1, 3, 64, 64))
     assert fast.compile_error is None
+
+
+def _counting_compile(calls: list, extra_cpu_s: float = 0.0):
+    """A stand-in for torch.compile: runs the model, records each call's input shape, and
+    optionally burns `extra_cpu_s` of CPU time (a compiled shape that is slower)."""
+    def compile(model, **kwargs):
+        assert kwargs.get("dynamic") is False  # one static graph per shape
+
+        def run(images):
+            import torch._inductor.config
+            compiling = tuple(images.shape) not in calls
+            calls.append(tuple(images.shape))
+            assert torch._inductor.config.freezing == compiling  # only while compiling
+            end = time.process_time() + extra_cpu_s
+            while time.process_time() < end:
+                pass
+            return model(images)
+        return run
+    return compile
+
+
+def test_a_shape_is_compiled_once_its_uncompiled_calls_cost_a_compile(model, monkeypatch):
+    """Rent, then buy: no compile for the first calls of a shape, nor ever for a shape whose
+    uncompiled calls stay cheap; at most MAX_COMPILED_SHAPES shapes."""
+    calls: list = []
+    monkeypatch.setattr(torch, "compile", _counting_compile(calls))
+    x = torch.randn(1, 3, 32, 32)
+    never = fast_inference_model(model, "cpu", dtype=None, compile=True, compile_after_s=1e9)
+    for _ in range(3):
+        never(x)
+    assert calls == [] and never.compiled_shapes == [] and never.compile_s == 0.0
+    assert never.uncompiled_s[(1, 3, 32, 32)] > 0
+    soon = fast_inference_model(model, "cpu", dtype=None, compile=True, compile_after_s=1e-9)
+    soon(x)  # uncompiled: nothing was spent on this shape yet
+    assert calls == []
+    out = soon(x)["out"]  # now compiled
+    assert calls == [(1, 3, 32, 32)] and soon.compiled_shapes == [(1, 3, 32, 32)]
+    assert soon.compile_s > 0 and "torch.compile with freezing" in soon.settings.describe()
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x)["out"], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(fast_module, "MAX_COMPILED_SHAPES", 2)
+    for size in (40, 48, 56):
+        y = torch.randn(1, 3, size, size)
+        soon(y), soon(y)
+    assert soon.compiled_shapes == [(1, 3, 32, 32), (1, 3, 40, 40)]  # 48, 56: uncompiled
+    assert calls.count((1, 3, 48, 48)) == calls.count((1, 3, 56, 56)) == 0
+
+
+def test_a_compiled_shape_that_is_slower_goes_back_to_uncompiled(model, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(torch, "compile", _counting_compile(calls, extra_cpu_s=0.3))
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=True, compile_after_s=1e-9)
+    x = torch.randn(1, 3, 32, 32)
+    for _ in range(5):  # uncompiled, compiling, 2 compiled (slower), uncompiled again
+        fast(x)
+    assert fast.slower_shapes == [(1, 3, 32, 32)] and len(calls) == 3
+
+
+def test_compiled_fast_path_with_freezing_agrees_with_eager(trained):
+    """The real inductor CPU path (freezing, bf16 where native): the trained demo checkpoint's
+    argmax on demo val images as fp32 eager's on >= 99.9% of the pixels."""
+    if not compile_rule("cpu")[0]:
+        pytest.skip(compile_rule("cpu")[1])
+    images = demo_images(n=4, size=(64, 96))
+    fast = fast_inference_model(trained, "cpu", compile=True, compile_after_s=0)
+    result = agreement(trained, fast, images)
+    assert fast.compiled_shapes == [tuple(images.shape)] and fast.compile_error is None
+    assert result["all"] >= 0.999 and result["max_abs_diff"] > 0
 
 
 def test_keep_float32_runs_the_module_in_float32_under_autocast():

@@ -3,6 +3,7 @@
 
     upernet bench --config upernet_r50_os8_ade20k --mode both --fast --repeats 5
     upernet bench --config upernet_r50_os8_ade20k --mode train --train.amp=bf16
+    upernet bench --config upernet_r50_os8_ade20k --fast --int8 --repeats 3
 
 The library side is `upernet_ref.perf.bench`.
 """
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         default="auto", help="fast path autocast dtype (auto: per device)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="fast path torch.compile (auto: per device)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time the int8 path (CPU: PT2E quantization, inductor x86 "
+                             "kernels; needs torchao) and measure the fp32 / fast / int8 "
+                             "argmax agreement and mIoU on the demo checkpoint")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed runs before timing (default: 1)")
     parser.add_argument("--repeats", type=positive_int, default=3,
@@ -52,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     with before_work():
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+        if args.int8 and not args.device.startswith("cpu"):
+            raise UsageError(f"--int8 runs on the CPU only (inductor's x86 int8 kernels), not "
+                             f"--device {args.device}")
+        if args.int8:
+            from upernet_ref.perf.int8 import pt2e_tools
+            try:
+                pt2e_tools()
+            except ImportError as err:
+                raise UsageError(f"--int8: {err}") from None
         if args.threads:
             torch.set_num_threads(args.threads)
         cfg = get_config(args.config, overrides)
@@ -59,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             check_writable_folder(Path(args.json).parent, "--json")
     result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,
                        args.warmup, args.repeats, args.dtype, args.compile,
-                       peak_tflops=args.peak_tflops)
+                       peak_tflops=args.peak_tflops, int8=args.int8)
     print(format_table(result))
     if args.json:
         path = Path(args.json)

@@ -35,6 +35,18 @@ What is measured (per configuration, input size and batch):
   set size (Linux VmHWM, reset before each call by writing 5 to /proc/self/clear_refs) - the
   resident set size before it; falls back to `ru_maxrss` when the peak cannot be reset. So the
   figure of one path does not count the other path's weights, resident while they interleave.
+- `--int8`: a third interleaved inference path, the int8 model (`int8.int8_inference_model`:
+  PT2E quantization with the x86 inductor quantizer, calibrated on a few batches, compiled with
+  freezing), and its accuracy next to fp32 and the bf16 fast path on the committed demo
+  checkpoint (`demo_checkpoint_accuracy`: argmax agreement with fp32 eager and mIoU on the demo
+  val images), since the benchmark's own model has random weights, whose argmax means nothing.
+- Compile cost: the fast path is compiled on its first call here (`compile_after_s=0`), never
+  timed; `compile_s` is that call, `break_even_images` how many images the compiled path must
+  process before its speed-up has paid for the compile (compile_s / (eager - fast) s per image);
+  `compile_rule` says why the device compiles or not (`fast.compile_rule`).
+- Fraction of the peak (CPU): achieved FLOP/s over an *estimate* of the processor's peak for
+  the arithmetic of the path (`hardware.cpu_peak`: cores x clock x FLOP per cycle from the
+  detected vector features): fp32 for eager, bf16 for the bf16 fast path, int8 ops for int8.
 - MFU (CUDA): achieved FLOP/s (2 x MACs x images/s; x 3 for a training step, forward +
   backward) over the device's dense bf16/fp16 tensor-core peak from `hardware.PEAK_TFLOPS`
   (matched on the device name, `hardware.peak_tflops_for_name`; `--peak-tflops` for other
@@ -59,9 +71,10 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.model.upernet import build_model
-from upernet_ref.perf.fast import FastSettings, default_fast_settings, error_summary, fast_inference_model
+from upernet_ref.perf.fast import (FastSettings, compile_rule, default_fast_settings,
+                                   error_summary, fast_inference_model)
 from upernet_ref.perf.flops import count_macs
-from upernet_ref.perf.hardware import device_peak_tflops, machine_info
+from upernet_ref.perf.hardware import cpu_peak, device_peak_tflops, machine_info
 from upernet_ref.training.schedule import build_optimizer
 from upernet_ref.training.trainer import train_step
 
@@ -282,6 +295,57 @@ def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                   "train_compile_error": compile_error}
 
 
+def break_even_images(compile_s: float | None, eager_ms: float | None, fast_ms: float | None,
+                      batch: int) -> float | None:
+    """Images after which the compiled path's saving has paid for its compile: compile_s over
+    the seconds saved per image; None when nothing was compiled or nothing is saved."""
+    if compile_s is None or eager_ms is None or fast_ms is None or fast_ms >= eager_ms:
+        return None
+    return compile_s / ((eager_ms - fast_ms) / 1000 / batch)
+
+
+def demo_checkpoint_accuracy(settings: FastSettings, calibration_images: int = 4,
+                             val_images: int = 16) -> dict[str, typing.Any]:
+    """fp32 eager, the fast path (`settings`, compiled as on a long run) and int8 on the
+    committed demo checkpoint (`course.load_demo_checkpoint`, `upernet_small_demo`) over demo val
+    at the configuration's base scale: per path its argmax agreement with fp32 eager and its
+    mIoU; int8 calibrated on `calibration_images` demo *train* images."""
+    from upernet_ref.course import load_demo_checkpoint
+    from upernet_ref.data.transforms import test_transform
+    from upernet_ref.demo_scenes import DemoScenes
+    from upernet_ref.evaluation.evaluate import evaluate
+    from upernet_ref.perf.int8 import int8_inference_model
+
+    cfg = configs.get_config("upernet_small_demo")
+    model = load_demo_checkpoint(build_model(cfg)).eval()
+    size = tuple(cfg.data.base_scale[::-1])
+    transform = test_transform(cfg.data)
+    val = DemoScenes("val", num_samples=val_images, size=size, seed=0, transform=transform)
+    train = DemoScenes("train", num_samples=calibration_images, size=size, seed=0,
+                       transform=transform)
+    images = [val[i][0].unsqueeze(0) for i in range(len(val))]
+    paths = {"eager fp32": model,
+             "fast": fast_inference_model(model, "cpu", dtype=settings.dtype,
+                                          channels_last=settings.channels_last,
+                                          compile=settings.compile, compile_after_s=0.0),
+             "int8": int8_inference_model(model, [train[i][0].unsqueeze(0)
+                                                  for i in range(len(train))])}
+    with torch.no_grad():
+        reference = [model(x)["out"].argmax(1) for x in images]
+    rows = {}
+    for name, net in paths.items():
+        with torch.no_grad():
+            same = sum(int((net(x)["out"].argmax(1) == ref).sum())
+                       for x, ref in zip(images, reference))
+        miou = evaluate(net, val, cfg, device="cpu", progress=False, num_workers=0)["miou"]
+        rows[name] = {"agreement": same / sum(ref.numel() for ref in reference), "miou": miou}
+    for row in rows.values():
+        row["miou_change"] = row["miou"] - rows["eager fp32"]["miou"]
+    rows["fast"]["settings"] = paths["fast"].settings.describe()
+    return {"checkpoint": "notebooks/assets/upernet_small_demo.safetensors",
+            "images": f"{val_images} demo val images at {size[0]}x{size[1]}", "paths": rows}
+
+
 def train_settings_text(cfg: Config, compiled: bool) -> str:
     """E.g. "bf16 autocast, channels_last, torch.compile" or "fp32, NCHW"."""
     amp = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
@@ -296,10 +360,11 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
               size: tuple[int, int] | None = None, mode: str = "infer", fast: bool = False,
               warmup: int = 1, repeats: int = 3, dtype: str = "auto",
               compile: str = "auto", seed: int = 0,
-              peak_tflops: float | None = None) -> dict[str, typing.Any]:
+              peak_tflops: float | None = None, int8: bool = False) -> dict[str, typing.Any]:
     """All the figures as one JSON-able dict (see the module docstring).
 
-    `peak_tflops` overrides the `hardware.PEAK_TFLOPS` entry of the device (for MFU).
+    `peak_tflops` overrides the `hardware.PEAK_TFLOPS` entry of the device (for MFU); `int8`
+    adds the int8 inference path (CPU) and the demo-checkpoint accuracy of the paths.
     """
     device = torch.device(device)
     if mode not in ("infer", "train", "both"):
@@ -317,8 +382,10 @@ def run_bench(cfg: Config, device: str | torch.device = "cpu", batch: int = 1,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: fastest kernels, as in training
     try:
+        if int8 and device.type != "cpu":
+            raise ValueError("bench: the int8 path (inductor's x86 kernels) runs on the CPU only")
         return _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile,
-                          seed, peak_tflops, gmacs, train_gmacs)
+                          seed, peak_tflops, gmacs, train_gmacs, int8)
     finally:
         torch.backends.cudnn.benchmark = benchmark_before
 
@@ -341,7 +408,7 @@ def _fast_settings(device: torch.device, dtype: str, compile: str) -> FastSettin
 
 
 def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile, seed,
-               peak_tflops, gmacs, train_gmacs) -> dict[str, typing.Any]:
+               peak_tflops, gmacs, train_gmacs, int8) -> dict[str, typing.Any]:
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     meter = MemoryMeter(device)
@@ -355,7 +422,21 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
         "train_images_per_s": None, "peak_memory_mb": None, "mfu": None,
         "peak_tflops": peak, "machine": machine_info(device), "errors": errors,
     }
+    estimate = cpu_peak() if device.type == "cpu" else None
+    if estimate is not None:
+        result["cpu_peak"] = dict(dataclasses.asdict(estimate), describe=estimate.describe(),
+                                  **{f"{d}_tflops": estimate.tflops(d) for d in ("fp32", "bf16", "int8")})
     settings = _fast_settings(device, dtype, compile)
+
+    def peak_fraction(figures: dict, arithmetic: str, prefix: str = "", factor: int = 1) -> None:
+        """The path's share of the estimated CPU peak of its arithmetic (CPU only)."""
+        if estimate is not None:
+            figures[f"{prefix}peak_fraction"] = model_flops_utilization(
+                train_gmacs if prefix else gmacs, figures.get(f"{prefix}images_per_s"),
+                estimate.tflops(arithmetic), factor)
+            figures[f"{prefix}peak_arithmetic"] = arithmetic
+
+    fast_arithmetic = "bf16" if settings.dtype == torch.bfloat16 else "fp32"
     # With torch.compile the first call compiles: never time it.
     fast_warmup = max(warmup, 1) if settings.compile else warmup
 
@@ -381,29 +462,55 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
         paths = {"infer": TimedPath(forward(model), resident=lambda: resident_mb(model))}
         fast_model = attempt("fast_infer", batch, lambda: fast_inference_model(
             model, device, dtype=settings.dtype, channels_last=settings.channels_last,
-            compile=settings.compile)) if fast else None
+            compile=settings.compile, compile_after_s=0.0)) if fast else None
         if fast_model is not None:
             paths["fast_infer"] = TimedPath(forward(fast_model),
                                             resident=lambda: resident_mb(fast_model))
+        int8_model = None
+        if int8:
+            from upernet_ref.perf.int8 import int8_inference_model
+            calibration = [torch.randn(batch, 3, *size, generator=generator) for _ in range(2)]
+            int8_model = int8_inference_model(model, calibration)
+            paths["int8_infer"] = TimedPath(forward(int8_model),
+                                            resident=lambda: resident_mb(int8_model.quantized))
         for name, path in paths.items():
             attempt(name, batch, lambda: warm_up(path, device,
-                                                 fast_warmup if name == "fast_infer" else warmup))
+                                                 warmup if name == "infer" else fast_warmup))
         measure_interleaved(paths, device, repeats, meter, errors, batch)
         result.update(path_figures(paths["infer"], batch))
         result["mfu"] = model_flops_utilization(gmacs, result["images_per_s"], peak)
+        peak_fraction(result, "fp32")
         if fast:
-            figures: dict[str, typing.Any] = {"settings": settings.describe()}
+            figures: dict[str, typing.Any] = {"settings": settings.describe(),
+                                              "compile_rule": compile_rule(device)[1]}
             if fast_model is not None and "fast_infer" not in errors:
                 figures.update(path_figures(paths["fast_infer"], batch))
                 figures.update(settings=fast_model.settings.describe(),
                                compile_error=fast_model.compile_error,
+                               compile_s=fast_model.compile_s if fast_model.compiled_shapes
+                               else None,
+                               compiled_slower=bool(fast_model.slower_shapes),
                                mfu=model_flops_utilization(gmacs, figures["images_per_s"], peak))
+                peak_fraction(figures, fast_arithmetic)
                 if "infer" not in errors:
                     figures.update(paired_speedup(paths["infer"], paths["fast_infer"]))
+                    figures["break_even_images"] = break_even_images(
+                        figures["compile_s"], result["latency_ms"], figures["latency_ms"], batch)
             result["fast"] = figures
+        if int8_model is not None and "int8_infer" not in errors:
+            figures = path_figures(paths["int8_infer"], batch)
+            figures.update(settings="BN folded, PT2E int8 (X86InductorQuantizer, calibrated on 2 "
+                                    "random batches), torch.compile with freezing",
+                           quantize_s=int8_model.quantize_s, compile_s=int8_model.compile_s)
+            peak_fraction(figures, "int8")
+            if "infer" not in errors:
+                figures.update(paired_speedup(paths["infer"], paths["int8_infer"]))
+            result["int8"] = figures
         result["memory_method"] = meter.method
-        del images, fast_model, paths
+        del images, fast_model, int8_model, paths
         _free_memory(device)
+    if int8:
+        result["demo_accuracy"] = demo_checkpoint_accuracy(settings)
     if mode in ("train", "both"):
         train_batch = max(batch, 2)
         images = torch.randn(train_batch, 3, *size, generator=generator).to(device)
@@ -433,18 +540,22 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
         result.update(figures, **described.get("train", {}))
         result["train_mfu"] = model_flops_utilization(
             train_gmacs, result["train_images_per_s"], peak, factor=3)
+        train_arithmetic = "bf16" if cfg.train.amp == "bf16" else "fp32"
+        peak_fraction(result, train_arithmetic, "train_", factor=3)
         if result["peak_memory_mb"] is None:
             result["peak_memory_mb"] = result["train_peak_memory_mb"]
         result["memory_method"] = meter.method
         if fast:
             fast_cfg = configs.override(cfg, settings.train_overrides())
             figures = result.setdefault("fast", {})
-            figures["train_settings"] = train_settings_text(fast_cfg, settings.compile)
+            figures["train_settings"] = train_settings_text(fast_cfg, fast_cfg.train.compile)
             if "fast_train" in paths and "fast_train" not in errors:
                 figures.update(path_figures(paths["fast_train"], train_batch, "train_"),
                                **described["fast_train"])
                 figures["train_mfu"] = model_flops_utilization(
                     train_gmacs, figures["train_images_per_s"], peak, factor=3)
+                peak_fraction(figures, "bf16" if fast_cfg.train.amp == "bf16" else "fp32",
+                              "train_", factor=3)
                 if "train" in paths and "train" not in errors:
                     figures.update(paired_speedup(paths["train"], paths["fast_train"], "train_"))
     return result
@@ -458,7 +569,7 @@ def format_table(result: dict[str, typing.Any]) -> str:
              f"  {result['gmacs']:.1f} GMACs/image  on {result['device']}: {where}, "
              f"torch {m['torch']}",
              f"{'path':<34} {'phase':<6} {'ms/batch':>9} {'cpu ms':>9} {'img/s':>8} "
-             f"{'peak MB':>8} {'MFU':>6}"]
+             f"{'peak MB':>8} {'MFU' if 'cpu_peak' not in result else '% of CPU peak':>13}"]
 
     def row(name: str, phase: str, figures: dict, prefix: str, error: str | None) -> None:
         ms = figures.get(f"{prefix}step_ms" if prefix else "latency_ms")
@@ -467,9 +578,12 @@ def format_table(result: dict[str, typing.Any]) -> str:
             return
         mfu = figures.get(f"{prefix}mfu")
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+        if figures.get(f"{prefix}peak_fraction") is not None:  # CPU: of its arithmetic's peak
+            mfu_text = (f"{100 * figures[prefix + 'peak_fraction']:.1f}% "
+                        f"{figures[prefix + 'peak_arithmetic']}")
         lines.append(f"{name:<34} {phase:<6} {ms:9.1f} {figures[prefix + 'cpu_ms']:9.1f} "
                      f"{figures[prefix + 'images_per_s']:8.2f} "
-                     f"{figures[prefix + 'peak_memory_mb']:8.0f} {mfu_text:>6}")
+                     f"{figures[prefix + 'peak_memory_mb']:8.0f} {mfu_text:>13}")
 
     fast, errors = result.get("fast", {}), result.get("errors", {})
     eager = "eager fp32" + (" (TF32 convs)" if m.get("tf32_convolutions") else "")
@@ -477,6 +591,9 @@ def format_table(result: dict[str, typing.Any]) -> str:
         row(eager, "infer", result, "", errors.get("infer"))
         if fast:
             row("fast (--fast)", "infer", fast, "", errors.get("fast_infer"))
+        if "int8" in result or "int8_infer" in errors:
+            row("int8 (PT2E, x86 inductor)", "infer", result.get("int8", {}), "",
+                errors.get("int8_infer"))
     if result["mode"] in ("train", "both"):
         amp = (result.get("train_settings") or "fp32").split(",")[0].replace(" autocast", "")
         tf32 = " (TF32 convs)" if amp == "fp32" and m.get("tf32_convolutions") else ""
@@ -487,17 +604,41 @@ def format_table(result: dict[str, typing.Any]) -> str:
                 errors.get("fast_train"))
     if fast.get("settings"):
         lines.append(f"fast inference: {fast['settings']}")
+    if fast.get("compile_rule"):
+        lines.append(f"torch.compile rule: {fast['compile_rule']}")
+    if fast.get("compile_s") is not None:
+        even = fast.get("break_even_images")
+        lines.append(f"fast compile: {fast['compile_s']:.1f} s (first call, not timed); "
+                     + (f"paid back after {even:.0f} images at this size" if even is not None
+                        else "never paid back (not faster)")
+                     + ("; compiled ran slower than uncompiled: back to uncompiled"
+                        if fast.get("compiled_slower") else ""))
     if result.get("train_settings"):
         lines.append(f"training step: {result['train_settings']}")
     if fast.get("train_settings"):
         lines.append(f"fast training: {fast['train_settings']}")
-    for phase, prefix in (("inference", ""), ("training", "train_")):
-        if f"{prefix}speedup" in fast:
-            cpu = fast.get(f"{prefix}cpu_speedup")
-            lines.append(f"fast {phase} speed-up: {fast[prefix + 'speedup']:.2f}x wall"
+    for label, phase, prefix, figures in (("fast", "inference", "", fast),
+                                          ("fast", "training", "train_", fast),
+                                          ("int8", "inference", "", result.get("int8", {}))):
+        if f"{prefix}speedup" in figures:
+            cpu = figures.get(f"{prefix}cpu_speedup")
+            lines.append(f"{label} {phase} speed-up: {figures[prefix + 'speedup']:.2f}x wall"
                          + (f", {cpu:.2f}x CPU" if cpu is not None else "")
-                         + f" (median of {len(fast[prefix + 'speedup_runs'])} interleaved "
-                           f"eager/fast rounds)")
+                         + f" (median of {len(figures[prefix + 'speedup_runs'])} interleaved "
+                           f"eager/{label} rounds)")
+    if result.get("int8", {}).get("quantize_s") is not None:
+        int8 = result["int8"]
+        lines.append(f"int8: {int8['settings']}; quantize {int8['quantize_s']:.1f} s, compile "
+                     f"{int8['compile_s']:.1f} s")
+    if result.get("demo_accuracy"):
+        acc = result["demo_accuracy"]
+        lines.append(f"accuracy on the demo checkpoint ({acc['images']}), vs fp32 eager:")
+        for name, row_ in acc["paths"].items():
+            lines.append(f"  {name:<11} argmax agreement {100 * row_['agreement']:7.3f}%  "
+                         f"mIoU {100 * row_['miou']:6.2f} ({100 * row_['miou_change']:+.2f} "
+                         f"points)")
+    if result.get("cpu_peak"):
+        lines.append(result["cpu_peak"]["describe"] + "; an estimate")
     for key in ("compile_error", "train_compile_error"):
         if fast.get(key):
             lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")

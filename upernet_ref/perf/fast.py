@@ -19,15 +19,25 @@ on the device (figures in `docs/benchmarks.md`):
 - under bf16, a few cheap layers whose rounding costs the most argmax agreement stay float32
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
   model's argmax agrees with fp32 eager on >= 99.9% of the pixels of real images (`tests/test_fast_path.py`);
-- `torch.compile` (CUDA only by default: on the 2-core CPU used here it did not pay for its
-  compile time, see the docs). Where compiling fails (a machine without Triton or a C compiler)
-  the model runs uncompiled from then on, with a warning, and `FastModel.compile_error` says
-  why.
+- `torch.compile` (`compile_rule`): on CUDA from the first call; on an x86 CPU with AVX2 or
+  AVX-512 and a C++ compiler, through inductor's C++ backend with `freezing` (the folded weights
+  become constants, converted to bf16 and prepacked for oneDNN once, and the elementwise layers
+  fused into the convolutions), which took R-50 os8 512x512 from ~1.7x to >= 2x fp32 eager on
+  the 2-core VMs (docs/benchmarks.md). On the CPU compiling costs tens of seconds per input
+  shape, so it is amortised like renting before buying: a shape runs uncompiled until its calls
+  have taken `compile_after_s` seconds (about one compile), and is compiled then; so a single
+  image, or a few, never pay for it, and a long run pays at most about twice the best choice in
+  hindsight. At most `MAX_COMPILED_SHAPES` shapes are compiled (sliding-window crops all have
+  one), and a compiled shape that runs no faster than its uncompiled calls did goes back to them.
+  Where compiling fails (no C compiler, no Triton) the model runs uncompiled from then on, with
+  a warning, and `FastModel.compile_error` says why.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import time
 import typing
 import warnings
 from dataclasses import dataclass
@@ -35,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upernet_ref.perf.hardware import cpu_has_native_bf16
+from upernet_ref.perf.hardware import cpp_compiler, cpu_has_native_bf16
 from upernet_ref.training.runtime import autocast_to
 
 
@@ -95,27 +105,41 @@ def count_batchnorms(model: nn.Module) -> int:
 class FastSettings:
     """The fast-path choices: autocast dtype (None = float32), channels_last, torch.compile, and
     the submodules (dotted names, e.g. "decode_head.classifier") kept in float32 under autocast.
+
+    `freezing`: compile with inductor's freezing (inference only: weights as constants);
+    `compile_after_s`: wall seconds of uncompiled calls of one input shape before that shape is
+    compiled (0: compile on the first call); `train_compile`: torch.compile the training step (`train
+    --fast`), decided apart from inference since a training step compiles and pays differently.
     """
 
     dtype: torch.dtype | None
     channels_last: bool = True
     compile: bool = False
     float32_modules: tuple[str, ...] = ()
+    freezing: bool = False
+    compile_after_s: float = 0.0
+    train_compile: bool | None = None  # None: as `compile`
 
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32"
         keep = (f", float32: {'+'.join(self.float32_modules)}"
                 if self.dtype is not None and self.float32_modules else "")
+        compiled = ""
+        if self.compile:
+            compiled = ", torch.compile" + (" with freezing" if self.freezing else "")
+            if self.compile_after_s:
+                compiled += f" (a shape after {self.compile_after_s:g} s of uncompiled calls)"
         return (f"BN folded, {dtype}{keep}, {'channels_last' if self.channels_last else 'NCHW'}"
-                f"{', torch.compile' if self.compile else ''}")
+                f"{compiled}")
 
     def train_overrides(self) -> dict[str, typing.Any]:
         """These choices as configuration overrides of the training step (`upernet train
         --fast`, the fast rows of `upernet bench`): autocast, channels_last, torch.compile.
         BN folding and the float32 modules are inference-only."""
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "none"}[self.dtype]
+        compile = self.compile if self.train_compile is None else self.train_compile
         return {"train.amp": amp, "train.channels_last": self.channels_last,
-                "train.compile": self.compile}
+                "train.compile": compile}
 
 
 def _to_float(x: typing.Any) -> typing.Any:
@@ -181,6 +205,40 @@ def cuda_autocast_dtype(capability: tuple[int, int]) -> torch.dtype:
     return torch.bfloat16 if capability[0] >= 8 else torch.float16
 
 
+def compile_rule(device: str | torch.device) -> tuple[bool, str]:
+    """Whether `--fast` compiles inference on `device`, and why (printed by `upernet bench`).
+
+    CUDA: yes (Triton kernels; uncompiled with a warning where they cannot be built). CPU: yes
+    on x86 with AVX2 or AVX-512 (torch's CPU capability) when a C++ compiler is on PATH, the
+    two things inductor's C++ backend needs; measured at 2.0-2.3x fp32 eager (CPU time) with
+    freezing against 1.7x for the same model uncompiled (R-50 os8 512x512, Zen 5, 2 cores;
+    docs/benchmarks.md). Elsewhere (ARM, no compiler): no, today's uncompiled path.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True, "CUDA: torch.compile (Triton)"
+    if device.type != "cpu":
+        return False, f"{device.type}: not measured, uncompiled"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not capability.startswith(("AVX2", "AVX512")):
+        return False, f"CPU capability {capability}: inductor's x86 C++ path not measured here"
+    compiler = cpp_compiler()
+    if compiler is None:
+        return False, "no C++ compiler on PATH (g++/c++/clang++): inductor cannot build kernels"
+    return True, (f"CPU {capability} + C++ compiler {compiler}: inductor C++ backend with "
+                  f"freezing; a shape is compiled after {CPU_COMPILE_AFTER_S:g} s of uncompiled "
+                  f"calls (about one compile)")
+
+
+# Uncompiled seconds of one input shape before the CPU fast path compiles it: about what one
+# compile costs (R-50 os8 512x512 on 2 cores: 14-27 s measured, more under load), so the compile
+# is bought once its rent is paid: a few images never pay it, a long evaluation pays at most
+# about twice the best choice. At most MAX_COMPILED_SHAPES shapes are compiled (whole-image
+# evaluation of images of many sizes would otherwise compile again and again).
+CPU_COMPILE_AFTER_S = 30.0
+MAX_COMPILED_SHAPES = 4
+
+
 def default_fast_settings(device: str | torch.device) -> FastSettings:
     """The fastest combination measured for a device type that keeps the argmax (>= 99.9% of
     the pixels of fp32 eager, `tests/test_fast_path.py`).
@@ -188,8 +246,9 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
     CUDA: bf16 where the GPU has bf16 tensor cores (Ampere and later) else fp16
     (`cuda_autocast_dtype`), channels_last, torch.compile.
     CPU: bf16 only with native bf16 instructions (on CPUs without them bf16 is emulated and
-    slower than float32), channels_last, no torch.compile (its compile time on a small CPU is
-    far larger than what it saves on the few images a CPU run processes).
+    slower than float32), channels_last, torch.compile with freezing where `compile_rule`
+    allows, amortised (`CPU_COMPILE_AFTER_S`). The training step (`train --fast`) is not
+    compiled on the CPU: compiled it was slower than eager bf16 (docs/benchmarks.md).
     With bf16, the stem, layer1-2 and the classifier stay float32 (`BF16_FLOAT32_MODULES`).
     """
     device = torch.device(device)
@@ -198,8 +257,11 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
         keep = BF16_FLOAT32_MODULES if dtype == torch.bfloat16 else ()
         return FastSettings(dtype=dtype, channels_last=True, compile=True, float32_modules=keep)
     dtype = torch.bfloat16 if cpu_has_native_bf16() else None
-    return FastSettings(dtype=dtype, channels_last=True, compile=False,
-                        float32_modules=BF16_FLOAT32_MODULES if dtype is not None else ())
+    compile = compile_rule(device)[0]
+    return FastSettings(dtype=dtype, channels_last=True, compile=compile,
+                        float32_modules=BF16_FLOAT32_MODULES if dtype is not None else (),
+                        freezing=compile, compile_after_s=CPU_COMPILE_AFTER_S if compile else 0.0,
+                        train_compile=False)
 
 
 def error_summary(err: BaseException) -> str:
@@ -208,14 +270,28 @@ def error_summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+def freezing(enabled: bool = True) -> typing.ContextManager:
+    """Inductor's `freezing` for the compiles started inside (set globally while they run:
+    passed as `torch.compile(options=...)` it does not reach the pass that folds the int8
+    weight prepacking, which then fails with UnsupportedOperatorException:
+    onednn.qconv_prepack)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True) if enabled else contextlib.nullcontext()
+
+
 class FastModel(nn.Module):
     """The folded model behind autocast and channels_last; same `{"out": float32 logits}` API.
 
-    With `settings.compile`, a call whose compiled run raises is re-run uncompiled; if that
-    succeeds the failure was torch.compile's (no Triton, no C compiler, ...): the model stays
-    uncompiled from then on, `settings.compile` becomes False and `compile_error` says why.
-    CUDA out-of-memory is raised as it is; any other error of the model itself (a bad input) is
-    raised by the uncompiled run.
+    With `settings.compile`, an input shape runs compiled once its uncompiled calls have taken
+    `compile_after_s` seconds (at most `MAX_COMPILED_SHAPES` shapes; the others stay
+    uncompiled). `compile_s` is the wall time of the compiling calls. On the CPU, a compiled
+    shape whose two calls after compiling both take more process CPU time than its fastest
+    uncompiled call goes back to uncompiled calls (`slower_shapes`).
+    A call whose compiled run raises is re-run uncompiled; if that succeeds the failure was
+    torch.compile's (no Triton, no C compiler, ...): the model stays uncompiled from then on,
+    `settings.compile` becomes False and `compile_error` says why. CUDA out-of-memory is raised
+    as it is; any other error of the model itself (a bad input) is raised by the uncompiled run.
     """
 
     def __init__(self, model: nn.Module, settings: FastSettings, device: torch.device):
@@ -223,27 +299,58 @@ class FastModel(nn.Module):
         self.model = model
         self.settings = settings
         self.device = device
-        self.forward_fn = torch.compile(model) if settings.compile else model
+        self.forward_fn = torch.compile(model, dynamic=False) if settings.compile else model
         self.compile_error: str | None = None
+        self.compile_s = 0.0
+        self.uncompiled_s: dict[tuple[int, ...], float] = {}  # wall seconds per shape
+        self.compiled_shapes: list[tuple[int, ...]] = []
+        self.slower_shapes: list[tuple[int, ...]] = []
+        self._uncompiled_cpu_s: dict[tuple[int, ...], float] = {}  # fastest call, CPU s
+        self._compiled_cpu_s: dict[tuple[int, ...], list[float]] = {}
 
     def _run(self, fn: typing.Callable, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with autocast_to(self.device, self.settings.dtype):
             out = fn(images)
         return {k: v.float().contiguous() for k, v in out.items()}
 
+    def _use_compiled(self, shape: tuple[int, ...]) -> bool:
+        if self.forward_fn is self.model or shape in self.slower_shapes:
+            return False
+        return shape in self.compiled_shapes or (
+            self.uncompiled_s.get(shape, 0.0) >= self.settings.compile_after_s
+            and len(self.compiled_shapes) < MAX_COMPILED_SHAPES)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = images.to(self.device)
         if self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.forward_fn is self.model:
-            return self._run(self.model, images)
+        shape = tuple(images.shape)
+        if not self._use_compiled(shape):
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = self._run(self.model, images)
+            cpu = time.process_time() - cpu
+            self.uncompiled_s[shape] = self.uncompiled_s.get(shape, 0.0) + (
+                time.perf_counter() - wall)
+            self._uncompiled_cpu_s[shape] = min(cpu, self._uncompiled_cpu_s.get(shape, cpu))
+            return out
+        compiling = shape not in self.compiled_shapes
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
-            return self._run(self.forward_fn, images)
+            with freezing(self.settings.freezing and compiling):
+                out = self._run(self.forward_fn, images)
         except torch.cuda.OutOfMemoryError:
             raise  # a figure (does not fit), not a compile failure
         except Exception as err:  # noqa: BLE001 - decided below by the uncompiled run
             failure = error_summary(err)
+        else:
+            cpu = time.process_time() - cpu
+            if compiling:
+                self.compiled_shapes.append(shape)
+                self.compile_s += time.perf_counter() - wall
+            elif self.device.type == "cpu" and shape in self._uncompiled_cpu_s:
+                self._check_slower(shape, cpu)
+            return out
         # outside the except block, so that the failed run's tensors are already freed
         out = self._run(self.model, images)
         self.forward_fn, self.compile_error = self.model, failure
@@ -252,19 +359,31 @@ class FastModel(nn.Module):
                       RuntimeWarning, stacklevel=2)
         return out
 
+    def _check_slower(self, shape: tuple[int, ...], cpu: float) -> None:
+        """After the two calls that follow the compile (the first after it can still be slow):
+        back to uncompiled when both took more CPU time than the fastest uncompiled call."""
+        times = self._compiled_cpu_s.setdefault(shape, [])
+        if len(times) < 2:
+            times.append(cpu)
+            if len(times) == 2 and min(times) >= self._uncompiled_cpu_s[shape]:
+                self.slower_shapes.append(shape)
+
 
 def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
                          dtype: torch.dtype | None | str = "auto",
                          channels_last: bool | None = None,
                          compile: bool | None = None,
-                         float32_modules: typing.Iterable[str] | None = None) -> FastModel:
+                         float32_modules: typing.Iterable[str] | None = None,
+                         compile_after_s: float | None = None) -> FastModel:
     """The fast inference version of `model` (which is left untouched).
 
     BatchNorm folded into the convolutions (`fold_batchnorm`), eval mode, moved to `device`,
     then channels_last, autocast and `torch.compile` as `default_fast_settings(device)` decides
     unless given: `dtype` "auto" | None (float32) | torch.bfloat16 | torch.float16;
     `float32_modules`: dotted submodule names run in float32 under autocast (`keep_float32`;
-    default: those of `BF16_FLOAT32_MODULES` the model has when the dtype is bf16, else none).
+    default: those of `BF16_FLOAT32_MODULES` the model has when the dtype is bf16, else none);
+    `compile_after_s`: uncompiled seconds of a shape before it is compiled (default: the
+    device's; 0: compile on the first call).
     Call it like the model: `fast(images)["out"]` are float32 logits at the input resolution.
     """
     device = torch.device(device)
@@ -278,11 +397,15 @@ def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
     if float32_modules is None:  # the bf16 rule names UPerNet modules: keep those the model has
         float32_modules = [name for name in BF16_FLOAT32_MODULES
                            if dtype == torch.bfloat16 and _has_submodule(folded, name)]
+    compile = defaults.compile if compile is None else compile
     settings = FastSettings(
         dtype=dtype,
         channels_last=defaults.channels_last if channels_last is None else channels_last,
-        compile=defaults.compile if compile is None else compile,
+        compile=compile,
         float32_modules=tuple(float32_modules),
+        freezing=compile and device.type == "cpu",
+        compile_after_s=(defaults.compile_after_s if compile_after_s is None else compile_after_s)
+        if compile else 0.0,
     )
     if settings.dtype is not None:
         keep_float32(folded, settings.float32_modules)
