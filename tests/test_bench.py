@@ -9,7 +9,7 @@ import torch
 from upernet_ref.perf import bench
 from upernet_ref.perf.bench import format_table, model_flops_utilization, run_bench
 from upernet_ref.cli.bench import main
-from upernet_ref.perf.hardware import PEAK_TFLOPS, peak_tflops_for_name
+from upernet_ref.perf.hardware import PEAK_TFLOPS, cpu_peak_for, peak_tflops_for_name
 from upernet_ref.configs import get_config
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.model import build_model
@@ -18,7 +18,7 @@ from upernet_ref.model import build_model
 def test_bench_json_has_the_figures(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["--config", "upernet_small_test", "--device", "cpu", "--size", "32x48",
-                 "--mode", "both", "--fast", "--warmup", "0", "--repeats", "1",
+                 "--mode", "both", "--fast", "--compile", "off", "--warmup", "0", "--repeats", "1",
                  "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     for key in ("gmacs", "latency_ms", "images_per_s", "train_images_per_s", "peak_memory_mb",
@@ -103,7 +103,7 @@ def test_out_of_memory_is_recorded_and_the_other_phases_still_run(monkeypatch):
 
     monkeypatch.setattr(bench, "prepare_training", eager_does_not_fit)
     result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
-                       fast=True, warmup=0, repeats=1)
+                       fast=True, warmup=0, repeats=1, compile="off")
     assert set(result["errors"]) == {"train"}
     assert result["errors"]["train"].startswith("CUDA out of memory at batch 2")
     assert result["train_images_per_s"] is None and result["train_mfu"] is None
@@ -136,7 +136,7 @@ def test_eager_and_fast_are_timed_in_turn_and_the_speedup_is_the_median_ratio(mo
 
 def test_bench_reports_the_interleaved_speedups(tmp_path):
     result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
-                       fast=True, warmup=0, repeats=3)
+                       fast=True, warmup=0, repeats=3, compile="off")
     fast = result["fast"]
     assert result["interleaved"] and len(fast["speedup_runs"]) == 3
     assert len(fast["train_speedup_runs"]) == 3 and fast["train_cpu_speedup"] > 0
@@ -205,3 +205,77 @@ def test_bench_takes_configuration_overrides(tmp_path):
                  "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert result["train_settings"].startswith("bf16 autocast")
+
+
+@pytest.mark.parametrize("flags, vendor, family, per_cycle, basis", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}, "AuthenticAMD", 26,
+     (64, 128, 256), "two 512-bit FMA pipes"),  # Zen 5
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}, "AuthenticAMD", 25,
+     (32, 64, 128), "Zen 4"),
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"},
+     "GenuineIntel", 6, (64, 1024, 2048), "AMX"),
+    ({"avx2", "fma"}, "GenuineIntel", 6, (32, 32, 64), "bf16 emulated"),
+    (set(), "", None, (8, 8, 16), "SSE"),
+])
+def test_cpu_peak_estimate_follows_the_vector_features(flags, vendor, family, per_cycle, basis):
+    peak = cpu_peak_for(frozenset(flags), vendor, family, 2600.0, cores=2)
+    assert (peak.fp32_per_cycle, peak.bf16_per_cycle, peak.int8_per_cycle) == per_cycle
+    assert basis in peak.basis
+    assert peak.tflops("fp32") == pytest.approx(2 * 2.6 * per_cycle[0] / 1e3)
+    assert "estimated" in peak.describe()
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """torch.compile as the identity: the compiled paths' bookkeeping without minutes of
+    compiling (the real compiled paths are checked in tests/test_fast_path.py)."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: lambda *args: model(*args))
+
+
+def test_cpu_rows_report_the_fraction_of_the_estimated_peak_and_the_compile_cost(no_compile):
+    result = run_bench(get_config("upernet_small_test"), "cpu", size=(32, 32), mode="both",
+                       fast=True, warmup=0, repeats=1, compile="on", dtype="bfloat16")
+    peak, fast = result["cpu_peak"], result["fast"]
+    assert peak["fp32_tflops"] > 0 and peak["bf16_tflops"] >= peak["fp32_tflops"]
+    assert result["peak_arithmetic"] == "fp32" and fast["peak_arithmetic"] == "bf16"
+    assert result["peak_fraction"] == pytest.approx(
+        2 * result["gmacs"] * 1e9 * result["images_per_s"] / (peak["fp32_tflops"] * 1e12))
+    assert fast["peak_fraction"] == pytest.approx(
+        2 * result["gmacs"] * 1e9 * fast["images_per_s"] / (peak["bf16_tflops"] * 1e12))
+    assert result["train_peak_fraction"] > 0 and fast["train_peak_arithmetic"] == "bf16"
+    assert fast["compile_s"] > 0 and fast["compile_rule"]  # compiled on its first call
+    table = format_table(result)
+    assert "% of CPU peak" in table and "bf16" in table and "an estimate" in table
+    assert "fast compile:" in table and "torch.compile rule:" in table
+
+
+def test_break_even_images_is_the_compile_over_the_saving():
+    assert bench.break_even_images(30.0, 5000.0, 2000.0, batch=1) == pytest.approx(10.0)
+    assert bench.break_even_images(30.0, 5000.0, 2000.0, batch=2) == pytest.approx(20.0)
+    assert bench.break_even_images(30.0, 2000.0, 2500.0, batch=1) is None  # never pays
+    assert bench.break_even_images(None, 5000.0, 2000.0, batch=1) is None  # not compiled
+
+
+def test_int8_row_and_the_demo_checkpoint_accuracy(no_compile, tmp_path):
+    pytest.importorskip("torchao")
+    path = tmp_path / "bench.json"
+    assert main(["--config", "upernet_small_test", "--device", "cpu", "--size", "32x32",
+                 "--fast", "--int8", "--warmup", "0", "--repeats", "2", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    int8 = result["int8"]
+    assert int8["images_per_s"] > 0 and len(int8["speedup_runs"]) == 2
+    assert int8["peak_arithmetic"] == "int8" and int8["quantize_s"] > 0
+    accuracy = result["demo_accuracy"]["paths"]
+    assert set(accuracy) == {"eager fp32", "fast", "int8"}
+    assert accuracy["eager fp32"]["agreement"] == 1.0
+    assert accuracy["eager fp32"]["miou"] > 0.5  # the trained checkpoint, not random weights
+    assert 0.9 < accuracy["int8"]["agreement"] < 1.0  # int8 really rounds, and stays close
+    assert accuracy["int8"]["miou_change"] == pytest.approx(
+        accuracy["int8"]["miou"] - accuracy["eager fp32"]["miou"])
+    table = format_table(result)
+    assert "int8 (PT2E, x86 inductor)" in table and "argmax agreement" in table
+
+
+def test_int8_is_refused_off_the_cpu(capsys):
+    assert main(["--config", "upernet_small_test", "--device", "cuda", "--int8"]) == 2
+    assert "--int8 runs on the CPU only" in capsys.readouterr().err

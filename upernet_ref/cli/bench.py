@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args_and_overrides(parser, argv)
 
     with before_work():
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
         if args.int8 and not args.device.startswith("cpu"):
             raise UsageError(f"--int8 runs on the CPU only (inductor's x86 int8 kernels), not "
                              f"--device {args.device}")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
         if args.int8:
             from upernet_ref.perf.int8 import pt2e_tools
             try:

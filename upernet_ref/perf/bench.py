@@ -397,13 +397,16 @@ def _free_memory(device: torch.device) -> None:
 
 
 def _fast_settings(device: torch.device, dtype: str, compile: str) -> FastSettings:
-    """The device's fast-path choices, with `--dtype` / `--compile` when not "auto"."""
+    """The device's fast-path choices, with `--dtype` / `--compile` (of inference and of the
+    training step) when not "auto"."""
     settings = default_fast_settings(device)
     if dtype != "auto":
         settings = dataclasses.replace(settings, dtype={"float32": None, "bfloat16": torch.bfloat16,
                                                         "float16": torch.float16}[dtype])
-    if compile != "auto":
-        settings = dataclasses.replace(settings, compile=compile == "on")
+    if compile != "auto":  # inference and the training step alike
+        on = compile == "on"
+        settings = dataclasses.replace(settings, compile=on, train_compile=on,
+                                       freezing=on and device.type == "cpu")
     return settings
 
 
