@@ -242,10 +242,16 @@ def test_cpu_rows_report_the_fraction_of_the_estimated_peak_and_the_compile_cost
         2 * result["gmacs"] * 1e9 * result["images_per_s"] / (peak["fp32_tflops"] * 1e12))
     assert fast["peak_fraction"] == pytest.approx(
         2 * result["gmacs"] * 1e9 * fast["images_per_s"] / (peak["bf16_tflops"] * 1e12))
+    assert result["cpu_peak_fraction"] == pytest.approx(
+        2 * result["gmacs"] * 1e9 / (result["cpu_ms"] / 1000)
+        / (peak["fp32_tflops"] / peak["cores"] * 1e12))
     assert result["train_peak_fraction"] > 0 and fast["train_peak_arithmetic"] == "bf16"
+    assert fast["train_cpu_peak_fraction"] == pytest.approx(
+        3 * 2 * result["train_gmacs"] * 1e9 * 2 / (fast["train_cpu_ms"] / 1000)
+        / (peak["bf16_tflops"] / peak["cores"] * 1e12))
     assert fast["compile_s"] > 0 and fast["compile_rule"]  # compiled on its first call
     table = format_table(result)
-    assert "% of CPU peak" in table and "bf16" in table and "an estimate" in table
+    assert "% CPU peak wall/cpu" in table and "bf16" in table and "an estimate" in table
     assert "fast compile:" in table and "torch.compile rule:" in table
 
 

@@ -83,7 +83,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--fast", action="store_true",
                         help="the fast training settings for the device (fast_train_overrides: "
                              "bf16/fp16 autocast where the device is fast at it, channels_last, "
-                             "torch.compile on CUDA); explicit --train.* overrides still win")
+                             "torch.compile on CUDA; not on the CPU, where the compiled step "
+                             "was slower, docs/benchmarks.md); explicit --train.* overrides "
+                             "still win")
     args, overrides = parse_args_and_overrides(parser, argv)
     if args.reinit_classifier and not args.weights:
         parser.error("--reinit-classifier re-initialises the classifiers of --weights FILE: "
