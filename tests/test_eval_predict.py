@@ -211,11 +211,14 @@ def test_eval_cli_under_torchrun_shards_the_split(checkpoint, tmp_path, capsys, 
 def test_protocol_tag_names_every_choice():
     test = configs.TestConfig
     assert protocol_tag(test()) == "whole"
-    assert protocol_tag(test(mode="slide", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True),
+    assert protocol_tag(test(mode="slide", scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True,
+                             crop_size=(512, 512)),
                         fast=True, limit=100) \
         == "slide_crop512x512_stride341x341_s0.5-0.75-1-1.25-1.5-1.75_flip_fast_limit100"
     assert protocol_tag(test(scales=(0.75,))) == "whole_s0.75"
-    assert protocol_tag(test(mode="slide", stride=(256, 256))) != protocol_tag(test(mode="slide"))
+    window = (512, 512)
+    assert protocol_tag(test(mode="slide", crop_size=window, stride=(256, 256))) \
+        != protocol_tag(test(mode="slide", crop_size=window))
 
 
 def test_eval_default_results_files_differ_by_protocol(checkpoint, tmp_path, capsys):

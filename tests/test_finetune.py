@@ -45,7 +45,7 @@ def test_reinit_classifier_fine_tunes_the_demo_model_on_21_voc_classes(demo_chec
     tuned = read_checkpoint_file(out / "last.pt")
     assert tuned["model"]["decode_head.classifier.weight"].shape[0] == 21
     assert tuned["model"]["aux_head.classifier.weight"].shape[0] == 21
-    assert tuned["config"]["model"]["num_classes"] == 21
+    assert tuned["config"]["data"]["num_classes"] == 21  # the one class count
 
 
 def test_reinit_classifier_keeps_every_other_weight(demo_checkpoint):

@@ -92,7 +92,7 @@ def test_demo_scenes_refuse_another_class_count_in_one_line(tmp_path, capsys):
     from upernet_ref.cli import main
 
     code = main(["train", "--config", "upernet_small_demo", "--data.num_classes=5",
-                 "--model.num_classes=5", "--max-iters", "1", "--out", str(tmp_path / "run")])
+                 "--max-iters", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.splitlines() == [err]  # one line, no traceback

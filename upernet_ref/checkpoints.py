@@ -28,6 +28,7 @@ and `.safetensors` files hold raw tensors only and are read with `safetensors`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -44,6 +45,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from upernet_ref import configs
 from upernet_ref.errors import UperNetError
 from upernet_ref.training.runtime import non_finite_tensors
 
@@ -287,6 +289,19 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     return obj
 
 
+def stored_config(state: Mapping[str, Any], path: str | os.PathLike) -> configs.Config | None:
+    """The configuration stored with a checkpoint (our checkpoints' "config", a model folder's
+    config.json), checked field by field like any configuration (`configs.from_dict`, messages
+    naming the file); None when it stores none."""
+    config = state.get("config") if isinstance(state, Mapping) else None
+    if config is None:
+        return None
+    path = Path(path)
+    where = path / CONFIG_NAME if path.is_dir() else (
+        path.with_name(CONFIG_NAME) if path.suffix == ".safetensors" else path)
+    return configs.from_dict(config, where=str(where))
+
+
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The state_dict inside a checkpoint dict: its "model" or "state_dict" entry, or itself."""
     for key in ("model", "state_dict", "model_state_dict"):
@@ -326,8 +341,10 @@ def check_compatible(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
-               where: str | None = None, trust: bool = False) -> tuple[str, dict[str, Any]]:
-    """(name for messages, state_dict in this package's names) of a file, folder or dict.
+               where: str | None = None, trust: bool = False
+               ) -> tuple[str, dict[str, Any], Any]:
+    """(name for messages, state_dict in this package's names, its stored "config" or None)
+    of a file, folder or dict.
 
     A state_dict with NaN / inf weights or BatchNorm statistics (a diverged run) is refused,
     naming the tensors: it would load and then predict garbage.
@@ -343,7 +360,30 @@ def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} tensor(s) hold NaN or inf values (a diverged "
                               f"run?): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}")
-    return where, state_dict
+    return where, state_dict, obj.get("config") if isinstance(obj, Mapping) else None
+
+
+def _other_configuration(saved: Any, model: nn.Module, where: str) -> CheckpointError | None:
+    """The short message for weights trained with another model configuration than `model`'s
+    (instead of a list of shape mismatches): both names, the first fields that differ, the fix.
+    None when that is not the cause (no stored config, or only the class count differs)."""
+    ours = getattr(model, "config", None)
+    if not isinstance(saved, dict) or not isinstance(ours, configs.Config):
+        return None
+    try:
+        theirs = configs.from_dict(saved, where=None)
+    except (configs.ConfigError, configs.ConfigKeyError):
+        return None
+    diffs = [f"model.{f.name} {getattr(theirs.model, f.name)!r} vs {getattr(ours.model, f.name)!r}"
+             for f in dataclasses.fields(ours.model) if f.name != "num_classes"
+             and getattr(theirs.model, f.name) != getattr(ours.model, f.name)]
+    if not diffs:
+        return None
+    return CheckpointError(
+        f"{where} was trained as {theirs.name}, the model asked for is {ours.name}; they differ "
+        f"in {', '.join(diffs[:3])}{' and more' if len(diffs) > 3 else ''}\n"
+        f"leave out --config to use the checkpoint's own configuration (or give --config "
+        f"{theirs.name} and the model overrides it was trained with)")
 
 
 def _num_classes(state_dict: Mapping[str, Any]) -> int | None:
@@ -374,7 +414,17 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
     Returns:
         The model.
     """
-    where, state_dict = _converted(checkpoint, source, where, trust)
+    where, state_dict, saved = _converted(checkpoint, source, where, trust)
+    try:
+        _load(model, state_dict, where, strict=strict, reinit_classifier=reinit_classifier, log=log)
+    except CheckpointError as err:
+        raise (_other_configuration(saved, model, where) or err) from None
+    return model
+
+
+def _load(model: nn.Module, state_dict: dict[str, Any], where: str, *, strict: bool,
+          reinit_classifier: bool, log: typing.Callable[[str], None] | None) -> None:
+    """`load_weights` once the state_dict is read and converted."""
     have, want = _num_classes(state_dict), _num_classes(model.state_dict())
     if reinit_classifier:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIERS)}
@@ -393,7 +443,7 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
         (log or (lambda m: print(m, file=sys.stderr)))(
             f"{where}: loaded all weights but the classifiers (checkpoint: {trained_on}); "
             f"decode_head.classifier and aux_head.classifier re-initialised for {want} classes")
-        return model
+        return
     if strict:
         check_compatible(model, state_dict, where)
         model.load_state_dict(state_dict, strict=True)
@@ -402,7 +452,6 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
         subset = {k: v for k, v in state_dict.items() if k in expected}
         check_compatible(model, {**expected, **subset}, where)
         model.load_state_dict(subset, strict=False)
-    return model
 
 
 def _umask() -> int:
@@ -547,7 +596,7 @@ def load_backbone_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapp
     ResNet fits the plain stem (`model.stem="plain"`), resnet50_v1c the deep one. `trust`: see
     `read_checkpoint_file`.
     """
-    where, state_dict = _converted(checkpoint, source, trust=trust)
+    where, state_dict, _ = _converted(checkpoint, source, trust=trust)
     backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     check_compatible(model.backbone, backbone, where)
     model.backbone.load_state_dict(backbone, strict=True)

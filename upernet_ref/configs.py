@@ -17,6 +17,9 @@ tests, are `upernet_small_demo` and `upernet_small_test`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -28,6 +31,11 @@ class ConfigKeyError(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr, newlines escaped
         return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(UsageError, ValueError, TypeError):
+    """A configuration value of the wrong type or outside its range; the message names the
+    field. Raised when the configuration is built, so a command refuses it before any work."""
 
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255
@@ -49,7 +57,10 @@ class ModelConfig:
     aux_head: bool = True  # FCN head on C4, used for training only
     aux_channels: int = 512
     dropout: float = 0.1  # Dropout2d before both classifiers
-    num_classes: int = 150
+    num_classes: int = 0  # the classifiers' outputs; in a Config always data.num_classes
+
+    def __post_init__(self) -> None:
+        _validate(self, "model")
 
 
 @dataclass(frozen=True)
@@ -76,9 +87,8 @@ class DataConfig:
     num_workers: int = 4
     on_bad: str = "raise"  # a bad sample: "raise" (stop, naming the file) or "skip" (count it)
 
-    def __post_init__(self) -> None:  # checked when built: refused before any work
-        if self.on_bad not in ("raise", "skip"):
-            raise ValueError(f"data.on_bad must be 'raise' or 'skip', got {self.on_bad!r}")
+    def __post_init__(self) -> None:
+        _validate(self, "data")
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,9 @@ class TrainConfig:
     val_interval: int = 4000
     checkpoint_interval: int = 4000
 
+    def __post_init__(self) -> None:
+        _validate(self, "train")
+
     @property
     def max_iters(self) -> int:
         """Total iterations: epochs x iterations per epoch (docs/SPEC.md, "The 12 published results")."""
@@ -132,20 +145,13 @@ class TestConfig:
     mode: str = "whole"  # whole or slide
     scales: tuple[float, ...] = (1.0,)  # multi-scale: (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     flip: bool = False
-    crop_size: tuple[int, int] = (512, 512)  # sliding window (height, width)
+    # the sliding window (height, width); () = the training crop, data.crop_size (filled in by
+    # Config), as published: the network is applied at the size it was trained at
+    crop_size: tuple[int, ...] = ()
     stride: tuple[int, int] = (341, 341)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("whole", "slide"):
-            raise ValueError(f"test.mode must be 'whole' or 'slide', got {self.mode!r}")
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"test.scales must be positive factors (e.g. 0.5,1,1.5), "
-                             f"got {self.scales!r}")
-        for name in ("crop_size", "stride"):
-            value = getattr(self, name)
-            if len(value) != 2 or min(value) <= 0:
-                raise ValueError(f"test.{name} must be two positive sizes HxW (e.g. 512x512), "
-                                 f"got {value!r}")
+        _validate(self, "test")
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,138 @@ class Config:
     # The published single-scale val mIoU (percent) for this recipe, None for small configs.
     reported_miou: float | None = None
 
+    def __post_init__(self) -> None:
+        """The checks across sections, and the two values one section takes from another."""
+        d, n = self.data, self.data.num_classes
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"the configuration's name must be a non-empty string, got {self.name!r}")
+        for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                             ("test", TestConfig)):
+            if not isinstance(getattr(self, section), cls):
+                raise ConfigError(f"{section} must be a {cls.__name__}, got "
+                                  f"{type(getattr(self, section)).__name__}")
+        if self.model.num_classes not in (0, n):  # set once, in data.num_classes
+            raise ConfigError(f"model.num_classes={self.model.num_classes} differs from "
+                              f"data.num_classes={n}: the class count is data.num_classes")
+        if 0 <= d.ignore_index < n:
+            raise ConfigError(f"data.ignore_index={d.ignore_index} falls inside data.num_classes="
+                              f"{n} (classes 0..{n - 1}): the ignore index must be outside them")
+        if self.train.class_weights and len(self.train.class_weights) != n:
+            raise ConfigError(f"train.class_weights has {len(self.train.class_weights)} values "
+                              f"for data.num_classes={n}")
+        object.__setattr__(self, "model", dataclasses.replace(self.model, num_classes=n))
+        if not self.test.crop_size:
+            object.__setattr__(self, "test", dataclasses.replace(self.test, crop_size=d.crop_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Checked values: every field's type and range, checked when a section is built (by name, by
+# override, from a file), so a bad value is refused, naming the field, before any work
+
+
+def _one_of(*options: typing.Any) -> tuple[typing.Callable, str]:
+    names = [repr(o) for o in options]
+    said = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
+    return (lambda v: v in options), said
+
+
+_POSITIVE = (lambda v: v > 0), "positive"
+_NOT_NEGATIVE = (lambda v: v >= 0), "0 or more"
+_FRACTION = (lambda v: 0 < v <= 1), "in (0, 1]"
+_BELOW_ONE = (lambda v: 0 <= v < 1), "in [0, 1)"
+_SIZES = (lambda v: min(v) > 0), "positive sizes HxW (e.g. 512x512)"
+_FACTORS = (lambda v: len(v) > 0 and min(v) > 0), "positive values (e.g. 0.5,1,1.5)"
+_NAME = (lambda v: v.strip() != ""), "a non-empty name"
+_RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
+    "model.depth": _one_of(18, 34, 50, 101), "model.stem": _one_of("deep", "plain"),
+    "model.output_stride": _one_of(8, 16, 32),
+    "model.blocks": ((lambda v: v == () or (len(v) == 4 and min(v) > 0)),
+                     "() or 4 positive block counts"),
+    "model.base_width": _POSITIVE, "model.stem_width": _POSITIVE,
+    "model.head_channels": _POSITIVE, "model.aux_channels": _POSITIVE,
+    "model.pool_scales": _FACTORS, "model.dropout": _BELOW_ONE, "model.num_classes": _NOT_NEGATIVE,
+    "data.dataset": _one_of("voc", "ade20k", "cityscapes", "folder", "hf", "demo"),
+    "data.num_classes": _POSITIVE, "data.train_split": _NAME, "data.val_split": _NAME,
+    "data.crop_size": _SIZES, "data.base_scale": _SIZES,
+    "data.ratio_range": ((lambda v: 0 < v[0] <= v[1]), "two factors 0 < min <= max (e.g. 0.5,2)"),
+    "data.cat_max_ratio": _FRACTION, "data.flip_prob": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "data.std": _FACTORS, "data.hf_image_column": _NAME, "data.hf_annotation_column": _NAME,
+    "data.num_workers": _NOT_NEGATIVE, "data.on_bad": _one_of("raise", "skip"),
+    "train.batch_size": _POSITIVE, "train.epochs": _POSITIVE, "train.iters_per_epoch": _POSITIVE,
+    "train.lr": _POSITIVE, "train.momentum": _BELOW_ONE, "train.weight_decay": _NOT_NEGATIVE,
+    "train.lr_power": _NOT_NEGATIVE, "train.min_lr": _NOT_NEGATIVE,
+    "train.warmup_iters": _NOT_NEGATIVE, "train.warmup_ratio": _FRACTION,
+    "train.loss_weight": _NOT_NEGATIVE, "train.aux_loss_weight": _NOT_NEGATIVE,
+    "train.class_weights": ((lambda v: not v or min(v) >= 0), "weights of 0 or more"),
+    "train.ohem_thresh": _FRACTION, "train.ohem_min_kept": _NOT_NEGATIVE,
+    "train.amp": _one_of("none", "bf16", "fp16"), "train.norm": _one_of("auto", "batchnorm", "syncbn"),
+    "train.seed": _NOT_NEGATIVE, "train.log_interval": _POSITIVE,
+    "train.val_interval": _NOT_NEGATIVE, "train.checkpoint_interval": _NOT_NEGATIVE,
+    "test.mode": _one_of("whole", "slide"), "test.scales": _FACTORS, "test.stride": _SIZES,
+    "test.crop_size": ((lambda v: v == () or (len(v) == 2 and min(v) > 0)),
+                       "() (the training crop) or two positive sizes HxW (e.g. 512x512)"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _keys(section: str, cls: type) -> str:
+    """The keys one can set in a section (model.num_classes follows data.num_classes)."""
+    return ", ".join(f"{section}.{f}" for f in _hints(cls) if f"{section}.{f}" != "model.num_classes")
+
+
+def _validate(section: typing.Any, name: str) -> None:
+    """Check (and normalise: lists -> tuples, ints -> floats) every field of a section."""
+    for key, kind in _hints(type(section)).items():
+        value = _check_value(getattr(section, key), kind, f"{name}.{key}")
+        object.__setattr__(section, key, value)
+        check, wanted = _RULES.get(f"{name}.{key}", (None, ""))
+        if check is not None and not check(value):
+            raise ConfigError(f"{name}.{key} must be {wanted}, got {value!r}")
+
+
+def _parse_value(text: str, kind: typing.Any, key: str) -> typing.Any:
+    """A command-line value ("0.02", "512x512", "true") as the field's type."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        items = [t.strip() for t in text.replace("x", ",").split(",") if t.strip()]
+        if args[-1] is not Ellipsis and len(items) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(t, args[0], key) for t in items)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return low in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} is a bool (true/false), got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{key} is {'an int' if kind is int else 'a float'}, got {text!r}") from None
+    return text
+
+
+def _check_value(value: typing.Any, kind: typing.Any, key: str) -> typing.Any:
+    """`value` as a field of type `kind` (tuples of the right length, finite floats), or a
+    ConfigError naming `key`."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"{key} must be a tuple, got {type(value).__name__} {value!r}")
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(f"{key} needs {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_check_value(v, args[0], key) for v in value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return value
+
 
 # --------------------------------------------------------------------------------------------
 # The published recipes (docs/SPEC.md, "The 12 published results" and "Training recipe")
@@ -167,20 +305,20 @@ _DATASETS = {
         data=DataConfig(dataset="voc", num_classes=21, train_split="trainaug", val_split="val",
                         crop_size=(512, 512), base_scale=(2048, 512)),
         train=TrainConfig(batch_size=16, epochs=60, iters_per_epoch=661),
-        test=TestConfig(crop_size=(512, 512), stride=(341, 341)),
+        test=TestConfig(stride=(341, 341)),
     ),
     "ade20k": dict(
         data=DataConfig(dataset="ade20k", num_classes=150, train_split="training",
                         val_split="validation", crop_size=(512, 512), base_scale=(2048, 512),
                         reduce_zero_label=True),
         train=TrainConfig(batch_size=16, epochs=130, iters_per_epoch=1263),
-        test=TestConfig(crop_size=(512, 512), stride=(341, 341)),
+        test=TestConfig(stride=(341, 341)),
     ),
     "cityscapes": dict(
         data=DataConfig(dataset="cityscapes", num_classes=19, train_split="train",
                         val_split="val", crop_size=(512, 1024), base_scale=(2048, 1024)),
         train=TrainConfig(batch_size=8, epochs=220, iters_per_epoch=372),
-        test=TestConfig(crop_size=(512, 1024), stride=(341, 683)),
+        test=TestConfig(stride=(341, 683)),
     ),
 }
 
@@ -209,7 +347,7 @@ def _published(depth: int, output_stride: int, dataset: str) -> Config:
     data: DataConfig = parts["data"]
     return Config(
         name=f"upernet_r{depth}_os{output_stride}_{dataset}",
-        model=ModelConfig(depth=depth, output_stride=output_stride, num_classes=data.num_classes),
+        model=ModelConfig(depth=depth, output_stride=output_stride),
         data=data,
         train=parts["train"],
         test=parts["test"],
@@ -233,28 +371,29 @@ SMALL: dict[str, Config] = {
     "upernet_small_demo": Config(
         name="upernet_small_demo",
         model=ModelConfig(depth=18, blocks=(1, 1, 1, 1), base_width=16, stem_width=16,
-                          head_channels=32, aux_channels=32, output_stride=8, num_classes=8),
+                          head_channels=32, aux_channels=32, output_stride=8),
         data=DataConfig(dataset="demo", num_classes=8, train_split="train", val_split="val",
                         crop_size=(64, 64), base_scale=(128, 96), num_workers=0),
         train=TrainConfig(batch_size=8, epochs=6, iters_per_epoch=50, lr=0.05,
                           log_interval=10, val_interval=100, checkpoint_interval=100),
-        test=TestConfig(crop_size=(64, 64), stride=(43, 43)),
+        test=TestConfig(stride=(43, 43)),
     ),
     # Unit tests: the smallest network that still has every piece.
     "upernet_small_test": Config(
         name="upernet_small_test",
         model=ModelConfig(depth=18, blocks=(1, 1, 1, 1), base_width=8, stem_width=8,
-                          head_channels=16, aux_channels=16, output_stride=8, num_classes=8,
+                          head_channels=16, aux_channels=16, output_stride=8,
                           pool_scales=(1, 2, 3, 6)),
         data=DataConfig(dataset="demo", num_classes=8, train_split="train", val_split="val",
                         crop_size=(32, 32), base_scale=(64, 48), num_workers=0),
         train=TrainConfig(batch_size=4, epochs=1, iters_per_epoch=10, lr=0.05,
                           log_interval=1, val_interval=5, checkpoint_interval=5),
-        test=TestConfig(crop_size=(32, 32), stride=(21, 21)),
+        test=TestConfig(stride=(21, 21)),
     ),
 }
 
 _ALL: dict[str, Config] = {**PUBLISHED, **SMALL}
+_SECTIONS = ("model", "data", "train", "test")
 
 
 def list_configs(published_only: bool = False) -> list[str]:
@@ -281,62 +420,15 @@ def get_config(name: str | Config, overrides: typing.Sequence[str] | dict | None
 
 
 # --------------------------------------------------------------------------------------------
-# Type-checked overrides, for the command line ("train.lr=0.02") and for Python ({...: 0.02})
-
-_SECTIONS = ("model", "data", "train", "test")
-
-
-def _parse_value(text: str, kind: typing.Any, key: str) -> typing.Any:
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        args = typing.get_args(kind)
-        items = [t for t in text.replace("x", ",").split(",") if t.strip()] if text.strip() else []
-        item_type = args[0]
-        if len(args) != 2 or args[1] is not Ellipsis:  # fixed-length tuple
-            if len(items) != len(args):
-                raise ValueError(f"{key} needs {len(args)} comma-separated values, got {text!r}")
-        return tuple(_parse_value(t.strip(), item_type, key) for t in items)
-    if kind is bool:
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{key} is a bool (true/false), got {text!r}")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{key} is an int, got {text!r}") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{key} is a float, got {text!r}") from None
-    return text
-
-
-def _check_value(value: typing.Any, kind: typing.Any, key: str) -> typing.Any:
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            raise TypeError(f"{key} must be a tuple, got {type(value).__name__} {value!r}")
-        args = typing.get_args(kind)
-        return tuple(_check_value(v, args[0], key) for v in value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, bool):
-        raise TypeError(f"{key} must be int, got bool {value!r}")
-    if not isinstance(value, kind):
-        raise TypeError(f"{key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
+# Overrides ("train.lr=0.02" on the command line, {"train.lr": 0.02} in Python) and files
 
 
 def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Config:
-    """A copy of `cfg` with "section.field=value" overrides applied, each type-checked.
+    """A copy of `cfg` with "section.field=value" overrides applied, each type- and
+    range-checked (through `from_dict`, the path every configuration takes).
 
-    Unknown keys and values of the wrong type raise with a message listing what is valid.
-    `model.num_classes` follows `data.num_classes` when only the latter is given.
+    Unknown keys and values of the wrong type raise with a message naming the key and what is
+    valid. The class count is `data.num_classes` (the model's classifiers follow it).
     """
     if not overrides:
         return cfg
@@ -346,50 +438,97 @@ def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Conf
         pairs = []
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form section.field=value")
+                raise ConfigError(f"override {item!r} is not of the form section.field=value")
             key, text = item.split("=", 1)
             pairs.append((key.strip().lstrip("-"), text))
-    changes: dict[str, dict[str, typing.Any]] = {}
+    values = to_dict(cfg)
     for key, value in pairs:
         section, _, name = key.partition(".")
         if section not in _SECTIONS or not name:
             raise ConfigKeyError(f"unknown override {key!r}; keys look like "
-                           f"{', '.join(s + '.<field>' for s in _SECTIONS)}")
-        sub = getattr(cfg, section)
-        hints = typing.get_type_hints(type(sub))
+                                 f"{', '.join(s + '.<field>' for s in _SECTIONS)}")
+        hints = _hints(type(getattr(cfg, section)))
+        if key == "model.num_classes":
+            raise ConfigKeyError(f"{key} follows data.num_classes: give data.num_classes={value}")
         if name not in hints:
-            valid = ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(sub))
-            raise ConfigKeyError(f"unknown override {key!r}; valid {section} keys: {valid}")
-        kind = hints[name]
-        value = _parse_value(value, kind, key) if isinstance(value, str) else _check_value(value, kind, key)
-        changes.setdefault(section, {})[name] = value
-    if "num_classes" in changes.get("data", {}) and "num_classes" not in changes.get("model", {}):
-        changes.setdefault("model", {})["num_classes"] = changes["data"]["num_classes"]
-    new = {s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()}
-    return dataclasses.replace(cfg, **new)
+            raise ConfigKeyError(f"unknown override {key!r}; valid {section} keys: "
+                                 f"{_keys(section, type(getattr(cfg, section)))}")
+        values[section][name] = _parse_value(value, hints[name], key) if isinstance(value, str) else value
+    return from_dict(values, where=None)
 
 
 def to_dict(cfg: Config) -> dict:
-    """The configuration as plain JSON-able data (stored in checkpoints and logs)."""
-    return dataclasses.asdict(cfg)
+    """The configuration as plain JSON-able data (stored in checkpoints, config.json and logs),
+    each value once: no model.num_classes (it is data.num_classes), test.crop_size () when it
+    is the training crop."""
+    values = dataclasses.asdict(cfg)
+    del values["model"]["num_classes"]
+    if cfg.test.crop_size == cfg.data.crop_size:
+        values["test"]["crop_size"] = ()
+    return values
 
 
-def from_dict(data: dict) -> Config:
-    """Inverse of `to_dict` (lists become tuples again)."""
-    def build(cls, values):
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in values:
-                continue
-            v = values[f.name]
-            kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
+# Keys that older versions wrote: dropped with a warning naming them (model.num_classes is
+# dropped silently when it equals data.num_classes, as every older file has it).
+_REMOVED = {"test.batch_size": "the test batch is one image"}
 
-    return Config(
-        name=data["name"],
-        model=build(ModelConfig, data.get("model", {})),
-        data=build(DataConfig, data.get("data", {})),
-        train=build(TrainConfig, data.get("train", {})),
-        test=build(TestConfig, data.get("test", {})),
-        reported_miou=data.get("reported_miou"),
-    )
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def from_dict(data: typing.Any, where: str | None = "configuration") -> Config:
+    """The `Config` of `to_dict`'s data (a checkpoint's "config", a model folder's config.json):
+    the path every stored configuration takes, checked field by field like an override.
+
+    Unknown keys (a typo such as "test.scale") are refused; keys an older version wrote are
+    dropped with a warning naming them; a field missing from an older file takes its default,
+    said by name. `where` names the file in messages (None: no prefix and no warnings).
+    """
+    at = f"{where}: " if where else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{at}a configuration is a JSON object, got {type(data).__name__}")
+    data, sections = dict(data), {}
+    if isinstance(data.get("model"), dict) and "num_classes" in data["model"]:  # older files
+        data["model"] = dict(data["model"])
+        have = data["model"].pop("num_classes")
+        if isinstance(data.get("data"), dict):
+            data["data"] = {"num_classes": have, **data["data"]}
+            if data["data"]["num_classes"] != have:
+                raise ConfigError(f"{at}model.num_classes={have!r} differs from data.num_classes="
+                                  f"{data['data']['num_classes']!r}: the class count is "
+                                  f"data.num_classes")
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+                         ("test", TestConfig)):
+        values = data.get(section)
+        if not isinstance(values, dict) or not values:
+            raise ConfigError(f"{at}no {section!r} section (a JSON object of {cls.__name__} "
+                              f"fields), got {values!r}")
+        values, fields = dict(values), _hints(cls)
+        for key in [k for k in values if f"{section}.{k}" in _REMOVED]:
+            if where:
+                _warn(f"{at}ignoring {section}.{key}, written by an older version "
+                      f"({_REMOVED[f'{section}.{key}']})")
+            del values[key]
+        unknown = [k for k in values if k not in fields]
+        if unknown:
+            raise ConfigKeyError(f"{at}unknown key {section}.{unknown[0]}; valid {section} keys: "
+                                 f"{_keys(section, cls)}")
+        missing = [f for f in fields if f not in values and f"{section}.{f}" != "model.num_classes"]
+        if missing and where:
+            _warn(f"{at}no {', '.join(section + '.' + f for f in missing)} (written by an "
+                  f"older version?): using the defaults")
+        sections[section] = values
+    unknown = [k for k in data if k not in ("name", "reported_miou", *_SECTIONS)]
+    if unknown:
+        raise ConfigKeyError(f"{at}unknown key {unknown[0]!r}; a configuration has name, "
+                             f"reported_miou and the sections {', '.join(_SECTIONS)}")
+    miou = data.get("reported_miou")
+    if miou is not None and (isinstance(miou, bool) or not isinstance(miou, (int, float))):
+        raise ConfigError(f"{at}reported_miou must be a number or null, got {miou!r}")
+    try:
+        return Config(name=data.get("name"), model=ModelConfig(**sections["model"]),
+                      data=DataConfig(**sections["data"]), train=TrainConfig(**sections["train"]),
+                      test=TestConfig(**sections["test"]), reported_miou=miou)
+    except ConfigError as err:
+        raise ConfigError(f"{at}{err}") from None

@@ -60,7 +60,7 @@ def dataset_for(cfg: typing.Any, split: str, root: str | Path | None = None,
     if cfg.data.num_classes != len(DEMO_CLASSES):  # its labels are 0..7: a loss would fail
         raise UsageError(f"the demo scenes have {len(DEMO_CLASSES)} classes, but "
                          f"{cfg.name} has data.num_classes={cfg.data.num_classes}; use "
-                         f"--data.num_classes={len(DEMO_CLASSES)} (and model.num_classes), "
+                         f"--data.num_classes={len(DEMO_CLASSES)}, "
                          f"or train on a dataset with {cfg.data.num_classes} classes")
     return DemoScenes(split, transform=transform)
 

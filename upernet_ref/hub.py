@@ -13,7 +13,6 @@ atomic folder write behind `upernet export --format safetensors`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -65,12 +64,12 @@ def training_command(cfg: Config, max_iters: int | None = None) -> str:
         parts.append("--data-root DATA")
     if max_iters is not None and max_iters != cfg.train.max_iters:
         parts.append(f"--max-iters {max_iters}")
+    ours_all, theirs_all = configs.to_dict(cfg), configs.to_dict(base) if base else None
     for section in ("model", "data", "train", "test"):
-        ours = getattr(cfg, section)
-        theirs = getattr(base, section) if base else None
-        for f in dataclasses.fields(ours):
-            value = getattr(ours, f.name)
-            if theirs is not None and getattr(theirs, f.name) == value:
+        ours = ours_all[section]
+        theirs = theirs_all[section] if theirs_all else None
+        for name, value in ours.items():
+            if theirs is not None and theirs[name] == value:
                 continue
             if isinstance(value, tuple):
                 text = ",".join(str(v) for v in value)
@@ -78,7 +77,7 @@ def training_command(cfg: Config, max_iters: int | None = None) -> str:
                 text = str(value).lower()
             else:
                 text = str(value)
-            parts.append(f"--{section}.{f.name}={text}")
+            parts.append(f"--{section}.{name}={text}")
     return " \\\n    ".join(parts)
 
 
@@ -236,7 +235,7 @@ def load_pretrained(cls: type, model_id: str, config: dict | None, map_location:
         raise CheckpointError(f"{model_id}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
                               f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
                               f"model.save_pretrained or upernet export --format safetensors)")
-    cfg = configs.from_dict(config)
+    cfg = configs.from_dict(config, where=f"{model_id}/{CONFIG_NAME}")
     model = build_model(cfg)
     if os.path.isdir(model_id):
         weights = Path(model_id) / SAFETENSORS_NAME

@@ -85,16 +85,13 @@ def test_overrides(args: argparse.Namespace) -> list[str]:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Config]:
     """Config (from --config or the checkpoint) and the model with the checkpoint's weights
     (the fast inference model for `device` with --fast)."""
-    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
     from upernet_ref.model.upernet import build_model
 
     path = Path(args.checkpoint)
     state = read_checkpoint_file(path, trust=args.trust_checkpoint)
-    if args.config:
-        cfg = configs.get_config(args.config)
-    elif isinstance(state, dict) and isinstance(state.get("config"), dict):
-        cfg = configs.from_dict(state["config"])
-    else:
+    cfg = configs.get_config(args.config) if args.config else stored_config(state, path)
+    if cfg is None:
         raise ValueError(f"checkpoint {path} stores no configuration: pass --config NAME "
                          f"(one of {', '.join(configs.list_configs())})")
     cfg = configs.override(cfg, test_overrides(args))

@@ -47,19 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args, overrides = parse_args_and_overrides(parser, argv)
 
-    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
-    from upernet_ref.configs import from_dict, list_configs
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
+    from upernet_ref.configs import list_configs
     if args.eval_json and args.format != "safetensors":
         parser.error("--eval-json goes into the model card of --format safetensors")
     with before_work():
         metrics = hub.read_metrics(args.eval_json) if args.eval_json else None
         state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
                  if args.checkpoint else None)
-        if args.config:
-            cfg = get_config(args.config)
-        elif isinstance(state, dict) and isinstance(state.get("config"), dict):
-            cfg = from_dict(state["config"])
-        else:
+        cfg = (get_config(args.config) if args.config
+               else stored_config(state, args.checkpoint) if state is not None else None)
+        if cfg is None:
             raise UsageError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
                               if args.checkpoint else "pass a checkpoint or")
                              + f" --config NAME (one of {', '.join(list_configs())})")

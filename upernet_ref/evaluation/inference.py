@@ -56,6 +56,8 @@ def window_grid(size: tuple[int, int], crop_size: tuple[int, int],
     at the image border (never past it). An image smaller than the crop gets one window, the
     whole image (it is padded by `slide_inference`).
     """
+    if len(crop_size) != 2:  # TestConfig's () is the training crop, filled in by a Config
+        raise ValueError(f"a sliding window needs test.crop_size HxW, got {crop_size!r}")
     (h, w), (ch, cw), (sh, sw) = size, crop_size, stride
     if min(ch, cw, sh, sw) <= 0:
         raise ValueError(f"crop {crop_size} and stride {stride} must be positive")

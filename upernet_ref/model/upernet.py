@@ -11,13 +11,15 @@ built from) and a model card; `UPerNet.from_pretrained(DIR_or_repo_id)` rebuilds
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from upernet_ref.model.backbone import ResNet
 from upernet_ref import configs
-from upernet_ref.configs import Config, ModelConfig, get_config
+from upernet_ref.configs import Config, ConfigError, ModelConfig, get_config
 from upernet_ref.model.head import FCNHead, UPerHead
 from upernet_ref.model.layers import resize
 
@@ -84,9 +86,26 @@ def build_model(config: Config | ModelConfig | str) -> UPerNet:
         config = full.model
     if not isinstance(config, ModelConfig):
         raise TypeError(f"build_model takes a Config, ModelConfig or name, got {type(config).__name__}")
+    if config.num_classes < 1:
+        raise ConfigError("model.num_classes is 0: build from a Config (data.num_classes) or "
+                          "give ModelConfig(num_classes=N)")
+    check_fits(config)
     model = UPerNet(config)
     model.config = full  # what save_pretrained writes as config.json
     return model
+
+
+def check_fits(config: ModelConfig) -> None:
+    """Refuse, before any tensor is allocated, a model whose fp32 weights alone exceed this
+    machine's memory (sizes read from a file: 10^9 classes would try to allocate 64 GB). The
+    model is built on the meta device, which allocates nothing."""
+    with torch.device("meta"):
+        n = count_parameters(UPerNet(config))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n > memory:
+        raise ConfigError(f"model: {n:,} parameters need {4 * n / 1e9:,.0f} GB for the weights "
+                          f"alone, more than this machine's {memory / 1e9:,.0f} GB; check "
+                          f"data.num_classes and the model.* widths")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
