@@ -10,23 +10,10 @@ import pytest
 import torch
 
 from upernet_ref import hub
-from upernet_ref.cli import main
 from upernet_ref.configs import get_config, to_dict
 from upernet_ref.model import build_model
 
-
-def run(capfd, argv):
-    code = main(argv)
-    out, err = capfd.readouterr()
-    assert "Traceback" not in err and "Traceback" not in out, err
-    return code, out, err
-
-
-def one_line(err: str, command: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"upernet {command}: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
+from helpers_cli import one_line, run
 
 
 @pytest.mark.parametrize("override, message", [

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from upernet_ref.cli import main
 from upernet_ref.configs import get_config, to_dict
 from upernet_ref.model import build_model
 
+from helpers_cli import one_line, run
 from helpers_data import make_fake_folder, save_index_png
 
 FOLDER3 = ["data.dataset=folder", "data.num_classes=3"]
@@ -58,20 +58,6 @@ def broken(files, split: str, how: str):
             for p in images.iterdir():
                 p.unlink()
     return copy
-
-
-def run(capfd, argv):
-    code = main(argv)
-    out, err = capfd.readouterr()
-    assert "Traceback" not in err and "Traceback" not in out, err
-    return code, out, err
-
-
-def one_line(err: str, command: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"upernet {command}: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, err)
 
 
 EVAL_CASES = {  # how the val split is broken -> what the message says
