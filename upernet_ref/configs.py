@@ -166,7 +166,7 @@ class Config:
 
     def __post_init__(self) -> None:
         """The checks across sections, and the two values one section takes from another."""
-        d, n = self.data, self.data.num_classes
+        n = self.data.num_classes
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"the configuration's name must be a non-empty string, got {self.name!r}")
         for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
@@ -177,15 +177,13 @@ class Config:
         if self.model.num_classes not in (0, n):  # set once, in data.num_classes
             raise ConfigError(f"model.num_classes={self.model.num_classes} differs from "
                               f"data.num_classes={n}: the class count is data.num_classes")
-        if 0 <= d.ignore_index < n:
-            raise ConfigError(f"data.ignore_index={d.ignore_index} falls inside data.num_classes="
-                              f"{n} (classes 0..{n - 1}): the ignore index must be outside them")
         if self.train.class_weights and len(self.train.class_weights) != n:
             raise ConfigError(f"train.class_weights has {len(self.train.class_weights)} values "
                               f"for data.num_classes={n}")
         object.__setattr__(self, "model", dataclasses.replace(self.model, num_classes=n))
         if not self.test.crop_size:
-            object.__setattr__(self, "test", dataclasses.replace(self.test, crop_size=d.crop_size))
+            object.__setattr__(self, "test", dataclasses.replace(self.test,
+                                                                 crop_size=self.data.crop_size))
 
 
 # --------------------------------------------------------------------------------------------
