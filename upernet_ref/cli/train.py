@@ -288,11 +288,11 @@ def _checkpoint_to_resume(resume: bool | str | Path, out_dir: Path, cfg: Config,
     if not all(key in ckpt for key in ("model", "optimizer", "scheduler", "iteration")):
         raise ValueError(f"{path}: not a training checkpoint (no optimizer and schedule state "
                          f"to continue from); to start from its weights use --weights {path}")
-    saved_cfg, now = ckpt.get("config", {}), configs.to_dict(cfg)
-    if saved_cfg.get("model") != now["model"]:
+    saved = configs.from_dict(ckpt["config"], where=str(path)) if "config" in ckpt else cfg
+    if saved.model != cfg.model:
         raise ValueError(f"{path}: the checkpoint's model configuration differs from "
                          f"{cfg.name}'s; resume with the same --config and model overrides")
-    if saved_cfg != now:
+    if saved != cfg:
         say(f"warning: {path} was saved with a different configuration; continuing "
             f"with the one given now")
     if ckpt.get("max_iters", max_iters) != max_iters:
