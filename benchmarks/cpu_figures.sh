@@ -23,3 +23,10 @@ $B --config upernet_r50_os8_ade20k --size 1024x1024 --mode infer --fast --warmup
 for b in 1 2 4 8; do
   $B --config upernet_small_demo --size 512x512 --batch $b --mode infer --fast --warmup 1 --repeats 5 --json "$OUT/demo_512_b${b}_infer.json"
 done
+# 5. Issue 21 (Zen 5 VM): compiled --fast, int8 with its demo-checkpoint accuracy, the training step.
+mkdir -p "$OUT/zen5"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --int8 --warmup 1 --repeats 3 --json "$OUT/zen5/r50_os8_512_infer_int8.json"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --warmup 1 --repeats 3 --json "$OUT/zen5/r50_os8_512_infer_rerun.json"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 2 --json "$OUT/zen5/r50_os8_512_train.json"
+python benchmarks/cpu_compile_options.py infer > "$OUT/zen5/compile_options_infer.log"
+python benchmarks/cpu_compile_options.py train > "$OUT/zen5/compile_options_train.log"

@@ -22,8 +22,8 @@ on the device (figures in `docs/benchmarks.md`):
 - `torch.compile` (`compile_rule`): on CUDA from the first call; on an x86 CPU with AVX2 or
   AVX-512 and a C++ compiler, through inductor's C++ backend with `freezing` (the folded weights
   become constants, converted to bf16 and prepacked for oneDNN once, and the elementwise layers
-  fused into the convolutions), which took R-50 os8 512x512 from ~1.7x to >= 2x fp32 eager on
-  the 2-core VMs (docs/benchmarks.md). On the CPU compiling costs tens of seconds per input
+  fused into the convolutions), which took R-50 os8 512x512 from ~1.7x to 2.3-2.7x fp32 eager
+  in CPU time on the 2-core Zen 5 VM (docs/benchmarks.md). On the CPU compiling costs tens of seconds per input
   shape, so it is amortised like renting before buying: a shape runs uncompiled until its calls
   have taken `compile_after_s` seconds (about one compile), and is compiled then; so a single
   image, or a few, never pay for it, and a long run pays at most about twice the best choice in
@@ -210,7 +210,7 @@ def compile_rule(device: str | torch.device) -> tuple[bool, str]:
 
     CUDA: yes (Triton kernels; uncompiled with a warning where they cannot be built). CPU: yes
     on x86 with AVX2 or AVX-512 (torch's CPU capability) when a C++ compiler is on PATH, the
-    two things inductor's C++ backend needs; measured at 2.0-2.3x fp32 eager (CPU time) with
+    two things inductor's C++ backend needs; measured at 2.3-2.7x fp32 eager (CPU time) with
     freezing against 1.7x for the same model uncompiled (R-50 os8 512x512, Zen 5, 2 cores;
     docs/benchmarks.md). Elsewhere (ARM, no compiler): no, today's uncompiled path.
     """
