@@ -187,6 +187,21 @@ u = upsampled[1]
 print("1x1 branch is constant over the map:", torch.allclose(u, u[..., :1, :1].expand_as(u)))
 
 # %% [markdown]
+# ## Exercise (checked): the PPM's forward pass, before you read it
+#
+# You have seen every piece: the pooling, the branches, the upsampling. Before sections 5 and
+# 6 show the answer, write the PPM's forward pass with the module's own layers (`ppm.pool_scales`,
+# `ppm.branches`, `ppm.bottleneck`; `resize` is imported above). `check_ppm` compares it with
+# `ppm(x)` on a small PPM with random BatchNorm statistics.
+
+# %% tags=["raises-exception"]
+def ppm_forward(x: torch.Tensor, ppm: PyramidPooling) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_ppm(ppm_forward)
+
+# %% [markdown]
 # ## 5. Concatenate and fuse: the bottleneck
 #
 # The feature map and the four upsampled branches are concatenated along channels, and a 3x3 conv
@@ -342,19 +357,6 @@ print("output is non-negative (ends with ReLU):", bool((out >= 0).all()))
 #   which 18,875,392 in the bottleneck.
 # - Its output, at C5's resolution, is the top level of UPerNet's FPN (notebook 03).
 # - Our `SketchPPM` equals `upernet_ref.model.ppm.PyramidPooling` in eval and train mode.
-#
-# ## Exercise (checked)
-#
-# Write the PPM's forward pass with the module's own layers (`ppm.pool_scales`,
-# `ppm.branches`, `ppm.bottleneck`; `resize` is imported above). `check_ppm` compares it with
-# `ppm(x)` on a small PPM with random BatchNorm statistics.
-
-# %% tags=["raises-exception"]
-def ppm_forward(x: torch.Tensor, ppm: PyramidPooling) -> torch.Tensor:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_ppm(ppm_forward)
 
 # %% [markdown]
 # ## Questionnaire

@@ -94,6 +94,20 @@ plt.show()
 # over *all* pixels (mmsegmentation's default) counts the ignored ones as zero loss and so gives a
 # smaller number; the gradients differ by the same factor.
 
+# %% [markdown]
+# ### Exercise (checked): write it before you read it
+#
+# Write the cross-entropy of the recipe: the mean of $-\log \operatorname{softmax}(z_p)_{y_p}$
+# over the pixels whose label is not 255, and 0 (not NaN) when every pixel is ignored.
+# `check_cross_entropy` compares it with `losses.cross_entropy`.
+
+# %% tags=["raises-exception"]
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_cross_entropy(cross_entropy)
+
 # %%
 valid = target != 255
 logp = logits.log_softmax(dim=1)                                         # (1, K, H, W)
@@ -226,19 +240,6 @@ print(inspect.getsource(losses.segmentation_loss))
 # - The auxiliary head is deep supervision: training only, `model.eval()` drops it.
 # - Class weights and OHEM are options; OHEM keeps the hard pixels (p < 0.7) and at least
 #   `min_kept` per image.
-#
-# ## Exercise (checked)
-#
-# Write the cross-entropy of the recipe: the mean of $-\log \operatorname{softmax}(z_p)_{y_p}$
-# over the pixels whose label is not 255, and 0 (not NaN) when every pixel is ignored.
-# `check_cross_entropy` compares it with `losses.cross_entropy`.
-
-# %% tags=["raises-exception"]
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_cross_entropy(cross_entropy)
 
 # %% [markdown]
 # ## Questionnaire

@@ -43,6 +43,27 @@ from upernet_ref.training import schedule
 from upernet_ref.configs import get_config
 
 _ = torch.manual_seed(0)
+
+# %% [markdown]
+# ## Exercise (checked): write the schedule first
+#
+# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
+# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
+# stay at the minimum). `check_poly_lr` tries twenty cases (warmup, its end, the last iteration
+# and beyond included) and names the usual mistakes.
+
+# %% tags=["raises-exception"]
+def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
+            warmup_iters: int, warmup_ratio: float) -> float:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_poly_lr(poly_lr)
+
+# %% [markdown]
+# The package's version, to compare with yours:
+
+# %%
 print(inspect.getsource(schedule.poly_lr))
 
 # %% [markdown]
@@ -164,20 +185,6 @@ print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iterat
 #   min lr 1e-4, no warmup: the same for all 12 recipes.
 # - Iterations: VOC 661 x 60 = 39,660; ADE20K 1,263 x 130 = 164,190; Cityscapes 372 x 220 = 81,840.
 # - The schedule is a pure function of the iteration, so resuming needs only the iteration.
-#
-# ## Exercise (checked)
-#
-# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
-# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
-# stay at the minimum). `check_poly_lr` tries eight cases.
-
-# %% tags=["raises-exception"]
-def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
-            warmup_iters: int, warmup_ratio: float) -> float:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_poly_lr(poly_lr)
 
 # %% [markdown]
 # ## Questionnaire

@@ -109,6 +109,20 @@ plt.show()
 # first, then one `bincount` of `t * C + p` fills the whole matrix (this is what
 # `metrics.confusion_matrix` does, on the GPU when the tensors are there).
 
+# %% [markdown]
+# ### Exercise (checked): write it before you read it
+#
+# Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
+#    prediction, label 255 skipped). `check_confusion_matrix` compares it with
+#    `metrics.confusion_matrix` and tells you if rows and columns are swapped.
+
+# %% tags=["raises-exception"]
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_confusion_matrix(confusion_matrix)
+
 # %%
 valid = gt != 255
 t, p = gt[valid], pred[valid]
@@ -151,6 +165,19 @@ plt.show()
 # The diagonal holds the true positives. A row sums to the class's ground-truth pixels
 # ($TP + FN$), a column to the pixels predicted as that class ($TP + FP$). The union in the IoU is
 # row + column - diagonal.
+
+# %% [markdown]
+# ### Exercise (checked): the IoU, before you read it
+#
+# Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
+#    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
+
+# %% tags=["raises-exception"]
+def iou(matrix: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_iou(iou)
 
 # %%
 tp = np.diag(matrix).astype(float)
@@ -288,30 +315,6 @@ assert abs(s["miou"] - s["aacc"] / present) < 1e-12
 # - The published number is the mIoU of the summed matrix, not the mean of per-image mIoUs.
 # - `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
 #   the trainer's validation use it (see notebook 09 for how the predictions are made).
-#
-# ## Exercises (checked)
-#
-# 1. Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
-#    prediction, label 255 skipped). `check_confusion_matrix` compares it with
-#    `metrics.confusion_matrix` and tells you if rows and columns are swapped.
-
-# %% tags=["raises-exception"]
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_confusion_matrix(confusion_matrix)
-
-# %% [markdown]
-# 2. Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
-#    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
-
-# %% tags=["raises-exception"]
-def iou(matrix: torch.Tensor) -> torch.Tensor:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_iou(iou)
 
 # %% [markdown]
 # ## Questionnaire

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tomllib
+
 from pathlib import Path
 
 import pytest
@@ -36,6 +36,7 @@ def test_kernelspec_is_the_installed_one():
 
 
 def test_jupytext_and_lab_settings_are_in_the_repository():
+    tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "jupytext.toml").read_text(encoding="utf-8"))
     header = (NOTEBOOKS / "solutions" / "01_dilated_resnet.py").read_text(encoding="utf-8")
     assert f"formats: {config['formats']}" in header

@@ -110,6 +110,24 @@ for i, (f, lat) in enumerate(zip(feats, laterals)):
 # After the top-down pathway every level holds the whole picture at its scale: with identity laterals,
 # FPN's top-down pathway is exactly the reconstruction of a Laplacian pyramid.
 
+# %% [markdown]
+# ### Exercise (checked): write the pathway before you read it
+#
+# Write the top-down pathway: given the four laterals (finest first, the PPM output last), add to
+# each level the upsampled sum coming from the level above, from the top down (use `resize`).
+# `check_top_down` compares the four levels with the package's computation.
+
+# %%
+def top_down_pathway(laterals: list[torch.Tensor]) -> list[torch.Tensor]:
+    ### BEGIN SOLUTION
+    for i in range(len(laterals) - 1, 0, -1):
+        laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
+    return laterals
+    ### END SOLUTION
+
+
+course.check_top_down(top_down_pathway)
+
 # %%
 def top_down(levels: list[torch.Tensor]) -> list[torch.Tensor]:
     # FPN top-down pathway, finest level first
@@ -429,23 +447,6 @@ with torch.no_grad():
 # - Parameters: 68,914,316 and 87,906,444 for ADE20K with the aux head, equal to the
 #   reference for all 12 configurations; 398 / 263 GMACs (R-50, os 8 / os 16) at 512x512 in eval mode.
 # - Our hand-built head equals `upernet_ref.model.head.UPerHead`.
-#
-# ## Exercise (checked)
-#
-# Write the top-down pathway: given the four laterals (finest first, the PPM output last), add to
-# each level the upsampled sum coming from the level above, from the top down (use `resize`).
-# `check_top_down` compares the four levels with the package's computation.
-
-# %%
-def top_down_pathway(laterals: list[torch.Tensor]) -> list[torch.Tensor]:
-    ### BEGIN SOLUTION
-    for i in range(len(laterals) - 1, 0, -1):
-        laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
-    return laterals
-    ### END SOLUTION
-
-
-course.check_top_down(top_down_pathway)
 
 # %% [markdown]
 # ## Questionnaire

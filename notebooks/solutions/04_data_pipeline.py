@@ -269,6 +269,24 @@ print([(n, tuple(i.shape[1:])) for n, i, _ in trace])
 show(pairs, ["input"] + [n for n, _, _ in trace], palette, height=2.2)
 
 # %% [markdown]
+# ### Exercise (checked): the rescale, before the steps by hand
+#
+# Write `rescale_size`: the (height, width) of an image fitted into `scale` = (long, short) with
+# its aspect ratio kept (the factor is the smaller of long / long side and short / short side;
+# round as `int(x + 0.5)`, like mmcv). `check_rescale_size` tries sixteen images and scales,
+# among them one where the long side decides and an exact .5.
+
+# %%
+def rescale_size(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
+    ### BEGIN SOLUTION
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+    ### END SOLUTION
+
+
+course.check_rescale_size(rescale_size)
+
+# %% [markdown]
 # ### The geometric steps by hand, with the same random draws
 #
 # Rescale, crop and flip draw, in this order, one uniform ratio, one (top, left) corner per crop
@@ -463,22 +481,6 @@ print("other seed, other batch:", not torch.equal(a[0], c[0]))
 #   -> pad; geometry is applied jointly, masks use nearest neighbour, padding is 0 / 255.
 # - The test pipeline only resizes and normalizes the image; the mask keeps its original size.
 # - `torch.manual_seed` reproduces every random draw, in the main process and in workers.
-#
-# ## Exercise (checked)
-#
-# Write `rescale_size`: the (height, width) of an image fitted into `scale` = (long, short) with
-# its aspect ratio kept (the factor is the smaller of long / long side and short / short side;
-# round as `int(x + 0.5)`, like mmcv). `check_rescale_size` tries six images and scales.
-
-# %%
-def rescale_size(height: int, width: int, scale: tuple[float, float]) -> tuple[int, int]:
-    ### BEGIN SOLUTION
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
-    ### END SOLUTION
-
-
-course.check_rescale_size(rescale_size)
 
 # %% [markdown]
 # ## Questionnaire

@@ -43,6 +43,33 @@ from upernet_ref.training import schedule
 from upernet_ref.configs import get_config
 
 _ = torch.manual_seed(0)
+
+# %% [markdown]
+# ## Exercise (checked): write the schedule first
+#
+# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
+# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
+# stay at the minimum). `check_poly_lr` tries twenty cases (warmup, its end, the last iteration
+# and beyond included) and names the usual mistakes.
+
+# %%
+def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
+            warmup_iters: int, warmup_ratio: float) -> float:
+    ### BEGIN SOLUTION
+    progress = min(max(iteration, 0), max_iters) / max_iters
+    lr = (base_lr - min_lr) * (1 - progress) ** power + min_lr
+    if warmup_iters > 0 and iteration < warmup_iters:
+        lr *= 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)
+    return lr
+    ### END SOLUTION
+
+
+course.check_poly_lr(poly_lr)
+
+# %% [markdown]
+# The package's version, to compare with yours:
+
+# %%
 print(inspect.getsource(schedule.poly_lr))
 
 # %% [markdown]
@@ -164,26 +191,6 @@ print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iterat
 #   min lr 1e-4, no warmup: the same for all 12 recipes.
 # - Iterations: VOC 661 x 60 = 39,660; ADE20K 1,263 x 130 = 164,190; Cityscapes 372 x 220 = 81,840.
 # - The schedule is a pure function of the iteration, so resuming needs only the iteration.
-#
-# ## Exercise (checked)
-#
-# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
-# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
-# stay at the minimum). `check_poly_lr` tries eight cases.
-
-# %%
-def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
-            warmup_iters: int, warmup_ratio: float) -> float:
-    ### BEGIN SOLUTION
-    progress = min(max(iteration, 0), max_iters) / max_iters
-    lr = (base_lr - min_lr) * (1 - progress) ** power + min_lr
-    if warmup_iters > 0 and iteration < warmup_iters:
-        lr *= 1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)
-    return lr
-    ### END SOLUTION
-
-
-course.check_poly_lr(poly_lr)
 
 # %% [markdown]
 # ## Questionnaire

@@ -109,6 +109,24 @@ plt.show()
 # first, then one `bincount` of `t * C + p` fills the whole matrix (this is what
 # `metrics.confusion_matrix` does, on the GPU when the tensors are there).
 
+# %% [markdown]
+# ### Exercise (checked): write it before you read it
+#
+# Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
+#    prediction, label 255 skipped). `check_confusion_matrix` compares it with
+#    `metrics.confusion_matrix` and tells you if rows and columns are swapped.
+
+# %%
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    keep = target != 255
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    ### END SOLUTION
+
+
+course.check_confusion_matrix(confusion_matrix)
+
 # %%
 valid = gt != 255
 t, p = gt[valid], pred[valid]
@@ -151,6 +169,24 @@ plt.show()
 # The diagonal holds the true positives. A row sums to the class's ground-truth pixels
 # ($TP + FN$), a column to the pixels predicted as that class ($TP + FP$). The union in the IoU is
 # row + column - diagonal.
+
+# %% [markdown]
+# ### Exercise (checked): the IoU, before you read it
+#
+# Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
+#    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
+
+# %%
+def iou(matrix: torch.Tensor) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    m = matrix.double()
+    tp = m.diagonal()
+    union = m.sum(0) + m.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=m.dtype))
+    ### END SOLUTION
+
+
+course.check_iou(iou)
 
 # %%
 tp = np.diag(matrix).astype(float)
@@ -288,39 +324,6 @@ assert abs(s["miou"] - s["aacc"] / present) < 1e-12
 # - The published number is the mIoU of the summed matrix, not the mean of per-image mIoUs.
 # - `upernet_ref.evaluation.metrics` computes exactly the numbers built here by hand; `upernet eval` and
 #   the trainer's validation use it (see notebook 09 for how the predictions are made).
-#
-# ## Exercises (checked)
-#
-# 1. Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
-#    prediction, label 255 skipped). `check_confusion_matrix` compares it with
-#    `metrics.confusion_matrix` and tells you if rows and columns are swapped.
-
-# %%
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    keep = target != 255
-    index = target[keep].long() * num_classes + pred[keep].long()
-    return torch.bincount(index, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-    ### END SOLUTION
-
-
-course.check_confusion_matrix(confusion_matrix)
-
-# %% [markdown]
-# 2. Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
-#    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
-
-# %%
-def iou(matrix: torch.Tensor) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    m = matrix.double()
-    tp = m.diagonal()
-    union = m.sum(0) + m.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=m.dtype))
-    ### END SOLUTION
-
-
-course.check_iou(iou)
 
 # %% [markdown]
 # ## Questionnaire

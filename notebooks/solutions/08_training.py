@@ -79,6 +79,28 @@ print("process 1 of 2, per-device 2, its 2 micro-batches:",
       [[i for i, _ in mb] for mb in order.micro_batches(0, rank=1, world_size=2, per_device_batch=2)])
 
 # %% [markdown]
+# ## Exercise (checked): the loss, before you read it
+#
+# Write the published training loss from the model's outputs: CE of `outputs["out"]` plus 0.4 x
+# CE of `outputs["aux"]`, each averaged over the pixels whose label is not 255 (the cross-entropy
+# you wrote in notebook 05). `check_segmentation_loss` compares it with
+# `training.losses.segmentation_loss`.
+
+# %%
+def training_loss(outputs: dict, target: torch.Tensor) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    def ce(logits):  # notebook 05's cross-entropy: mean over the pixels not labelled 255, 0 if none
+        valid = target != 255
+        log_p = logits.log_softmax(1).gather(1, target.masked_fill(~valid, 0)[:, None]).squeeze(1)
+        return -(log_p * valid).sum() / valid.sum().clamp(min=1)
+
+    return ce(outputs["out"]) + 0.4 * ce(outputs["aux"])
+    ### END SOLUTION
+
+
+course.check_segmentation_loss(training_loss)
+
+# %% [markdown]
 # ## 2. One training step, by hand
 #
 # One iteration of the recipe: forward in train mode (the model returns `out` and `aux`), loss =
@@ -308,22 +330,6 @@ else:
 # - Checkpoints are atomic and complete; SIGTERM/SIGINT save one before stopping; a NaN loss
 #   stops the run before the bad update, naming the iteration.
 # - Logs: `log.jsonl`, TensorBoard, `curves.png`.
-#
-# ## Exercise (checked)
-#
-# Write the published training loss from the model's outputs: CE of `outputs["out"]` plus 0.4 x
-# CE of `outputs["aux"]`, each averaged over the pixels whose label is not 255 (you may use
-# `ce_by_hand` from section 2). `check_segmentation_loss` compares it with
-# `training.losses.segmentation_loss`.
-
-# %%
-def training_loss(outputs: dict, target: torch.Tensor) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    return ce_by_hand(outputs["out"], target) + 0.4 * ce_by_hand(outputs["aux"], target)
-    ### END SOLUTION
-
-
-course.check_segmentation_loss(training_loss)
 
 # %% [markdown]
 # ## Questionnaire

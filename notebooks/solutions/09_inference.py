@@ -148,6 +148,24 @@ torch.testing.assert_close(ours, theirs)
 print(f"{len(windows)} windows: by hand == inference with test.mode=slide")
 
 # %% [markdown]
+# ### Exercise (checked): flip, before the reveal
+#
+# Write flip test-time augmentation at a single scale: the softmax of the image's logits and of
+# its mirror's logits (flipped back), averaged. The model returns `{"out": logits}`.
+# `check_flip_inference` compares it with `inference.inference` with `test.flip=true`.
+
+# %%
+def flip_inference(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+    ### BEGIN SOLUTION
+    probs = model(image)["out"].softmax(1)
+    mirrored = model(image.flip(-1))["out"].flip(-1).softmax(1)
+    return (probs + mirrored) / 2
+    ### END SOLUTION
+
+
+course.check_flip_inference(flip_inference)
+
+# %% [markdown]
 # ### Multi-scale + flip by hand
 #
 # For every scale: resize the image (rounding as mmsegmentation, `int(x + 0.5)`), run it and its
@@ -348,23 +366,6 @@ assert 16 < tta_cost < 19
 #   more memory than its largest forward. Every option lives in one `TestConfig`:
 #   `upernet eval` and `upernet predict` take the same ones as `--test.mode=slide
 #   --test.scales=... --test.flip=true` (or the shorthands `--mode`, `--scales`, `--flip`).
-#
-# ## Exercise (checked)
-#
-# Write flip test-time augmentation at a single scale: the softmax of the image's logits and of
-# its mirror's logits (flipped back), averaged. The model returns `{"out": logits}`.
-# `check_flip_inference` compares it with `inference.inference` with `test.flip=true`.
-
-# %%
-def flip_inference(model: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    ### BEGIN SOLUTION
-    probs = model(image)["out"].softmax(1)
-    mirrored = model(image.flip(-1))["out"].flip(-1).softmax(1)
-    return (probs + mirrored) / 2
-    ### END SOLUTION
-
-
-course.check_flip_inference(flip_inference)
 
 # %% [markdown]
 # ## Questionnaire
