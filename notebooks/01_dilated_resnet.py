@@ -110,6 +110,21 @@ print(f"dilated 3x3 == {2 * d + 1}x{2 * d + 1} kernel with zeros between the tap
 
 
 # %% [markdown]
+# ### Exercise 1 (warm-up, checked): a convolution's output size
+#
+# Write the output length of a convolution from its input length, kernel, stride, padding and
+# dilation (the formula behind every size in this notebook), then run the cell:
+# `check_conv_output_size` compares your function with `nn.Conv2d` on twenty cases and names the
+# usual mistakes.
+
+# %% tags=["raises-exception"]
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_conv_output_size(conv_output_size)
+
+# %% [markdown]
 # ## 2. Dilation grows the receptive field
 #
 # The *receptive field* of an output pixel is the set of input pixels that can change it. We can
@@ -214,7 +229,32 @@ plt.show()
 #
 # ResNet-50/101 stack *bottleneck* blocks: 1x1 reduce -> 3x3 -> 1x1 expand (x4), plus a shortcut.
 # The v1c / "pytorch style" block puts the stride (and the dilation) on the 3x3 convolution; the
-# shortcut becomes a strided 1x1 conv + BN when the shape changes. Here is the package's code:
+# shortcut becomes a strided 1x1 conv + BN when the shape changes.
+#
+# ### Exercise 2 (core, checked): the dilated bottleneck
+#
+# Write the block before you read the package's: `conv1` (1x1, `cin -> planes`), `conv2` (3x3 with
+# the block's stride and dilation, padding = dilation), `conv3` (1x1, `planes -> 4 x planes`), each
+# conv bias-free and followed by its BatchNorm (`bn1`, `bn2`, `bn3`), ReLU after the first two;
+# the shortcut is `x`, or `downsample` (a strided 1x1 conv + BN, as `nn.Sequential`) when the
+# stride or the width changes; the last ReLU comes after the addition. The names must be the
+# package's, so that its weights load: `check_bottleneck` loads a package `Bottleneck`'s
+# state_dict into yours (random BatchNorm statistics) and compares the outputs on five blocks.
+
+# %% tags=["raises-exception"]
+class SketchBottleneck(nn.Module):
+    def __init__(self, cin: int, planes: int, stride: int, dilation: int):
+        super().__init__()
+        raise NotImplementedError("exercise: replace this line with your code")
+
+    def forward(self, x):
+        raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_bottleneck(SketchBottleneck)
+
+# %% [markdown]
+# The package's block, to compare with yours:
 
 # %%
 print(inspect.getsource(Bottleneck))
@@ -266,23 +306,23 @@ print(stems["deep"].stem)
 # ## 5. Strides and dilations for output stride 8, 16, 32
 #
 # The rule: walk the four stages with their ImageNet strides (1, 2, 2, 2); once the output stride is
-# reached, every further stride becomes a dilation instead. Let's derive the package's table from
-# that rule:
+# reached, every further stride becomes a dilation instead.
+#
+# ### Exercise 3 (stretch, checked): the table, from the rule
+#
+# Derive the package's table from that rule: `strides_and_dilations(output_stride)` returns the
+# four stages' strides and dilations (the stem leaves the image at 1/4). `check_strides_and_dilations`
+# tries output strides 4, 8, 16 and 32; the package's table `STRIDES_DILATIONS` is emptied while
+# your function runs.
 
-# %%
+# %% tags=["raises-exception"]
 def strides_and_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    strides, dilations, current, dilation = [], [], 4, 1  # the stem leaves us at 1/4
-    for s in (1, 2, 2, 2):
-        if current * s > output_stride:
-            strides.append(1)
-            dilation *= s  # keep the resolution, widen the taps instead
-        else:
-            strides.append(s)
-            current *= s
-        dilations.append(dilation)
-    return tuple(strides), tuple(dilations)
+    raise NotImplementedError("exercise: replace this line with your code")
 
 
+course.check_strides_and_dilations(strides_and_dilations)
+
+# %% tags=["uses-exercise", "raises-exception"]
 print(f"{'output stride':>14s}  {'stage strides':>14s}  {'stage dilations':>16s}")
 for os_ in (8, 16, 32):
     assert strides_and_dilations(os_) == STRIDES_DILATIONS[os_]
@@ -348,31 +388,13 @@ plt.show()
 # %% [markdown]
 # ## 7. A small dilated ResNet by hand
 #
-# Now the whole backbone, written from the pieces above: a bottleneck, a stage that applies the
-# stride and the (contracted) dilation to its first block, and the deep stem. The module names
+# Now the whole backbone, written from the pieces above: your bottleneck (exercise 2), a stage that
+# applies the stride and the (contracted) dilation to its first block, your table (exercise 3), and
+# the deep stem. The module names
 # follow the package (`stem.0`, `layer3.1.conv2`, `layer2.0.downsample.0`, ...) so that one
 # `load_state_dict` copies the weights.
 
 # %%
-class SketchBottleneck(nn.Module):
-    def __init__(self, cin: int, planes: int, stride: int, dilation: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
-        self.downsample = None
-        if stride != 1 or cin != 4 * planes:  # the shortcut must change shape too
-            self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False),
-                                            nn.BatchNorm2d(4 * planes))
-
-    def forward(self, x):
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        return F.relu(self.bn3(self.conv3(y)) + shortcut)
-
-
 def sketch_stage(cin: int, planes: int, n: int, stride: int, dilation: int) -> nn.Sequential:
     first = dilation // 2 if dilation > 1 else 1  # contract dilation
     blocks = [SketchBottleneck(cin, planes, stride, first)]
@@ -407,7 +429,7 @@ class SketchResNet(nn.Module):
 # affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
 # so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 
-# %%
+# %% tags=["uses-exercise", "raises-exception"]
 # the published R-50 (at 128x128, to keep a CPU run of this branch short) on a GPU; a narrow,
 # shallow one at 64x64 on a laptop CPU
 blocks, width, stem, size = ((3, 4, 6, 3), 64, 32, 128) if full_size else ((1, 1, 2, 2), 8, 8, 64)
@@ -490,19 +512,6 @@ assert all(torch.isfinite(f).all() for f in feats)
 #   (1, 2, 2, 1), dilations (1, 1, 1, 2). C2..C5 have 256, 512, 1024, 2048 channels.
 # - At 512x512, os 8 gives C3 = C4 = C5 = 64x64; os 16 gives 64, 32, 32; os 32 gives 64, 32, 16.
 # - Our hand-built backbone equals `upernet_ref.model.backbone.ResNet` for all three output strides.
-#
-# ## Exercise (checked)
-#
-# Write the output length of a convolution from its input length, kernel, stride, padding and
-# dilation (the formula behind every size in section 6), then run the cell: `check_conv_output_size`
-# compares your function with `nn.Conv2d` on eight cases and says which one is wrong.
-
-# %% tags=["raises-exception"]
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_conv_output_size(conv_output_size)
 
 # %% [markdown]
 # ## Questionnaire

@@ -111,7 +111,7 @@ for i, (f, lat) in enumerate(zip(feats, laterals)):
 # FPN's top-down pathway is exactly the reconstruction of a Laplacian pyramid.
 
 # %% [markdown]
-# ### Exercise (checked): write the pathway before you read it
+# ### Exercise 1 (core, checked): write the pathway before you read it
 #
 # Write the top-down pathway: given the four laterals (finest first, the PPM output last), add to
 # each level the upsampled sum coming from the level above, from the top down (use `resize`).
@@ -192,6 +192,20 @@ print("pyramid:", [tuple(o.shape) for o in outs])
 # input) and concatenated (4 x 512 = 2048 channels), fused by a 3x3 conv + BN + ReLU to 512, and
 # classified by `Dropout2d(0.1)` + a 1x1 conv **with** bias (the only biased conv of the head). The
 # model finally upsamples the logits x4 to the input size.
+#
+# ### Exercise 2 (stretch, checked): fusion and classifier, before you read them
+#
+# Write `fuse_and_classify(outs, head)`: from the four pyramid levels (finest first) to the
+# logits at 1/4, with the head's own layers `head.fuse`, `head.dropout` and `head.classifier`
+# (use `resize`). `check_fuse_and_classify` compares it on four pyramids with a `UPerHead` whose
+# BatchNorm statistics are random; `UPerHead.forward` is blocked while yours runs.
+
+# %% tags=["raises-exception"]
+def fuse_and_classify(outs: list[torch.Tensor], head: UPerHead) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_fuse_and_classify(fuse_and_classify)
 
 # %%
 fuse = ConvBNReLU(len(in_channels) * channels, channels, 3).eval()
@@ -334,7 +348,8 @@ print(f"{'total':24s} {total:12,d}")
 # Every tensor shape of the published `upernet_r50_os8_ade20k` on one 512x512 image, recorded in
 # one forward pass on the `meta` device (`course.output_shapes`: forward hooks, no compute). The
 # orange boxes are the backbone (notebook 01), green the PPM (02), blue this notebook's FPN and
-# fusion; the grey auxiliary head runs in training only.
+# fusion; the grey auxiliary head runs in training only. The top-down pathway is cumulative: each
+# yellow sum adds its lateral and the upsampled *sum* of the level above (not its raw lateral).
 
 # %%
 with torch.device("meta"):
@@ -354,7 +369,7 @@ def chw(shape):
 
 
 boxes = {"image": (0, -0.5, f"image\n{chw(image.shape)}"),
-         "out": (12, 2, f"logits, upsampled\n{150}x512x512")}
+         "out": (12.6, 2, f"logits, upsampled\n{150}x512x512")}
 arrows, colors = [], {}
 for k in range(4):
     y = k
@@ -365,16 +380,18 @@ for k in range(4):
     boxes[f"L{k}"] = (4.5, y, f"{name}\n{chw(shapes[heads[k]])}")
     colors[f"L{k}"] = "#d9f0d9" if k == 3 else "#e8eef7"
     arrows.append((f"C{k + 2}", f"L{k}"))
-    if k < 3:
-        boxes[f"S{k}"] = (7, y, f"+ top-down, 3x3\n{chw(shapes[smooth[k]])}")
-        arrows += [(f"L{k}", f"S{k}"), (f"L{k + 1}", f"S{k}")]
+    if k < 3:  # the cumulative pathway: level k's sum = its lateral + the upsampled sum above
+        boxes[f"P{k}"] = (6.3, y, f"+ upsampled sum above\n{chw(shapes[heads[k]])}")
+        boxes[f"S{k}"] = (8.1, y, f"FPN 3x3\n{chw(shapes[smooth[k]])}")
+        colors[f"P{k}"] = "#fff3c4"
+        arrows += [(f"L{k}", f"P{k}"), (f"P{k + 1}" if k < 2 else f"L{k + 1}", f"P{k}"), (f"P{k}", f"S{k}")]
     arrows.append((f"S{k}" if k < 3 else f"L{k}", "fuse"))
-boxes["fuse"] = (9.5, 1.5, f"upsample to 1/4, concat\n{4 * 512}x128x128\n3x3 fuse {chw(shapes['decode_head.fuse'])}")
-boxes["cls"] = (9.5, 3, f"dropout, 1x1 classifier\n{chw(shapes['decode_head.classifier'])}")
+boxes["fuse"] = (10.3, 1.5, f"upsample to 1/4, concat\n{4 * 512}x128x128\n3x3 fuse {chw(shapes['decode_head.fuse'])}")
+boxes["cls"] = (10.3, 3, f"dropout, 1x1 classifier\n{chw(shapes['decode_head.classifier'])}")
 boxes["aux"] = (4.5, -1, f"aux FCN head (training)\n{chw(aux_shape)}")
 colors["aux"] = "#dddddd"
 arrows += [("fuse", "cls"), ("cls", "out"), ("C4", "aux")]
-fig, ax = plt.subplots(figsize=(13, 5))
+fig, ax = plt.subplots(figsize=(14, 5))
 course.draw_diagram(ax, boxes, arrows, colors)
 ax.set_title("upernet_r50_os8_ade20k on a 512x512 image (C x H x W, batch 1)", fontsize=9)
 plt.show()

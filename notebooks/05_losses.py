@@ -85,6 +85,7 @@ im = axes[3].imshow(per_pixel, cmap="magma"); axes[3].set_title("per-pixel CE (0
 plt.colorbar(im, ax=axes[3])
 for ax in axes:
     ax.set_axis_off()
+course.class_legend(fig, DEMO_CLASSES, DEMO_PALETTE)
 plt.show()
 
 # %% [markdown]
@@ -95,7 +96,7 @@ plt.show()
 # smaller number; the gradients differ by the same factor.
 
 # %% [markdown]
-# ### Exercise (checked): write it before you read it
+# ### Exercise 1 (core, checked): write it before you read it
 #
 # Write the cross-entropy of the recipe: the mean of $-\log \operatorname{softmax}(z_p)_{y_p}$
 # over the pixels whose label is not 255, and 0 (not NaN) when every pixel is ignored.
@@ -181,7 +182,8 @@ print(f"unweighted {ours.item():.4f}   ring x5 {weighted.item():.4f}")
 # %%
 prob_true = logits.softmax(1).gather(1, target.clamp(max=K - 1)[:, None]).squeeze(1)
 fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
-axes[0].imshow(prob_true[0], vmin=0, vmax=1); axes[0].set_title("p(true class)")
+im = axes[0].imshow(prob_true[0], vmin=0, vmax=1); axes[0].set_title("p(true class)")
+fig.colorbar(im, ax=axes[0], shrink=0.8)
 for ax, min_kept in zip(axes[1:], (1000, 8000)):
     kept = losses.ohem_mask(logits, target, thresh=0.7, min_kept=min_kept)
     ax.imshow(kept[0], cmap="gray"); ax.set_title(f"kept, min_kept={min_kept}")
@@ -191,7 +193,27 @@ for ax, min_kept in zip(axes[1:], (1000, 8000)):
     assert kept.sum() >= min(min_kept, n_valid) and not (kept & ~valid).any()
 for ax in axes:
     ax.set_axis_off()
+from matplotlib.patches import Patch
+fig.legend(handles=[Patch(facecolor="white", edgecolor="0.4", label="kept (trained on)"),
+                    Patch(facecolor="black", edgecolor="0.4", label="dropped (easy, or ignored)")],
+           loc="lower center", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(0.6, -0.08))
 plt.show()
+
+# %% [markdown]
+# ### Exercise 2 (stretch, checked): OHEM, before the reveal
+#
+# Write `ohem_mask(logits, target, thresh, min_kept)`: the (B, H, W) bool mask of the pixels OHEM
+# keeps. Take the softmax probability of the true class at every valid pixel; the threshold is
+# the larger of `thresh` and the (min_kept x B)-th smallest of them (the largest one when there
+# are fewer valid pixels); a valid pixel is kept when its probability is below the threshold.
+# `check_ohem_mask` tries five batches (one with fewer valid pixels than min_kept x B).
+
+# %% tags=["raises-exception"]
+def ohem_mask(logits: torch.Tensor, target: torch.Tensor, thresh: float, min_kept: int) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_ohem_mask(ohem_mask)
 
 # %% [markdown]
 # ### OHEM by hand

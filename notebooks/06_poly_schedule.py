@@ -45,7 +45,7 @@ from upernet_ref.configs import get_config
 _ = torch.manual_seed(0)
 
 # %% [markdown]
-# ## Exercise (checked): write the schedule first
+# ## Exercise 1 (core, checked): write the schedule first
 #
 # Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
 # during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
@@ -72,6 +72,19 @@ print(inspect.getsource(schedule.poly_lr))
 # One iteration consumes one global batch, so an epoch is images / batch iterations (the model
 # card's figures are that ratio rounded to the nearest integer) and the schedule length is
 # epochs x iterations per epoch. The configurations store both numbers.
+#
+# ### Exercise 2 (warm-up, checked): epochs to iterations
+#
+# Write `epochs_to_iters(epochs, num_images, batch_size)` by that rule (round images / batch to
+# the nearest integer, at least one iteration an epoch). `check_epochs_to_iters` tries the three
+# published datasets and eleven random sizes; the table below then uses the package.
+
+# %% tags=["raises-exception"]
+def epochs_to_iters(epochs: int, num_images: int, batch_size: int) -> int:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_epochs_to_iters(epochs_to_iters)
 
 # %%
 train_images = {"voc": 10_582, "ade20k": 20_210, "cityscapes": 2_975}  # docs/SPEC.md, "The 12 published results"

@@ -100,6 +100,7 @@ for ax, (img, title) in zip(axes, panels):
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
     ax.set_title(title)
     ax.axis("off")
+course.class_legend(fig, DEMO_CLASSES, DEMO_PALETTE)
 plt.show()
 
 # %% [markdown]
@@ -110,7 +111,7 @@ plt.show()
 # `metrics.confusion_matrix` does, on the GPU when the tensors are there).
 
 # %% [markdown]
-# ### Exercise (checked): write it before you read it
+# ### Exercise 1 (warm-up, checked): write it before you read it
 #
 # Write the confusion matrix with one `torch.bincount` (rows = ground truth, columns =
 #    prediction, label 255 skipped). `check_confusion_matrix` compares it with
@@ -167,17 +168,17 @@ plt.show()
 # row + column - diagonal.
 
 # %% [markdown]
-# ### Exercise (checked): the IoU, before you read it
+# ### Exercise 2 (core, checked): the IoU, before you read it
 #
 # Write the per-class IoU from a confusion matrix, NaN for a class that appears neither in the
 #    ground truth nor in the prediction. `check_iou` compares it with `metrics.summarize`.
 
 # %% tags=["raises-exception"]
-def iou(matrix: torch.Tensor) -> torch.Tensor:
+def per_class_iou(matrix: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError("exercise: replace this line with your code")
 
 
-course.check_iou(iou)
+course.check_iou(per_class_iou)
 
 # %%
 tp = np.diag(matrix).astype(float)
@@ -253,6 +254,21 @@ print(f"absent -> 1:             mIoU {np.nan_to_num(iou, nan=1.0).mean():.4f}")
 # image costs as much as a whole misclassified scene; and per image more classes are absent.
 # The published protocol sums the confusion matrices of all images first. Below, ten validation
 # scenes get corrupted predictions, some much worse than others.
+#
+# ### Exercise 3 (stretch, checked): the mIoU of a split
+#
+# Write `miou_over_split(pairs, num_classes)`: the mIoU (a fraction, 0..1) of a list of
+# (prediction, target) maps of any sizes, by the protocol: one confusion matrix over the split
+# (your `confusion_matrix`), its per-class IoU (your `per_class_iou`), the mean over the
+# classes that occur.
+# `check_miou_over_split` tries four splits (one with classes that occur nowhere).
+
+# %% tags=["raises-exception"]
+def miou_over_split(pairs: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> float:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_miou_over_split(miou_over_split)
 
 # %%
 val = DemoScenes("val")

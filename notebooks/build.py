@@ -10,6 +10,9 @@ format (edit them as code, or in Jupyter with jupytext installed). The student v
 - in a code cell, the lines from `### BEGIN SOLUTION` to `### END SOLUTION` become
   `raise NotImplementedError(...)` (at the marker's indentation), and the cell is tagged
   `raises-exception`, so Jupyter, nbclient and `pytest --nbval` expect the unsolved cell to raise;
+- a code cell tagged `uses-exercise` (one that calls the student's answer: the "by hand ==
+  package" check after an exercise) is tagged `raises-exception` too: until the exercise is
+  solved, it raises the exercise's `NotImplementedError`;
 - in a markdown cell, the lines from `<!-- BEGIN ANSWER -->` to `<!-- END ANSWER -->` (the
   questionnaire's answers) are left out.
 
@@ -34,6 +37,7 @@ UNSOLVED = 'raise NotImplementedError("exercise: replace this line with your cod
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_ANSWER, END_ANSWER = "<!-- BEGIN ANSWER -->", "<!-- END ANSWER -->"
 EXPECTED_TO_RAISE = "raises-exception"
+USES_EXERCISE = "uses-exercise"
 
 
 def sources() -> list[Path]:
@@ -69,7 +73,7 @@ def student_version(solved: nbformat.NotebookNode) -> nbformat.NotebookNode:
         lines = cell.source.split("\n")
         if cell.cell_type == "code":
             lines, found = _strip(lines, BEGIN, END, UNSOLVED)
-            if found:
+            if found or USES_EXERCISE in cell.metadata.get("tags", ()):
                 tags = list(cell.metadata.get("tags", []))
                 cell.metadata["tags"] = tags + [EXPECTED_TO_RAISE] * (EXPECTED_TO_RAISE not in tags)
         elif cell.cell_type == "markdown":

@@ -153,6 +153,15 @@ def slide_inference(model, image, crop, stride):
     return total / count
 
 
+def ppm_parameters(cin, c, scales):
+    return len(scales) * (cin * c + 2 * c) + (cin + len(scales) * c) * c * 9 + 2 * c
+
+
+def fuse_and_classify(outs, head):
+    size = outs[0].shape[-2:]
+    return head.classifier(head.dropout(head.fuse(torch.cat([outs[0]] + [resize(o, size) for o in outs[1:]], 1))))
+
+
 RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, ppm),
          (course.check_top_down, top_down), (course.check_rescale_size, rescale_size),
          (course.check_cross_entropy, cross_entropy), (course.check_poly_lr, poly_lr),
@@ -163,7 +172,8 @@ RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, p
          (course.check_bin_edges, bin_edges), (course.check_crop_is_acceptable, crop_is_acceptable),
          (course.check_hflip_pair, hflip_pair), (course.check_ohem_mask, ohem_mask),
          (course.check_epochs_to_iters, epochs_to_iters), (course.check_miou_over_split, miou_over_split),
-         (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference)]
+         (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference),
+         (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify)]
 
 
 @pytest.mark.parametrize("checker, answer", RIGHT, ids=[c.__name__ for c, _ in RIGHT])
@@ -290,6 +300,12 @@ WRONG = [
     (course.check_sgd_update, lambda p, g, b, lr, m, wd: (p - lr * (g + wd * p), m * b + g + wd * p), "gradient, not the momentum"),
     (course.check_slide_inference, lambda m, x, c, s: m(x)["out"], "differ|divided|padded"),
     (course.check_slide_inference, lambda m, x, c, s: slide_inference(m, x, c, s).softmax(1), "probabilities"),
+    (course.check_fuse_and_classify, lambda outs, h: h.classifier(h.fuse(torch.cat(
+        [outs[0]] + [F.interpolate(o, outs[0].shape[-2:], mode="bilinear", align_corners=True) for o in outs[1:]], 1))),
+     "align_corners=True"),
+    (course.check_fuse_and_classify, lambda outs, h: h.classifier(h.fuse(torch.cat(outs, 1))), "upsample every level"),
+    (course.check_ppm_parameters, lambda cin, c, s: len(s) * cin * c + (cin + len(s) * c) * c * 9, "BatchNorm"),
+    (course.check_ppm_parameters, lambda cin, c, s: len(s) * (cin * c + 2 * c) + len(s) * c * c * 9 + 2 * c, "C5 itself"),
 ]
 
 
@@ -334,6 +350,7 @@ def _cheats():
         (course.check_slide_inference, lambda m, x, c, s: inference.slide_inference(m, x, c, s)),
         (course.check_crop_is_acceptable, lambda m, r: T.random_crop(torch.zeros(3, *m.shape), m, m.shape, r) and True),
         (course.check_hflip_pair, lambda i, m: T.random_hflip(i, m, p=1.0)),
+        (course.check_fuse_and_classify, lambda outs, h: UPerHead.forward(h, [torch.zeros(2, 4, 8, 8)] * 4)),
     ]
 
 
@@ -357,7 +374,7 @@ class _PackageBlock(torch.nn.Module):
         return self.block(x)
 
 
-@pytest.mark.parametrize("index", range(17))
+@pytest.mark.parametrize("index", range(18))
 def test_a_package_call_is_refused(index):
     checker, cheat = _cheats()[index]
     with pytest.raises(course.ExerciseError, match="write it yourself|emptied"):

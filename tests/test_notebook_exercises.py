@@ -3,7 +3,8 @@
 An exercise the student can read the answer to, a few cells up (a sketch with the same code, or
 an `inspect.getsource` of the package function it asks for), teaches nothing (issue 17). For
 every exercise of every solved notebook, the distinctive lines of its solution (the code between
-`### BEGIN SOLUTION` and `### END SOLUTION`, whitespace removed, at least 20 characters) must not
+`### BEGIN SOLUTION` and `### END SOLUTION`, whitespace and a leading `return` removed, at least
+20 characters) must not
 appear in the source or the output of any earlier cell of the executed student notebook. The
 reveal and the "by hand == package" check come after the exercise.
 """
@@ -36,8 +37,8 @@ def solution_lines(source: str) -> list[str]:
         if stripped in (build.BEGIN, build.END):
             inside = stripped == build.BEGIN
         elif inside and stripped and not stripped.startswith("#"):
-            code = _squeeze(line.split("  #")[0])
-            if len(code) >= MIN_CHARS:
+            code = _squeeze(line.split("  #")[0]).removeprefix("return")  # the expression is the answer
+            if len(code) >= MIN_CHARS and not code.endswith(":"):  # a `with ...:` or `for ...:` header is not an answer
                 lines.append(code)
     return lines
 

@@ -115,6 +115,25 @@ print(1)
         build.student_version(jupytext.reads("# %%\n### BEGIN SOLUTION\nx = 1\n", fmt="py:percent"))
 
 
+def test_a_cell_that_uses_an_exercise_may_raise_in_the_student_version():
+    nb = jupytext.reads("""# %%
+def f(x):
+    ### BEGIN SOLUTION
+    return x + 1
+    ### END SOLUTION
+
+# %% tags=["uses-exercise"]
+assert f(1) == 2
+
+# %%
+print(2)
+""", fmt="py:percent")
+    student = build.student_version(nb)
+    assert student.cells[1].metadata["tags"] == [build.USES_EXERCISE, build.EXPECTED_TO_RAISE]
+    assert "tags" not in student.cells[2].metadata
+    assert nb.cells[1].metadata["tags"] == [build.USES_EXERCISE]  # the solved copy runs it
+
+
 @pytest.mark.parametrize("solution", SOLVED, ids=[p.name for p in SOLVED])
 def test_the_same_cells_run_on_a_gpu(solution: Path):
     """Device chosen by the package, TF32 off before float32 comparisons, no unsynchronised clock."""

@@ -131,6 +131,26 @@ def draw_diagram(ax, boxes: dict[str, tuple[float, float, str]], arrows: typing.
                     arrowprops={"arrowstyle": "-|>", "color": "#555", "shrinkA": 1, "shrinkB": 1})
 
 
+def class_legend(fig, names: typing.Sequence[str], palette: typing.Sequence[typing.Sequence[int]],
+                 ignored: bool = True, **kwargs):
+    """A legend under `fig` naming each class colour of its mask panels (and 255 = ignored).
+
+    Every mask figure of the course carries one: without it a reader cannot tell which class the
+    model painted where.
+    """
+    from matplotlib.patches import Patch
+
+    from upernet_ref.data.transforms import IGNORE_COLOR
+
+    handles = [Patch(facecolor=[c / 255 for c in color], edgecolor="0.4", label=name)
+               for name, color in zip(names, palette)]
+    if ignored:
+        handles.append(Patch(facecolor=[c / 255 for c in IGNORE_COLOR], edgecolor="0.4", label="255 (ignored)"))
+    options = {"loc": "lower center", "ncol": min(len(handles), 9), "fontsize": 8, "frameon": False,
+               "bbox_to_anchor": (0.5, -0.06)}
+    return fig.legend(handles=handles, **{**options, **kwargs})
+
+
 # --------------------------------------------------------------------------------------------
 # The payoff checkpoint
 
@@ -1104,7 +1124,7 @@ def _ref_sgd(param, grad, buf, lr, momentum, weight_decay, decay_after=False, us
 def check_sgd_update(answer: typing.Callable[..., tuple]) -> None:
     """08: `answer(param, grad, buf, lr, momentum, weight_decay)` = (new param, new momentum buffer)."""
     __tracebackhide__ = True
-    from upernet_ref.training import schedule, step
+    from upernet_ref.training import schedule, trainer
 
     gen = torch.Generator().manual_seed(18)
     cases = []
@@ -1117,7 +1137,7 @@ def check_sgd_update(answer: typing.Callable[..., tuple]) -> None:
                       f"{' (first step: buffer of zeros)' if first else ''}"))
     for param, grad, buf, lr, momentum, wd, case in cases:
         args = (param.clone(), grad.clone(), buf.clone(), lr, momentum, wd)
-        got = _run("sgd_update", answer, args, case, block=[step.train_step, schedule.build_optimizer])
+        got = _run("sgd_update", answer, args, case, block=[trainer.train_step, schedule.build_optimizer])
         if not (isinstance(got, (tuple, list)) and len(got) == 2):
             _fail(f"sgd_update: expected (new param, new buffer) for {case}, got {_describe(got)}")
         new_param, new_buf = _ref_sgd(param, grad, buf, lr, momentum, wd)
@@ -1186,3 +1206,65 @@ def check_slide_inference(answer: typing.Callable[..., torch.Tensor]) -> None:
                 ("you returned probabilities: the windows' logits are averaged (softmax comes after)",
                  lambda: expected.softmax(1))], 1e-5, 1e-6)
     _passed("slide_inference", len(cases))
+
+
+def check_ppm_parameters(answer: typing.Callable[[int, int, tuple], int]) -> None:
+    """02: `answer(cin, channels, pool_scales)` = the number of parameters of the PPM."""
+    __tracebackhide__ = True
+    from upernet_ref.model.ppm import PyramidPooling
+
+    rng = random.Random(20)
+    cases = [(2048, 512, (1, 2, 3, 6)), (64, 16, (1, 2, 3, 6)), (8, 4, (1, 3))]
+    cases += [(rng.randint(1, 300), rng.randint(1, 100), tuple(sorted(rng.sample(range(1, 9), rng.randint(1, 4)))))
+              for _ in range(7)]
+    for cin, channels, scales in cases:
+        case = f"PyramidPooling({cin}, {channels}, {scales})"
+        got = _run("ppm_parameters", answer, (cin, channels, scales), case)
+        with torch.device("meta"):
+            expected = sum(t.numel() for t in PyramidPooling(cin, channels, scales).parameters())
+        n, c = len(scales), channels
+        _check("ppm_parameters", got, expected, case, [
+            ("the BatchNorm weights and biases are missing (2 per channel, after every conv)",
+             lambda: n * cin * c + (cin + n * c) * c * 9),
+            ("the bottleneck is a 3x3 conv: 9 weights per input/output channel pair",
+             lambda: n * (cin * c + 2 * c) + (cin + n * c) * c + 2 * c),
+            ("C5 itself is part of the bottleneck's input (cin + branches x channels)",
+             lambda: n * (cin * c + 2 * c) + n * c * c * 9 + 2 * c),
+            ("the convs have no bias (a BatchNorm follows each)", lambda: expected + n * c + c)], 0, 0)
+    _passed("ppm_parameters", len(cases))
+
+
+def _ref_fuse(outs: list[torch.Tensor], state: dict[str, torch.Tensor], align_corners: bool = False,
+              to_coarsest: bool = False) -> torch.Tensor:
+    size = outs[-1].shape[-2:] if to_coarsest else outs[0].shape[-2:]
+    cat = torch.cat([o if o.shape[-2:] == size else _resize(o, size, align_corners) for o in outs], 1)
+    fused = _ref_conv_bn_relu(cat, state, "fuse.", padding=1)
+    return F.conv2d(fused, state["classifier.weight"], state["classifier.bias"])
+
+
+def check_fuse_and_classify(answer: typing.Callable[[list, nn.Module], torch.Tensor]) -> None:
+    """03: `answer(outs, head)` = the head's logits at 1/4 from its four pyramid levels."""
+    __tracebackhide__ = True
+    from upernet_ref.model.head import UPerHead
+    from upernet_ref.model import randomize_batchnorm
+
+    gen = torch.Generator().manual_seed(21)
+    cases = [((16, 8, 8, 8), "output stride 8"), ((16, 8, 4, 2), "output stride 32"),
+             ((12, 6, 6, 3), "output stride 16"), ((9, 5, 5, 5), "odd sizes")]
+    for sizes, what in cases:
+        torch.manual_seed(int(torch.randint(0, 10_000, (1,), generator=gen)))
+        head = randomize_batchnorm(UPerHead((4, 4, 4, 4), 4, 3)).eval()
+        state = {k: v.detach() for k, v in head.state_dict().items()}
+        outs = [torch.randn(2, 4, s, s, generator=gen) for s in sizes]
+        case = f"levels of sizes {[s for s in sizes]} ({what})"
+        with torch.no_grad():
+            got = _run("fuse_and_classify", answer, ([o.clone() for o in outs], head), case,
+                       block=[UPerHead.forward], hints=[
+                           ("channels", "the fusion conv takes the four levels concatenated along channels (dim=1)"),
+                           ("Sizes of tensors", "upsample every level to the finest one (outs[0]) before concatenating")])
+            _check("fuse_and_classify", got, _ref_fuse(outs, state), case, [
+                ("align_corners=True: the model upsamples with align_corners=False (use `resize`)",
+                 lambda: _ref_fuse(outs, state, align_corners=True)),
+                ("the levels were brought to the coarsest size: upsample them to the finest, 1/4",
+                 lambda: _ref_fuse(outs, state, to_coarsest=True))], 1e-4, 1e-5)
+    _passed("fuse_and_classify", len(cases))

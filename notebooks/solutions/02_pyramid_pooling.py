@@ -122,13 +122,26 @@ plt.show()
 # The 1x1 and 2x2 maps keep the mean of the map exactly, the 3x3 and 6x6 ones do not: 64 pixels
 # cannot be split into 3 or 6 equal bins. PyTorch's rule
 # for bin *i* of *s* over *n* pixels is `[floor(i n / s), ceil((i + 1) n / s))`, so neighbouring
-# bins **overlap** by one pixel when *s* does not divide *n*:
+# bins **overlap** by one pixel when *s* does not divide *n*.
+#
+# ### Exercise 1 (warm-up, checked): the bins
+#
+# Write `bin_edges(n, s)`: the `(start, end)` of each of the *s* bins over *n* pixels, by that
+# rule. `check_bin_edges` tries twenty sizes (more bins than pixels among them).
 
 # %%
 def bin_edges(n: int, s: int) -> list[tuple[int, int]]:
+    ### BEGIN SOLUTION
     return [(math.floor(i * n / s), math.ceil((i + 1) * n / s)) for i in range(s)]
+    ### END SOLUTION
 
 
+course.check_bin_edges(bin_edges)
+
+# %% [markdown]
+# With your bins, adaptive pooling by hand must equal PyTorch's:
+
+# %% tags=["uses-exercise"]
 def adaptive_avg_pool_by_hand(x: torch.Tensor, s: int) -> torch.Tensor:
     rows, cols = bin_edges(x.shape[-2], s), bin_edges(x.shape[-1], s)
     return torch.stack([torch.stack([x[..., r0:r1, c0:c1].mean((-2, -1)) for c0, c1 in cols], -1)
@@ -187,7 +200,7 @@ u = upsampled[1]
 print("1x1 branch is constant over the map:", torch.allclose(u, u[..., :1, :1].expand_as(u)))
 
 # %% [markdown]
-# ## Exercise (checked): the PPM's forward pass, before you read it
+# ## Exercise 2 (core, checked): the PPM's forward pass, before you read it
 #
 # You have seen every piece: the pooling, the branches, the upsampling. Before sections 5 and
 # 6 show the answer, write the PPM's forward pass with the module's own layers (`ppm.pool_scales`,
@@ -208,8 +221,8 @@ course.check_ppm(ppm_forward)
 # %% [markdown]
 # ## 5. Concatenate and fuse: the bottleneck
 #
-# The feature map and the four upsampled branches are concatenated along channels, and a 3x3 conv
-# + BN + ReLU fuses them to `channels`: 2048 + 4 x 512 = 4096 -> 512 in the published model. The
+# The feature map and the four upsampled branches are concatenated along channels, and a 3x3
+# conv + BN + ReLU fuses them to `channels`: 2048 + 4 x 512 = 4096 -> 512 in the published model. The
 # result has C5's spatial size and is the top of UPerNet's feature pyramid.
 
 # %%
@@ -242,7 +255,7 @@ class SketchPPM(nn.Module):
         self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3)
 
     def forward(self, x):
-        context = [resize(branch(adaptive_avg_pool_by_hand(x, s)), x.shape[-2:])
+        context = [resize(branch(F.adaptive_avg_pool2d(x, s)), x.shape[-2:])
                    for s, branch in zip(self.pool_scales, self.branches)]
         return self.bottleneck(torch.cat([x, *context], dim=1))
 
@@ -269,6 +282,25 @@ for mode in ("eval", "train"):
 # %% [markdown]
 # ## 7. The full-size PPM
 #
+# ### Exercise 3 (stretch, checked): the parameters, by formula
+#
+# Before counting them, write the number of parameters of `PyramidPooling(cin, channels,
+# pool_scales)` as a formula: every branch is a bias-free 1x1 conv plus a BatchNorm (a weight
+# and a bias per channel); the bottleneck a bias-free 3x3 conv on the concatenation plus its
+# BatchNorm. `check_ppm_parameters` compares your formula with a count of the module's tensors.
+
+# %%
+def ppm_parameters(cin: int, channels: int, pool_scales: tuple[int, ...]) -> int:
+    ### BEGIN SOLUTION
+    branch = cin * channels + 2 * channels
+    bottleneck = (cin + len(pool_scales) * channels) * channels * 9 + 2 * channels
+    return len(pool_scales) * branch + bottleneck
+    ### END SOLUTION
+
+
+course.check_ppm_parameters(ppm_parameters)
+
+# %% [markdown]
 # `PyramidPooling(2048, 512)` as published, on the `meta` device (no memory, no compute). Nearly
 # all of its 23 M parameters sit in the 3x3 bottleneck (4096 x 512 x 9); and since that conv runs
 # at C5's resolution, output stride 8 makes it 4x as expensive as output stride 16.

@@ -73,10 +73,11 @@ def show(pairs, titles, palette, height=2.6):
     for col, ((image, mask), title, pal) in enumerate(zip(pairs, titles, palettes)):
         axes[0, col].imshow(image.permute(1, 2, 0).numpy())
         axes[1, col].imshow(T.overlay(image, mask, pal, alpha=0.55).permute(1, 2, 0).numpy())
-        axes[0, col].set_title(title, fontsize=9)
+        axes[0, col].set_title(f"{title}\n{mask.shape[0]}x{mask.shape[1]}", fontsize=9)  # (H x W)
         for ax in axes[:, col]:
             ax.axis("off")
     plt.tight_layout()
+    course.class_legend(fig, DEMO_CLASSES, palettes[0])
     plt.show()
 
 
@@ -269,7 +270,22 @@ print([(n, tuple(i.shape[1:])) for n, i, _ in trace])
 show(pairs, ["input"] + [n for n, _, _ in trace], palette, height=2.2)
 
 # %% [markdown]
-# ### Exercise (checked): the rescale, before the steps by hand
+# ### Exercise 1 (warm-up, checked): the flip
+#
+# Write `hflip_pair(image, mask)`: the (3, H, W) image and its (H, W) mask mirrored left-right,
+# together. `check_hflip_pair` tries three pairs.
+
+# %%
+def hflip_pair(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ### BEGIN SOLUTION
+    return image.flip(-1), mask.flip(-1)
+    ### END SOLUTION
+
+
+course.check_hflip_pair(hflip_pair)
+
+# %% [markdown]
+# ### Exercise 2 (core, checked): the rescale, before the steps by hand
 #
 # Write `rescale_size`: the (height, width) of an image fitted into `scale` = (long, short) with
 # its aspect ratio kept (the factor is the smaller of long / long side and short / short side;
@@ -285,6 +301,27 @@ def rescale_size(height: int, width: int, scale: tuple[float, float]) -> tuple[i
 
 
 course.check_rescale_size(rescale_size)
+
+# %% [markdown]
+# ### Exercise 3 (stretch, checked): the class-ratio test of the crop
+#
+# The crop is redrawn (up to 10 times) unless it holds at least two classes and none of them
+# covers `cat_max_ratio` or more of its *labelled* pixels (255 does not count). Write that test:
+# `crop_is_acceptable(mask_crop, cat_max_ratio)` is True when the crop is kept.
+# `check_crop_is_acceptable` tries nineteen crops, among them a class at exactly the ratio, an
+# all-ignored crop and a single-class one.
+
+# %%
+def crop_is_acceptable(mask: torch.Tensor, cat_max_ratio: float) -> bool:
+    ### BEGIN SOLUTION
+    counts = torch.bincount(mask.flatten(), minlength=256)
+    counts[255] = 0  # the ignore label is not a class
+    present = counts[counts > 0]
+    return len(present) > 1 and present.max().item() / present.sum().item() < cat_max_ratio
+    ### END SOLUTION
+
+
+course.check_crop_is_acceptable(crop_is_acceptable)
 
 # %% [markdown]
 # ### The geometric steps by hand, with the same random draws

@@ -46,7 +46,7 @@ from upernet_ref.cli.demo import chance_miou, prediction_figure
 from upernet_ref.training.data_order import GlobalBatchOrder, batch_decomposition
 from upernet_ref.runs import plot_curves, read_log
 from upernet_ref.model import build_model
-from upernet_ref.demo_scenes import DemoScenes
+from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.cli.train import run_training
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.evaluation.evaluate import evaluate
@@ -79,7 +79,7 @@ print("process 1 of 2, per-device 2, its 2 micro-batches:",
       [[i for i, _ in mb] for mb in order.micro_batches(0, rank=1, world_size=2, per_device_batch=2)])
 
 # %% [markdown]
-# ## Exercise (checked): the loss, before you read it
+# ## Exercise 1 (warm-up, checked): the loss, before you read it
 #
 # Write the published training loss from the model's outputs: CE of `outputs["out"]` plus 0.4 x
 # CE of `outputs["aux"]`, each averaged over the pixels whose label is not 255 (the cross-entropy
@@ -99,6 +99,25 @@ def training_loss(outputs: dict, target: torch.Tensor) -> torch.Tensor:
 
 
 course.check_segmentation_loss(training_loss)
+
+# %% [markdown]
+# ## Exercise 2 (core, checked): the SGD update
+#
+# Write one SGD step with momentum and weight decay for one parameter tensor, as `torch.optim.SGD`
+# does (no dampening, no Nesterov): $d = g + \lambda p$, $b \leftarrow \mu\,b + d$,
+# $p \leftarrow p - \mathrm{lr}\,b$ (the buffer starts at zero). Return the new parameter and the
+# new buffer. `check_sgd_update` tries five steps.
+
+# %%
+def sgd_update(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: float, momentum: float,
+               weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ### BEGIN SOLUTION
+    buf = momentum * buf + grad + weight_decay * param
+    return param - lr * buf, buf
+    ### END SOLUTION
+
+
+course.check_sgd_update(sgd_update)
 
 # %% [markdown]
 # ## 2. One training step, by hand
@@ -165,9 +184,9 @@ print(f"{steps} steps: the same losses, and all {len(package_model.state_dict())
 #
 # ## 3. A short run
 #
-# 40 iterations of the recipe (poly schedule over those 40), validating on 20 val scenes at the
-# end. Everything goes to `out_dir`: `last.pt` (and `best.pt`), `log.jsonl`, `curves.png`,
-# TensorBoard events in `tb/`, and `config.json`. The validation set gives its items in the test
+# 40 iterations of the recipe (poly schedule over those 40), validating on 10 val scenes every 10
+# iterations (the validation curve has four points). Everything goes to `out_dir`: `last.pt`
+# (and `best.pt`), `log.jsonl`, `curves.png`, TensorBoard events in `tb/`, and `config.json`. The validation set gives its items in the test
 # pipeline's form, `test_transform(cfg.data)` (normalised, fitted to the base scale), the one
 # form `evaluate` takes; the pictures below show the raw scenes.
 
@@ -175,14 +194,15 @@ print(f"{steps} steps: the same losses, and all {len(package_model.state_dict())
 # NBVAL_IGNORE_OUTPUT
 # (speeds and times vary)
 out_dir = Path(tempfile.mkdtemp()) / "run"
-val_set = DemoScenes("val", num_samples=20, transform=test_transform(cfg.data))
-result = run_training(cfg, out_dir=out_dir, device=device, max_iters=40, progress=False,
+val_set = DemoScenes("val", num_samples=10, transform=test_transform(cfg.data))
+result = run_training(configs.override(cfg, {"train.val_interval": 10}), out_dir=out_dir, device=device, max_iters=40, progress=False,
                       val_dataset=val_set, tensorboard=False)
 
 # %%
 records = read_log(out_dir / "log.jsonl")
 train_records = [r for r in records if r["kind"] == "train"]
 val_records = [r for r in records if r["kind"] == "val"]
+assert len(val_records) == 4
 print(f"{len(train_records)} train records, {len(val_records)} validation; files:",
       sorted(p.name for p in out_dir.iterdir()))
 first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
@@ -216,6 +236,7 @@ model = build_model(configs.from_dict(ckpt["config"]))
 _ = model.load_state_dict(ckpt["model"])
 model.to(device)
 fig = prediction_figure(model, DemoScenes("val", num_samples=3), cfg, count=3, device=device)
+course.class_legend(fig, DEMO_CLASSES, DEMO_PALETTE)
 plt.show()
 
 # %% [markdown]
@@ -268,6 +289,7 @@ print(f"mIoU {100 * metrics['miou']:.1f}%; per class:",
 
 # %%
 fig = prediction_figure(trained, full_val, cfg, count=4, device=device)
+course.class_legend(fig, DEMO_CLASSES, DEMO_PALETTE)
 plt.show()
 
 # %% [markdown]
