@@ -162,6 +162,16 @@ def fuse_and_classify(outs, head):
     return head.classifier(head.dropout(head.fuse(torch.cat([outs[0]] + [resize(o, size) for o in outs[1:]], 1))))
 
 
+def laterals(feats, head):
+    return [conv(f) for conv, f in zip(head.lateral_convs, feats[:-1])] + [head.ppm(feats[-1])]
+
+
+def weighted_cross_entropy(logits, target, weights):
+    valid = target != 255
+    per_pixel = F.cross_entropy(logits, target, weight=weights, ignore_index=255, reduction="none")
+    return per_pixel.sum() / weights[target[valid]].sum().clamp(min=1e-12)
+
+
 RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, ppm),
          (course.check_top_down, top_down), (course.check_rescale_size, rescale_size),
          (course.check_cross_entropy, cross_entropy), (course.check_poly_lr, poly_lr),
@@ -173,7 +183,8 @@ RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, p
          (course.check_hflip_pair, hflip_pair), (course.check_ohem_mask, ohem_mask),
          (course.check_epochs_to_iters, epochs_to_iters), (course.check_miou_over_split, miou_over_split),
          (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference),
-         (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify)]
+         (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify),
+         (course.check_laterals, laterals), (course.check_weighted_cross_entropy, weighted_cross_entropy)]
 
 
 @pytest.mark.parametrize("checker, answer", RIGHT, ids=[c.__name__ for c, _ in RIGHT])
@@ -304,6 +315,11 @@ WRONG = [
         [outs[0]] + [F.interpolate(o, outs[0].shape[-2:], mode="bilinear", align_corners=True) for o in outs[1:]], 1))),
      "align_corners=True"),
     (course.check_fuse_and_classify, lambda outs, h: h.classifier(h.fuse(torch.cat(outs, 1))), "upsample every level"),
+    (course.check_laterals, lambda feats, h: [conv(f) for conv, f in zip(h.lateral_convs, feats[:-1])], "list of 4"),
+    (course.check_weighted_cross_entropy, lambda lo, t, w: F.cross_entropy(lo, t, weight=w, ignore_index=255), "NaN for"),
+    (course.check_weighted_cross_entropy, lambda lo, t, w: F.cross_entropy(lo, t, weight=w, ignore_index=255,
+                                                                          reduction="sum") / (t != 255).sum().clamp(min=1),
+     "number of valid pixels"),
     (course.check_ppm_parameters, lambda cin, c, s: len(s) * cin * c + (cin + len(s) * c) * c * 9, "BatchNorm"),
     (course.check_ppm_parameters, lambda cin, c, s: len(s) * (cin * c + 2 * c) + len(s) * c * c * 9 + 2 * c, "C5 itself"),
 ]
@@ -351,6 +367,8 @@ def _cheats():
         (course.check_crop_is_acceptable, lambda m, r: T.random_crop(torch.zeros(3, *m.shape), m, m.shape, r) and True),
         (course.check_hflip_pair, lambda i, m: T.random_hflip(i, m, p=1.0)),
         (course.check_fuse_and_classify, lambda outs, h: UPerHead.forward(h, [torch.zeros(2, 4, 8, 8)] * 4)),
+        (course.check_laterals, lambda feats, h: h.fpn_features(feats)),
+        (course.check_weighted_cross_entropy, lambda lo, t, w: losses.cross_entropy(lo, t, class_weights=w)),
     ]
 
 
@@ -374,7 +392,7 @@ class _PackageBlock(torch.nn.Module):
         return self.block(x)
 
 
-@pytest.mark.parametrize("index", range(18))
+@pytest.mark.parametrize("index", range(20))
 def test_a_package_call_is_refused(index):
     checker, cheat = _cheats()[index]
     with pytest.raises(course.ExerciseError, match="write it yourself|emptied"):
@@ -428,6 +446,9 @@ def test_the_private_references_equal_the_package():
     logits, target = torch.randn(2, 4, 5, 6, generator=gen), torch.randint(0, 4, (2, 5, 6), generator=gen)
     target[0, 0] = 255
     torch.testing.assert_close(course._ref_cross_entropy(logits, target).float(), losses.cross_entropy(logits, target))
+    weights = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    torch.testing.assert_close(course._ref_weighted_ce(logits, target, weights).float(),
+                               losses.cross_entropy(logits, target, class_weights=weights))
     pred = torch.randint(0, 5, (2, 5, 6), generator=gen)
     assert torch.equal(course._ref_confusion_matrix(pred, target, 5), metrics.confusion_matrix(pred, target, 5))
     matrix = torch.randint(0, 9, (5, 5), generator=gen)

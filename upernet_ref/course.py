@@ -1268,3 +1268,72 @@ def check_fuse_and_classify(answer: typing.Callable[[list, nn.Module], torch.Ten
                 ("the levels were brought to the coarsest size: upsample them to the finest, 1/4",
                  lambda: _ref_fuse(outs, state, to_coarsest=True))], 1e-4, 1e-5)
     _passed("fuse_and_classify", len(cases))
+
+
+def check_laterals(answer: typing.Callable[[list, nn.Module], list]) -> None:
+    """03: `answer(feats, head)` = the four pyramid inputs: 1x1 laterals on C2..C4, the PPM on C5."""
+    __tracebackhide__ = True
+    from upernet_ref.model.head import UPerHead
+    from upernet_ref.model import randomize_batchnorm
+
+    gen = torch.Generator().manual_seed(22)
+    cases = [((4, 6, 8, 10), (16, 8, 8, 8), "output stride 8"), ((3, 5, 7, 9), (16, 8, 4, 2), "output stride 32"),
+             ((2, 4, 6, 8), (9, 5, 5, 5), "odd sizes")]
+    for widths, sizes, what in cases:
+        torch.manual_seed(int(torch.randint(0, 10_000, (1,), generator=gen)))
+        head = randomize_batchnorm(UPerHead(widths, 4, 3)).eval()
+        feats = [torch.randn(2, c, s, s, generator=gen) for c, s in zip(widths, sizes)]
+        case = f"C2..C5 of widths {widths} and sizes {sizes} ({what})"
+        with torch.no_grad():
+            got = _run("laterals", answer, ([f.clone() for f in feats], head), case,
+                       block=[UPerHead.fpn_features, UPerHead.forward])
+            if not isinstance(got, (list, tuple)) or len(got) != 4:
+                _fail(f"laterals: expected a list of 4 tensors for {case}, got {_describe(got)} (the PPM's "
+                      f"output on C5 is the fourth, the top of the pyramid)")
+            state = {k: v.detach() for k, v in head.state_dict().items()}
+            expected = [_ref_conv_bn_relu(f, state, f"lateral_convs.{k}.") for k, f in enumerate(feats[:3])]
+            expected.append(_ref_ppm(feats[3], {k[4:]: v for k, v in state.items() if k.startswith("ppm.")},
+                                     head.ppm.pool_scales))
+            for level, (g, e) in enumerate(zip(got, expected)):
+                compare("laterals", g, e, f"level {level} of {case}", 1e-4, 1e-5)
+    _passed("laterals", len(cases))
+
+
+def _ref_weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                     by_count: bool = False) -> torch.Tensor:
+    valid = target != 255
+    log_p = logits.double().log_softmax(1)
+    picked, w = torch.zeros(target.shape, dtype=torch.float64), torch.zeros(target.shape, dtype=torch.float64)
+    for k in range(logits.shape[1]):
+        picked = torch.where(target == k, log_p[:, k], picked)
+        w = torch.where(target == k, weights[k].double(), w)
+    denom = valid.sum().double() if by_count else w.sum()
+    return -(picked * w).sum() / denom if float(denom) > 0 else torch.tensor(0.0, dtype=torch.float64)
+
+
+def check_weighted_cross_entropy(answer: typing.Callable[..., torch.Tensor]) -> None:
+    """05: `answer(logits, target, weights)` = sum of w_y x CE / sum of w_y over non-255 pixels (0 if none)."""
+    __tracebackhide__ = True
+    from upernet_ref.training import losses
+
+    gen = torch.Generator().manual_seed(23)
+    cases = []
+    for b, k, h, w in ((2, 4, 5, 6), (1, 3, 4, 4), (3, 5, 3, 7)):
+        target = torch.randint(0, k, (b, h, w), generator=gen)
+        target[torch.rand(b, h, w, generator=gen) < 0.25] = 255
+        cases.append((torch.randn(b, k, h, w, generator=gen) * 2, target, torch.rand(k, generator=gen) * 4 + 0.1,
+                      f"{b}x{k}x{h}x{w} logits, random class weights"))
+    cases.append((torch.randn(2, 3, 4, 4, generator=gen), torch.full((2, 4, 4), 255), torch.tensor([1.0, 2.0, 3.0]),
+                  "an all-ignored batch (expected 0, not NaN)"))
+    for logits, target, weights, case in cases:
+        got = _run("weighted_cross_entropy", answer, (logits, target, weights), case,
+                   block=[losses.cross_entropy, losses.segmentation_loss],
+                   hints=[("out of bounds", "255 was not removed: mask the ignored pixels before gathering")])
+        expected = _ref_weighted_ce(logits, target, weights)
+        if isinstance(got, torch.Tensor) and got.dim() == 0 and bool(torch.isnan(got)) and float(expected) == 0:
+            _fail(f"weighted_cross_entropy: NaN for {case}: with no valid pixel the loss is 0")
+        _check("weighted_cross_entropy", got, expected, case, [
+            ("divided by the number of valid pixels: torch's weighted mean divides by the sum of their weights",
+             lambda: _ref_weighted_ce(logits, target, weights, by_count=True)),
+            ("the weights are missing", lambda: _ref_cross_entropy(logits, target))], 1e-5, 1e-6)
+    _passed("weighted_cross_entropy", len(cases))
