@@ -86,6 +86,19 @@ print([tuple(f.shape) for f in feats])
 #
 # C2, C3 and C4 each get a 1x1 conv + BN + ReLU to the head width (256/512/1024 -> 512 in the
 # published model). C5 does not: the PPM plays its role and already outputs the head width.
+#
+# ### Exercise 1 (warm-up, checked): the pyramid's inputs
+#
+# Write `laterals(feats, head)`: from [C2, C3, C4, C5] to the four levels the top-down pathway
+# starts from, with a `UPerHead`'s own layers (`head.lateral_convs`, `head.ppm`).
+# `check_laterals` tries three heads with random BatchNorm statistics.
+
+# %% tags=["raises-exception"]
+def laterals(feats: list[torch.Tensor], head: UPerHead) -> list[torch.Tensor]:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_laterals(laterals)
 
 # %%
 lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1]).eval()
@@ -111,7 +124,7 @@ for i, (f, lat) in enumerate(zip(feats, laterals)):
 # FPN's top-down pathway is exactly the reconstruction of a Laplacian pyramid.
 
 # %% [markdown]
-# ### Exercise 1 (core, checked): write the pathway before you read it
+# ### Exercise 2 (core, checked): write the pathway before you read it
 #
 # Write the top-down pathway: given the four laterals (finest first, the PPM output last), add to
 # each level the upsampled sum coming from the level above, from the top down (use `resize`).
@@ -193,7 +206,7 @@ print("pyramid:", [tuple(o.shape) for o in outs])
 # classified by `Dropout2d(0.1)` + a 1x1 conv **with** bias (the only biased conv of the head). The
 # model finally upsamples the logits x4 to the input size.
 #
-# ### Exercise 2 (stretch, checked): fusion and classifier, before you read them
+# ### Exercise 3 (stretch, checked): fusion and classifier, before you read them
 #
 # Write `fuse_and_classify(outs, head)`: from the four pyramid levels (finest first) to the
 # logits at 1/4, with the head's own layers `head.fuse`, `head.dropout` and `head.classifier`

@@ -96,7 +96,7 @@ plt.show()
 # smaller number; the gradients differ by the same factor.
 
 # %% [markdown]
-# ### Exercise 1 (core, checked): write it before you read it
+# ### Exercise 1 (warm-up, checked): write it before you read it
 #
 # Write the cross-entropy of the recipe: the mean of $-\log \operatorname{softmax}(z_p)_{y_p}$
 # over the pixels whose label is not 255, and 0 (not NaN) when every pixel is ignored.
@@ -163,6 +163,19 @@ print("eval mode returns:", sorted(model(xb)))
 #
 # Optional (`train.class_weights`): torch's weighted mean, $\sum_p w_{y_p}\ell_p / \sum_p w_{y_p}$.
 # Up-weighting the ring (the class our fake logits get wrong) raises the loss.
+#
+# ### Exercise 2 (core, checked): the weighted cross-entropy
+#
+# Write `weighted_cross_entropy(logits, target, weights)`: each valid pixel's cross-entropy
+# weighted by its true class's weight, summed, divided by the sum of those weights; 0 when every
+# pixel is ignored. `check_weighted_cross_entropy` tries four batches.
+
+# %% tags=["raises-exception"]
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_weighted_cross_entropy(weighted_cross_entropy)
 
 # %%
 w = torch.ones(K)
@@ -200,7 +213,7 @@ fig.legend(handles=[Patch(facecolor="white", edgecolor="0.4", label="kept (train
 plt.show()
 
 # %% [markdown]
-# ### Exercise 2 (stretch, checked): OHEM, before the reveal
+# ### Exercise 3 (stretch, checked): OHEM, before the reveal
 #
 # Write `ohem_mask(logits, target, thresh, min_kept)`: the (B, H, W) bool mask of the pixels OHEM
 # keeps. Take the softmax probability of the true class at every valid pixel; the threshold is

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 
 import jupytext
@@ -130,7 +131,9 @@ def main(argv: list[str]) -> int:
         _write(student, student_text(solution))
         for path in (student, solution) if run else ():
             print(f"executing {path.relative_to(NOTEBOOKS)}", flush=True)
+            start = time.monotonic()
             execute(path)
+            print(f"executed {path.relative_to(NOTEBOOKS)} in {time.monotonic() - start:.0f} s", flush=True)
     return 0
 
 

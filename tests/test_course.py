@@ -172,6 +172,17 @@ def weighted_cross_entropy(logits, target, weights):
     return per_pixel.sum() / weights[target[valid]].sum().clamp(min=1e-12)
 
 
+def multiscale_flip(model, image, scales, out_size):
+    h, w = image.shape[-2:]
+    probs = []
+    for s in scales:
+        scaled = resize(image, (int(h * s + 0.5), int(w * s + 0.5)))
+        for mirrored in (False, True):
+            logits = model(scaled.flip(-1) if mirrored else scaled)["out"]
+            probs.append(resize(logits.flip(-1) if mirrored else logits, out_size).softmax(1))
+    return torch.stack(probs).mean(0)
+
+
 RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, ppm),
          (course.check_top_down, top_down), (course.check_rescale_size, rescale_size),
          (course.check_cross_entropy, cross_entropy), (course.check_poly_lr, poly_lr),
@@ -184,7 +195,8 @@ RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, p
          (course.check_epochs_to_iters, epochs_to_iters), (course.check_miou_over_split, miou_over_split),
          (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference),
          (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify),
-         (course.check_laterals, laterals), (course.check_weighted_cross_entropy, weighted_cross_entropy)]
+         (course.check_laterals, laterals), (course.check_weighted_cross_entropy, weighted_cross_entropy),
+         (course.check_multiscale_flip, multiscale_flip)]
 
 
 @pytest.mark.parametrize("checker, answer", RIGHT, ids=[c.__name__ for c, _ in RIGHT])
@@ -315,6 +327,11 @@ WRONG = [
         [outs[0]] + [F.interpolate(o, outs[0].shape[-2:], mode="bilinear", align_corners=True) for o in outs[1:]], 1))),
      "align_corners=True"),
     (course.check_fuse_and_classify, lambda outs, h: h.classifier(h.fuse(torch.cat(outs, 1))), "upsample every level"),
+    (course.check_multiscale_flip, lambda m, x, sc, o: torch.stack([
+        resize(m(resize(x, (int(x.shape[-2] * s), int(x.shape[-1] * s))))["out"], o).softmax(1) for s in sc]
+        + [resize(m(resize(x, (int(x.shape[-2] * s), int(x.shape[-1] * s))).flip(-1))["out"].flip(-1), o).softmax(1)
+           for s in sc]).mean(0), "truncated"),
+    (course.check_multiscale_flip, lambda m, x, sc, o: multiscale_flip(m, x, sc, o).log(), "differ"),
     (course.check_laterals, lambda feats, h: [conv(f) for conv, f in zip(h.lateral_convs, feats[:-1])], "list of 4"),
     (course.check_weighted_cross_entropy, lambda lo, t, w: F.cross_entropy(lo, t, weight=w, ignore_index=255), "NaN for"),
     (course.check_weighted_cross_entropy, lambda lo, t, w: F.cross_entropy(lo, t, weight=w, ignore_index=255,
@@ -369,6 +386,8 @@ def _cheats():
         (course.check_fuse_and_classify, lambda outs, h: UPerHead.forward(h, [torch.zeros(2, 4, 8, 8)] * 4)),
         (course.check_laterals, lambda feats, h: h.fpn_features(feats)),
         (course.check_weighted_cross_entropy, lambda lo, t, w: losses.cross_entropy(lo, t, class_weights=w)),
+        (course.check_multiscale_flip, lambda m, x, sc, o: inference.inference(
+            m, x, TestConfig(mode="whole", scales=sc, flip=True), o)),
     ]
 
 
@@ -392,7 +411,7 @@ class _PackageBlock(torch.nn.Module):
         return self.block(x)
 
 
-@pytest.mark.parametrize("index", range(20))
+@pytest.mark.parametrize("index", range(21))
 def test_a_package_call_is_refused(index):
     checker, cheat = _cheats()[index]
     with pytest.raises(course.ExerciseError, match="write it yourself|emptied"):

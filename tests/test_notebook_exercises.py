@@ -4,7 +4,7 @@ An exercise the student can read the answer to, a few cells up (a sketch with th
 an `inspect.getsource` of the package function it asks for), teaches nothing (issue 17). For
 every exercise of every solved notebook, the distinctive lines of its solution (the code between
 `### BEGIN SOLUTION` and `### END SOLUTION`, whitespace and a leading `return` removed, at least
-20 characters) must not
+24 characters, not a `for ...:` or `with ...:` header) must not
 appear in the source or the output of any earlier cell of the executed student notebook. The
 reveal and the "by hand == package" check come after the exercise.
 """
@@ -22,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("build", NOTEBOOKS / "build.py")
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 SOLVED = build.sources()
-MIN_CHARS = 20
+MIN_CHARS = 24
 
 
 def _squeeze(text: str) -> str:

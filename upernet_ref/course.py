@@ -1,19 +1,26 @@
 """What the notebooks (`notebooks/`, the course) need from the package, in one place.
 
 - `check_*(answer)`: each exercise's checker. A student writes a function in a notebook cell;
-  the checker runs it on a few fixed cases against the package's own implementation (the
-  reference) and either prints what passed or raises `ExerciseError` saying, in words, what is
-  wrong (type, shape, dtype, or which values differ and by how much).
-- `pick_device()` and `exact_comparisons()`: the same cells on a CPU and on a GPU. cuDNN and
-  cuBLAS use TF32 for float32 convolutions and matrix products on Ampere and later GPUs
-  (10-bit mantissa), which makes a hand-built network differ from the package's by ~1e-3, far
-  above `assert_close`'s float32 tolerances; comparisons therefore switch TF32 off.
-- `output_shapes(model, x, names)` and `draw_diagram(ax, boxes, arrows)`: the architecture
-  pictures, drawn from the model itself (shapes recorded by forward hooks, on the `meta` device).
+  the checker runs it on seeded random cases plus the edge cases against a private reference
+  written here (`_ref_*`, tested against the package in `tests/test_course.py`), with the package
+  functions the exercise asks for blocked (`blocked`: a call fails with "write it yourself"), and
+  either prints what passed or raises `ExerciseError` saying, in one line, what is wrong: the
+  known mistake the answer matches, or the type, shape, dtype, values (NaN included) that differ,
+  or the exception the answer raised and on which case. "Checking an answer" below says how.
+- `pick_device()`, `full_size(device)` and `exact_comparisons()`: the same cells on a CPU and on
+  a GPU. On a GPU (or with `UPERNET_COURSE_FULL_SIZE=1` on any machine) notebooks 01-03 compare
+  at the published widths; their printed output is the same either way. cuDNN and cuBLAS use
+  TF32 for float32 convolutions and matrix products on Ampere and later GPUs (10-bit mantissa),
+  which makes a hand-built network differ from the package's by ~1e-3, far above
+  `assert_close`'s float32 tolerances; comparisons therefore switch TF32 off.
+- `output_shapes(model, x, names)`, `draw_diagram(ax, boxes, arrows)` and `class_legend(fig,
+  names, palette)`: the pictures, drawn from the model itself (shapes recorded by forward hooks,
+  on the `meta` device), and the class-colour legend of every mask figure.
 - `load_demo_checkpoint(model)`: the course's trained `upernet_small_demo` weights
   (`notebooks/assets/upernet_small_demo.safetensors`, made by
   `notebooks/assets/make_demo_checkpoint.py`), verified by SHA-256 before loading; safetensors
-  holds only tensors, so loading it cannot run code.
+  holds only tensors, so loading it cannot run code. Loading is strict (every name and shape),
+  which is what the capstone (notebook 10) relies on.
 """
 from __future__ import annotations
 
@@ -1337,3 +1344,54 @@ def check_weighted_cross_entropy(answer: typing.Callable[..., torch.Tensor]) -> 
              lambda: _ref_weighted_ce(logits, target, weights, by_count=True)),
             ("the weights are missing", lambda: _ref_cross_entropy(logits, target))], 1e-5, 1e-6)
     _passed("weighted_cross_entropy", len(cases))
+
+
+def _ref_multiscale_flip(model: nn.Module, image: torch.Tensor, scales, out_size, rounding=None,
+                         average_logits: bool = False, flip_back: bool = True,
+                         softmax_first: bool = False) -> torch.Tensor:
+    rounding = rounding or (lambda v: math.floor(v + 0.5))
+    h, w = image.shape[-2:]
+    views = []
+    for s in scales:
+        size = (rounding(h * s), rounding(w * s))
+        scaled = image if size == (h, w) else _resize(image, size)
+        for mirrored in (False, True):
+            logits = model(scaled.flip(-1) if mirrored else scaled)["out"]
+            if mirrored and flip_back:
+                logits = logits.flip(-1)
+            if softmax_first:
+                views.append(_resize(logits.softmax(1), out_size))
+            else:
+                logits = logits if tuple(logits.shape[-2:]) == tuple(out_size) else _resize(logits, out_size)
+                views.append(logits if average_logits else logits.softmax(1))
+    mean = torch.stack(views).mean(0)
+    return mean.softmax(1) if average_logits else mean
+
+
+def check_multiscale_flip(answer: typing.Callable[..., torch.Tensor]) -> None:
+    """09: `answer(model, image, scales, out_size)` = softmax averaged over every scale and its mirror."""
+    __tracebackhide__ = True
+    from upernet_ref.evaluation import inference
+
+    gen = torch.Generator().manual_seed(24)
+    cases = []
+    for h, w, scales, out_size in ((10, 14, (0.5, 1.0, 1.5), (10, 14)), (9, 13, (0.75, 1.25), (18, 26)),
+                                   (12, 6, (1.0,), (12, 6)), (11, 15, (0.5, 0.75, 1.0, 1.25, 1.5, 1.75), (11, 15))):
+        torch.manual_seed(int(torch.randint(0, 10_000, (1,), generator=gen)))
+        cases.append((_Logits(3).eval(), torch.randn(1, 3, h, w, generator=gen), scales, out_size,
+                      f"a {h}x{w} image, scales {scales}, output {out_size}"))
+    for model, image, scales, out_size, case in cases:
+        with torch.no_grad():
+            got = _run("multiscale_flip", answer, (model, image.clone(), scales, out_size), case,
+                       block=[inference.inference, inference.whole_inference, inference._accumulate])
+            expected = _ref_multiscale_flip(model, image, scales, out_size)
+            _check("multiscale_flip", got, expected, case, [
+                ("you averaged logits, not probabilities: softmax each view, then average",
+                 lambda: _ref_multiscale_flip(model, image, scales, out_size, average_logits=True)),
+                ("the mirror image was not flipped back before averaging",
+                 lambda: _ref_multiscale_flip(model, image, scales, out_size, flip_back=False)),
+                ("the scaled sizes were truncated: round h x s as int(h x s + 0.5), like mmsegmentation",
+                 lambda: _ref_multiscale_flip(model, image, scales, out_size, rounding=int)),
+                ("softmax before resizing: resize each view's logits to the output size, then softmax",
+                 lambda: _ref_multiscale_flip(model, image, scales, out_size, softmax_first=True))], 1e-5, 1e-6)
+    _passed("multiscale_flip", len(cases))
