@@ -457,7 +457,7 @@ x = torch.randn(2, 3, size, size, device=device)
 with torch.no_grad():
     for mode in ("train", "eval"):
         outputs = getattr(model, mode)()(x)
-        ok = all(v.shape == (2, model.cfg.num_classes, size, size) for v in outputs.values())
+        ok = all(v.shape == (2, model.config.model.num_classes, size, size) for v in outputs.values())
         print(f"{mode:5s}: keys {sorted(outputs)}, every output (batch, classes, H, W) of the input: {ok}")
 
 # %% [markdown]

@@ -139,7 +139,8 @@ show([demo[i] for i in range(5)], [f"train[{i}]" for i in range(5)], DEMO_PALETT
 
 # %%
 from upernet_ref.data.datasets import ADE20K, Cityscapes, VOCSegmentation, decode_label
-from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, VOC_PALETTE, label_lut
+from upernet_ref.data.info import DATASETS, label_lut  # one description per dataset
+CITYSCAPES_ID_TO_TRAIN_ID, VOC_PALETTE = DATASETS["cityscapes"].id_to_train_id, DATASETS["voc"].palette
 
 print(inspect.getsource(label_lut))
 

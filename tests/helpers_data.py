@@ -12,7 +12,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from upernet_ref.data.classes import voc_colormap
+from upernet_ref.data.info import voc_colormap
 
 SIZE = (24, 32)  # (H, W) of every fake image
 

@@ -12,9 +12,7 @@ from PIL import Image
 from helpers_data import (make_fake_ade20k, make_fake_cityscapes, make_fake_folder, make_fake_voc,
                           save_index_png)
 from upernet_ref.configs import get_config, override
-from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
-                                         CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_PALETTE, VOC_CLASSES,
-                                         VOC_PALETTE, voc_colormap)
+from upernet_ref.data.info import DATASETS, class_names, class_palette, voc_colormap
 from upernet_ref.data.datasets import (ADE20K, Cityscapes, DataError, FolderDataset, HFSegmentation,
                                   VOCSegmentation, build_dataset, decode_label, describe_values,
                                   label_lut, read_label)
@@ -27,7 +25,16 @@ def _raw(path: Path) -> np.ndarray:
     return np.array(Image.open(path))
 
 
+VOC, ADE, CITY = DATASETS["voc"], DATASETS["ade20k"], DATASETS["cityscapes"]
+VOC_CLASSES, VOC_PALETTE, ADE20K_CLASSES, ADE20K_PALETTE = VOC.classes, VOC.palette, ADE.classes, ADE.palette
+CITYSCAPES_CLASSES, CITYSCAPES_PALETTE = CITY.classes, CITY.palette
+CITYSCAPES_ID_TO_TRAIN_ID = CITY.id_to_train_id
+
+
 def test_class_tables():
+    # mmsegmentation's ADE20K palette, first, 13th (person) and last colours: the hex decodes right
+    assert (ADE20K_PALETTE[0], ADE20K_PALETTE[12], ADE20K_PALETTE[149]) == (
+        (120, 120, 120), (150, 5, 61), (92, 0, 255)) and len(set(ADE20K_PALETTE)) == 149  # (140, 140, 140) twice, as in mmseg
     assert len(VOC_CLASSES) == len(VOC_PALETTE) == 21 and VOC_PALETTE[15] == (192, 128, 128)  # person
     assert len(ADE20K_CLASSES) == len(ADE20K_PALETTE) == 150
     assert (ADE20K_CLASSES[0], ADE20K_CLASSES[12], ADE20K_CLASSES[149]) == ("wall", "person", "flag")
@@ -35,6 +42,19 @@ def test_class_tables():
     assert CITYSCAPES_PALETTE[0] == (128, 64, 128) and CITYSCAPES_CLASSES[18] == "bicycle"
     assert sorted(CITYSCAPES_ID_TO_TRAIN_ID.values()) == list(range(19))
     assert voc_colormap()[255] == (224, 224, 192)  # the VOC "void" colour
+
+
+def test_every_description_is_complete_and_consistent():
+    for name, info in DATASETS.items():
+        assert info.name == name and len(info.classes) == len(info.palette) == len(set(info.classes))
+        assert info.splits and info.layout and info.licence and info.prepare
+        lut = info.lut()
+        assert sorted(set(lut[lut >= 0].tolist()) - {255}) == list(range(len(info.classes)))
+    assert ADE.hub_id == "zhoubolei/scene_parse_150" and ADE.reduce_zero_label
+    assert class_names("voc", 21) == VOC_CLASSES and class_names("voc", 5)[4] == "class_4"
+    assert class_names("hf", 2, ("cat", "dog")) == ("cat", "dog")
+    assert class_palette("cityscapes", 19) == CITYSCAPES_PALETTE
+    assert class_palette("folder", 3) == tuple(voc_colormap()[:3])
 
 
 def test_label_lut_conventions():

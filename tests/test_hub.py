@@ -1,8 +1,10 @@
 """The Hugging Face layout: `export --format safetensors`, folders at every `--checkpoint`,
-`save_pretrained` / `from_pretrained` (offline here: local folders)."""
+`hub.save_pretrained` / `from_pretrained` / `push_to_hub` (offline here: local folders, the
+Hub's download and upload calls replaced by local stand-ins)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import upernet_ref
 from upernet_ref import build_model, configs, get_config
 from upernet_ref.checkpoints import CheckpointError, read_checkpoint_file, save_checkpoint
 from upernet_ref.cli import main as upernet
+from upernet_ref import hub
+from upernet_ref.data.info import DATASETS
 from upernet_ref.hub import training_command
 from upernet_ref.model.upernet import UPerNet, randomize_batchnorm
 
@@ -46,7 +50,14 @@ def test_export_writes_weights_config_and_model_card(exported, checkpoint):
     folder, metrics = exported
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json",
                                                        "model.safetensors"]
-    assert json.loads((folder / "config.json").read_text()) == json.loads(json.dumps(configs.to_dict(CFG)))
+    config = json.loads((folder / "config.json").read_text())
+    names = DATASETS["demo"].classes
+    assert config.pop("id2label") == {str(i): n for i, n in enumerate(names)}
+    assert config.pop("label2id") == {n: i for i, n in enumerate(names)}
+    assert config == json.loads(json.dumps(configs.to_dict(CFG)))
+    from safetensors import safe_open
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # what transformers / the Hub expect
     weights = load_file(folder / "model.safetensors")
     saved = read_checkpoint_file(checkpoint)["model"]
     assert weights.keys() == saved.keys()
@@ -57,7 +68,9 @@ def test_export_writes_weights_config_and_model_card(exported, checkpoint):
     assert "# upernet_small_test" in card and "7 of 10 iterations" in card
     assert f"| mIoU | {100 * metrics['miou']:.2f} |" in card and metrics["protocol"] in card
     assert "--config upernet_small_test" in card and "--train.lr=0.1" in card  # the command
-    assert "## Licence" in card and "demo scenes" in card
+    assert "## Licence" in card and "demo scenes" in card and "license: mit" in card
+    assert f"value: {round(metrics['miou'], 4)}\n" in card  # a fraction, not a percentage
+    assert "| classes | 8: sky, ground, disc" in card
 
 
 def test_eval_of_the_folder_gives_the_mIoU_of_the_pt(exported, tmp_path):
@@ -82,15 +95,73 @@ def test_from_pretrained_gives_identical_logits(exported, checkpoint):
         assert torch.equal(model(x)["out"], reference.eval()(x)["out"])
 
 
-def test_save_pretrained_and_from_pretrained_are_huggingface_hub_s(tmp_path):
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     model = randomize_batchnorm(build_model(CFG), torch.Generator().manual_seed(2)).eval()
-    model.save_pretrained(tmp_path / "m")  # the mixin's own method, nothing else called
+    assert not hasattr(model, "save_pretrained")  # a plain nn.Module: the Hub layout is hub.py's
+    hub.save_pretrained(model, tmp_path / "m")
     assert (tmp_path / "m" / "README.md").read_text().count("# upernet_small_test") == 1
-    again = UPerNet.from_pretrained(tmp_path / "m")
+    again = hub.from_pretrained(tmp_path / "m")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(again(x)["out"], model(x)["out"])
-    assert callable(model.push_to_hub)  # the hub upload (not run: this machine is offline)
+
+
+def test_push_to_hub_uploads_the_folder_with_its_metrics(tmp_path, monkeypatch):
+    """`push_to_hub` (and `upernet export --push-to-hub`) send the three files, the card with
+    its metrics; the Hub's API is replaced by a stand-in that keeps what it was given."""
+    import huggingface_hub
+    sent = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            sent["repo"] = repo_id
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            sent["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return "https://huggingface.co/me/x/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = build_model(CFG).eval()
+    metrics = {"miou": 0.5123, "macc": 0.6, "aacc": 0.7, "split": "val", "protocol": "whole"}
+    assert hub.push_to_hub(model, "me/x", metrics=metrics) == "https://huggingface.co/me/x/commit/1"
+    assert sent["repo"] == "me/x" and sorted(sent["files"]) == ["README.md", "config.json",
+                                                                "model.safetensors"]
+    assert b"| mIoU | 51.23 |" in sent["files"]["README.md"]
+    sent.clear()
+    metrics_file = tmp_path / "eval.json"
+    metrics_file.write_text(json.dumps(metrics))
+    assert upernet(["export", "--config", "upernet_small_test", "--format", "safetensors",
+                    "--out", str(tmp_path / "hf"), "--eval-json", str(metrics_file),
+                    "--push-to-hub", "me/y"]) == 0
+    assert sent["repo"] == "me/y" and b"| mIoU | 51.23 |" in sent["files"]["README.md"]
+
+
+def test_checkpoint_and_weights_take_a_hub_id(exported, tmp_path, monkeypatch, capsys):
+    """`--checkpoint user/repo` reads the Hub's copy (`snapshot_download`, here a stand-in that
+    returns the exported folder as the cache would), and offline it is one line naming
+    HF_HUB_OFFLINE."""
+    import huggingface_hub
+    folder, from_pt = exported
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append((repo_id, kw)) or str(folder))
+    out = tmp_path / "hub.json"
+    assert upernet(["eval", "--checkpoint", "someone/upernet-demo", "--json", str(out), *EVAL]) == 0
+    assert json.loads(out.read_text())["miou"] == from_pt["miou"]
+    assert asked[0][0] == "someone/upernet-demo"
+    assert set(asked[0][1]["allow_patterns"]) == {"model.safetensors", "config.json"}
+    assert isinstance(upernet_ref.from_pretrained("someone/upernet-demo"), UPerNet)
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert upernet(["eval", "--checkpoint", "someone/not-cached", *EVAL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("upernet eval: error: someone/not-cached:") and "\n" not in err
+    assert "HF_HUB_OFFLINE" in err and "hf download someone/not-cached" in err
+    assert upernet(["eval", "--checkpoint", "runs/missing.pt", *EVAL]) == 2  # a file, not an id
+    assert "no such checkpoint file" in capsys.readouterr().err
 
 
 def test_a_folder_and_its_safetensors_file_start_training(exported, tmp_path, capsys):

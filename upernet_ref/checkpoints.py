@@ -221,6 +221,8 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
     Raises:
         CheckpointError: one line naming the file and the problem.
     """
+    if not os.path.exists(path) and is_hub_id(str(path)):  # "user/name": a Hub model folder
+        path = download_model_folder(str(path))
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         return _read_safetensors(path)
@@ -249,6 +251,50 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json")
+
+
+def is_hub_id(name: str) -> bool:
+    """'user/name' (one slash, no file suffix, no path that exists): a Hugging Face Hub id."""
+    return (bool(_HUB_ID.fullmatch(name)) and not name.endswith(_FILE_SUFFIXES)
+            and ".." not in name and not os.path.exists(name))
+
+
+def download_model_folder(repo_id: str, revision: str | None = None, **download: Any) -> Path:
+    """The model folder of a Hub repository (its model.safetensors and config.json), from the
+    Hugging Face cache or downloaded into it. `download`: `snapshot_download`'s cache_dir,
+    token, local_files_only. Raises CheckpointError in one line: offline, no such repository,
+    no model folder in it (and how to work offline)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id}: a Hugging Face Hub id needs huggingface_hub: "
+                              f"pip install 'upernet_ref[hf]'") from None
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision,
+                                        allow_patterns=[SAFETENSORS_NAME, CONFIG_NAME],
+                                        **download))
+    except Exception as err:
+        kinds = {c.__name__ for c in type(err).__mro__}
+        if kinds & {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"}:
+            raise CheckpointError(f"{repo_id}: no such file or folder here, and no such Hugging "
+                                  f"Face Hub repository{f' at revision {revision}' if revision else ''}"
+                                  f" (or no access: log in with `hf auth login`)") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline else
+               f"the Hugging Face Hub could not be reached and it is not in the cache "
+               f"({type(err).__name__})")
+        raise CheckpointError(f"{repo_id}: no such file or folder here; as a Hub id: {why}; to "
+                              f"work offline, download it once where the Hub is reachable "
+                              f"(`hf download {repo_id}`), then set HF_HUB_OFFLINE=1, or pass a "
+                              f"local model folder") from None
+    if not (folder / SAFETENSORS_NAME).is_file():
+        raise CheckpointError(f"{repo_id}: this Hub repository has no {SAFETENSORS_NAME} (not "
+                              f"an upernet_ref model folder)")
+    return folder
 
 
 def _first_line(err: BaseException) -> str:

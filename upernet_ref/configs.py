@@ -69,6 +69,7 @@ class DataConfig:
 
     dataset: str = "ade20k"  # voc, ade20k, cityscapes, folder, hf (Hugging Face datasets), demo
     num_classes: int = 150
+    classes: tuple[str, ...] = ()  # class names; () = the dataset description's (data/info.py)
     train_split: str = "training"
     val_split: str = "validation"
     crop_size: tuple[int, int] = (512, 512)  # (height, width)

@@ -28,19 +28,11 @@ import numpy as np
 import torch
 
 from upernet_ref.data.datasets import build_dataset
+from upernet_ref.data.info import DATASETS
 from upernet_ref.errors import UsageError
 
-DEMO_CLASSES: tuple[str, ...] = ("sky", "ground", "disc", "square", "triangle", "bar", "ring", "cross")
-DEMO_PALETTE: list[tuple[int, int, int]] = [
-    (70, 130, 180),   # sky
-    (140, 110, 60),   # ground
-    (220, 20, 60),    # disc
-    (250, 170, 30),   # square
-    (0, 160, 80),     # triangle
-    (150, 60, 200),   # bar
-    (255, 120, 180),  # ring
-    (0, 200, 220),    # cross
-]
+DEMO_CLASSES = DATASETS["demo"].classes    # its description: upernet_ref/data/info.py
+DEMO_PALETTE = list(DATASETS["demo"].palette)
 IGNORE_INDEX = 255
 DEFAULT_NUM_SAMPLES = {"train": 400, "val": 50, "test": 50}
 

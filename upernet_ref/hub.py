@@ -1,15 +1,16 @@
 """The Hugging Face layout: a model as a folder that travels the way the ecosystem shares models.
 
-    DIR/model.safetensors   the weights (raw tensors: opening them runs no code)
-    DIR/config.json         this project's whole configuration (`configs.to_dict`), so the folder
-                            alone rebuilds the model, evaluates it and says how it was trained
-    DIR/README.md           the model card: configuration, dataset, metrics, command, licence
+    DIR/model.safetensors   the weights (raw tensors, metadata {"format": "pt"}: opening them
+                            runs no code)
+    DIR/config.json         this project's whole configuration (`configs.to_dict`), plus
+                            transformers' `id2label` / `label2id`: the folder alone rebuilds the
+                            model, evaluates it, says how it was trained and names its classes
+    DIR/README.md           the model card: configuration, datasets, metrics, command, licence
 
-`UPerNet` inherits huggingface_hub's `PyTorchModelHubMixin`, so the standard calls work:
-`model.save_pretrained(DIR)`, `UPerNet.from_pretrained(DIR_or_repo_id)` (also
-`upernet_ref.from_pretrained`) and `model.push_to_hub("user/name")`. This module holds what the
-mixin does not know: the full configuration a model was built from, the model card, and the
-atomic folder write behind `upernet export --format safetensors`.
+The network (`upernet_ref.model.UPerNet`) is a plain `nn.Module`; this module wraps it:
+`save_pretrained(model, DIR)`, `from_pretrained(DIR_or_repo_id)` (also
+`upernet_ref.from_pretrained`) and `push_to_hub(model, "user/name")`, which uploads the same
+folder, model card and metrics included (`upernet export --format safetensors --push-to-hub`).
 """
 from __future__ import annotations
 
@@ -21,35 +22,26 @@ import typing
 from pathlib import Path
 
 from upernet_ref import configs
-from upernet_ref.checkpoints import CONFIG_NAME, SAFETENSORS_NAME, CheckpointError, load_weights
-from upernet_ref.configs import Config, DataConfig, ModelConfig
+from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointError,
+                                     download_model_folder, is_hub_id, load_weights)
+from upernet_ref.configs import Config
+from upernet_ref.data.info import DATASETS, class_names
+from upernet_ref.model.upernet import UPerNet, build_model
 
 if typing.TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
-    from upernet_ref.model.upernet import UPerNet
-
 PAPER_URL = "https://arxiv.org/abs/1807.10221"
 CARD_NAME = "README.md"
-
-# What the weights inherit from the data they were trained on (data/README.md has the sources).
-DATA_TERMS = {
-    "ade20k": "ADE20K (MIT CSAIL), whose images are under the ADE20K terms of use (research, "
-              "non-commercial)",
-    "cityscapes": "Cityscapes, whose licence allows non-commercial research use only",
-    "voc": "PASCAL VOC 2012 (+ SBD), whose images are under Flickr's terms and annotations "
-           "under the VOC challenge's",
-}
+LICENSE = "mit"  # the code's licence (LICENSE, pyproject.toml), as the Hub names it
+HUB_KEYS = ("id2label", "label2id")  # what config.json holds beyond the configuration
 
 
-def model_config(model: "UPerNet") -> Config:
-    """The full configuration `model` was built from (`build_model` records it); a model built
-    from a bare `ModelConfig` gets the default data and recipe sections around it."""
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, Config):
-        return cfg
-    mc: ModelConfig = model.cfg
-    return Config(name="custom", model=mc, data=DataConfig(num_classes=mc.num_classes))
+def hub_config(cfg: Config) -> dict:
+    """config.json: the whole configuration, and the class names as transformers has them."""
+    names = class_names(cfg.data.dataset, cfg.model.num_classes, cfg.data.classes)
+    return {**configs.to_dict(cfg), "id2label": {str(i): n for i, n in enumerate(names)},
+            "label2id": {n: i for i, n in enumerate(names)}}
 
 
 def training_command(cfg: Config, max_iters: int | None = None) -> str:
@@ -90,38 +82,49 @@ def _metrics_rows(metrics: dict) -> list[str]:
 
 
 def model_card(cfg: Config, metrics: dict | None = None, command: str | None = None,
-               iteration: int | None = None, max_iters: int | None = None) -> "ModelCard":
-    """The model card (README.md) of a model folder.
+               iteration: int | None = None, max_iters: int | None = None,
+               base_model: str | None = None) -> "ModelCard":
+    """The model card (README.md) of a model folder, in the form the Hub validates.
 
     Args:
         cfg: the model's configuration.
-        metrics: an `upernet eval` JSON (its mIoU / mAcc / aAcc, protocol, split), if evaluated.
+        metrics: an `upernet eval` JSON (its mIoU / mAcc / aAcc, protocol, split), if evaluated;
+            the model-index gives them as fractions (0..1), as the Hub's metrics are.
         command: the command that trained it (default: reconstructed from `cfg`).
         iteration, max_iters: how far training went, when known (from the checkpoint).
+        base_model: the Hub id it was fine-tuned from, if any.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     m, d, t = cfg.model, cfg.data, cfg.train
+    info = DATASETS.get(d.dataset)
+    hub_id = info.hub_id if info else None
+    dataset_title = info.title if info else d.dataset
     eval_results = None
     if metrics and metrics.get("miou") is not None:
-        eval_results = [EvalResult(task_type="image-segmentation", dataset_type=d.dataset,
-                                   dataset_name=metrics.get("dataset", d.dataset),
+        eval_results = [EvalResult(task_type="image-segmentation",
+                                   dataset_type=hub_id or d.dataset, dataset_name=dataset_title,
                                    dataset_split=metrics.get("split"), metric_type="mean_iou",
-                                   metric_name="mIoU", metric_value=round(100 * metrics["miou"], 2))]
-    data = ModelCardData(library_name="upernet_ref", license="other",
+                                   metric_name="mIoU (fraction)",
+                                   metric_value=round(float(metrics["miou"]), 4))]
+    data = ModelCardData(library_name="upernet_ref", license=LICENSE,
                          pipeline_tag="image-segmentation", model_name=cfg.name,
-                         tags=["semantic-segmentation", "upernet", "pytorch_model_hub_mixin",
-                               "model_hub_mixin"], eval_results=eval_results)
+                         datasets=[hub_id] if hub_id else None, base_model=base_model,
+                         tags=["semantic-segmentation", "upernet", "pytorch"],
+                         eval_results=eval_results)
     from upernet_ref.model.backbone import STANDARD_BLOCKS
     blocks = m.blocks or STANDARD_BLOCKS.get(m.depth, ())
     trained = (f"{iteration} of {max_iters} iterations" if iteration is not None and max_iters
                else f"{t.max_iters} iterations (the configuration's schedule)")
+    names = class_names(d.dataset, m.num_classes, d.classes)
     lines = [
         f"# {cfg.name}",
         "",
         f"UPerNet ([Xiao et al., ECCV 2018]({PAPER_URL})) with a dilated ResNet-{m.depth} "
         f"backbone at output stride {m.output_stride}, trained with upernet_ref on "
-        f"{d.dataset} ({d.num_classes} classes).",
+        f"{dataset_title} ({m.num_classes} classes)"
+        + (f", fine-tuned from [{base_model}](https://huggingface.co/{base_model})"
+           if base_model else "") + ".",
         "",
         "## Configuration",
         "",
@@ -131,15 +134,18 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
         f"width {m.base_width}, output stride {m.output_stride} |",
         f"| head | PPM scales {','.join(map(str, m.pool_scales))} + FPN fusion, "
         f"{m.head_channels} channels; auxiliary FCN head: {'yes' if m.aux_head else 'no'} |",
-        f"| classes | {m.num_classes} |",
+        f"| classes | {m.num_classes}: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''} |",
         f"| data | {d.dataset}: train split `{d.train_split}`, val split `{d.val_split}`, crop "
-        f"{d.crop_size[0]}x{d.crop_size[1]}, reduce-zero-label {str(d.reduce_zero_label).lower()} |",
+        f"{d.crop_size[0]}x{d.crop_size[1]}, reduce-zero-label {str(d.reduce_zero_label).lower()}"
+        f"{f', Hub dataset `{hub_id}`' if hub_id else ''} |",
+        f"| input | RGB, normalised with mean {d.mean} and std {d.std} (0-255 scale) |",
         f"| training | SGD lr {t.lr} (poly, power {t.lr_power}), momentum {t.momentum}, weight "
         f"decay {t.weight_decay}, global batch {t.batch_size}, {trained} |",
         f"| test | {cfg.test.mode}, scales {','.join(map(str, cfg.test.scales))}"
         f"{', flip' if cfg.test.flip else ''} |",
         "",
-        f"The whole configuration is `{CONFIG_NAME}` (`upernet_ref.configs.from_dict`).",
+        f"The whole configuration is `{CONFIG_NAME}` (`upernet_ref.configs.from_dict`, or "
+        f"`upernet train --config {CONFIG_NAME}`), with the class names as `id2label`.",
         "",
         "## Evaluation",
         "",
@@ -164,38 +170,43 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
         "```python",
         "import upernet_ref",
         'model = upernet_ref.from_pretrained("DIR or user/repo")  # eval mode',
-        'logits = model(images)["out"]  # (B, classes, H, W), images normalised as in config.json',
+        'logits = model(images)["out"]  # (B, classes, H, W), images normalised as above',
         "```",
         "",
-        "or `upernet eval --checkpoint DIR`, `upernet predict --checkpoint DIR photo.jpg`, "
-        "`upernet train --weights DIR [--reinit-classifier]`.",
+        "or `upernet eval --checkpoint DIR_OR_REPO`, `upernet predict --checkpoint DIR_OR_REPO "
+        "photo.jpg`, `upernet train --weights DIR_OR_REPO [--reinit-classifier]`.",
         "",
         "## Licence",
         "",
-        "The upernet_ref code declares no licence of its own. "
-        + ("These weights were trained on the embedded procedural demo scenes (generated by "
-           "upernet_ref, no third-party data)." if d.dataset == "demo" else
-           f"These weights were trained on {DATA_TERMS.get(d.dataset, 'your own ' + d.dataset + ' data')}; "
-           "weights learned from a dataset are commonly held to carry its terms: check them "
+        f"The upernet_ref code is under the {LICENSE.upper()} licence (the `license` above). "
+        + (f"These weights were trained on {info.licence}" if info else
+           f"These weights were trained on your own {d.dataset} data")
+        + ("." if d.dataset == "demo" else
+           "; weights learned from a dataset are commonly held to carry its terms: check them "
            "before using or redistributing these weights."),
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_folder(model: "UPerNet", out_dir: str | os.PathLike, metrics: dict | None = None,
-                       command: str | None = None, iteration: int | None = None,
-                       max_iters: int | None = None) -> Path:
-    """`model.save_pretrained` into a temporary folder beside `out_dir`, then each file renamed
-    into `out_dir`: a crash leaves the previous files whole, and a README.md from an older export
-    is replaced (the mixin itself never overwrites a model card)."""
-    out = Path(out_dir)
+def save_pretrained(model: UPerNet, save_directory: str | os.PathLike, *,
+                    metrics: dict | None = None, command: str | None = None,
+                    iteration: int | None = None, max_iters: int | None = None,
+                    base_model: str | None = None) -> Path:
+    """Write the model folder (weights, config.json, model card; the card arguments as in
+    `model_card`) into a temporary folder beside `save_directory`, then rename each file into
+    it: a crash leaves the previous files whole, and an older README.md is replaced."""
+    from safetensors.torch import save_file
+
+    out = Path(save_directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, model_card_kwargs=dict(metrics=metrics, command=command,
-                                                          iteration=iteration,
-                                                          max_iters=max_iters))
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model.config), indent=2) + "\n")
+        card = model_card(model.config, metrics, command, iteration, max_iters, base_model)
+        (tmp / CARD_NAME).write_text(str(card))
         out.mkdir(exist_ok=True)
         for name in (SAFETENSORS_NAME, CONFIG_NAME, CARD_NAME):
             os.replace(tmp / name, out / name)
@@ -204,15 +215,75 @@ def write_model_folder(model: "UPerNet", out_dir: str | os.PathLike, metrics: di
     return out
 
 
-def export_safetensors(model: "UPerNet", out_dir: str | os.PathLike,
+def config_from_hub_dict(config: dict, where: str) -> Config:
+    """The configuration of a model folder's config.json (its Hub keys left aside)."""
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{where}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
+                              f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
+                              f"hub.save_pretrained or upernet export --format safetensors)")
+    return configs.from_dict({k: v for k, v in config.items() if k not in HUB_KEYS})
+
+
+def from_pretrained(model_id: str | os.PathLike, *, revision: str | None = None,
+                    cache_dir: str | None = None, token: str | bool | None = None,
+                    local_files_only: bool = False, map_location: str = "cpu") -> UPerNet:
+    """The model saved in a folder (`save_pretrained`, `upernet export --format safetensors`)
+    or a Hugging Face Hub repository ("user/name", downloaded into the Hub cache), loaded
+    strictly, in eval mode."""
+    name = str(model_id)
+    if os.path.isdir(name):
+        folder = Path(name)
+    elif is_hub_id(name):
+        folder = download_model_folder(name, revision=revision, cache_dir=cache_dir, token=token,
+                                       local_files_only=local_files_only)
+    else:
+        raise CheckpointError(f"{name}: not a model folder (expected a folder with "
+                              f"{SAFETENSORS_NAME} and {CONFIG_NAME}, or a Hub id user/name)")
+    config_file = folder / CONFIG_NAME
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        config = None
+    except ValueError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON: {err}") from None
+    model = build_model(config_from_hub_dict(config, name))
+    load_weights(model, folder / SAFETENSORS_NAME, where=name)
+    return model.to(map_location).eval()
+
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool | None = None,
+                  private: bool | None = None, commit_message: str | None = None) -> str:
+    """Upload a model folder as it is (its card and metrics included) to the Hub repository
+    `repo_id`, created if needed; returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                             commit_message=commit_message or "Upload upernet_ref model")
+    return str(getattr(info, "commit_url", info))
+
+
+def push_to_hub(model: UPerNet, repo_id: str, *, token: str | bool | None = None,
+                private: bool | None = None, commit_message: str | None = None,
+                **card: typing.Any) -> str:
+    """`save_pretrained(model, ..., **card)` into a temporary folder, uploaded to `repo_id`:
+    the Hub gets the same three files, the card's metrics included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model", **card)
+        return upload_folder(folder, repo_id, token=token, private=private,
+                             commit_message=commit_message)
+
+
+def export_safetensors(model: UPerNet, out_dir: str | os.PathLike,
                        size: tuple[int, int] = (512, 512), check: bool = True,
                        **card: typing.Any) -> dict[str, typing.Any]:
-    """`upernet export --format safetensors`: the model folder (`write_model_folder`, `card`:
+    """`upernet export --format safetensors`: the model folder (`save_pretrained`, `card`:
     its model card arguments), then, with `check`, the folder read back by `from_pretrained`
     and compared with `model` on one random image of `size`."""
     import torch
 
-    out = write_model_folder(model, out_dir, **card)
+    out = save_pretrained(model, out_dir, **card)
     report: dict[str, typing.Any] = {"path": f"{out} ({SAFETENSORS_NAME}, {CONFIG_NAME}, "
                                              f"{CARD_NAME})"}
     if check:
@@ -223,41 +294,6 @@ def export_safetensors(model: "UPerNet", out_dir: str | os.PathLike,
         report["max_abs_logit_diff"] = float((a - b).abs().max())
         report["argmax_agreement"] = float((a.argmax(1) == b.argmax(1)).float().mean())
     return report
-
-
-def load_pretrained(cls: type, model_id: str, config: dict | None, map_location: str = "cpu",
-                    **download: typing.Any) -> "UPerNet":
-    """`UPerNet._from_pretrained`: the model of `config.json`, with `model.safetensors` loaded
-    strictly (our messages), in eval mode. `download`: huggingface_hub's download arguments."""
-    from upernet_ref.model.upernet import build_model
-
-    if not isinstance(config, dict) or "model" not in config:
-        raise CheckpointError(f"{model_id}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
-                              f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
-                              f"model.save_pretrained or upernet export --format safetensors)")
-    cfg = configs.from_dict(config, where=f"{model_id}/{CONFIG_NAME}")
-    model = build_model(cfg)
-    if os.path.isdir(model_id):
-        weights = Path(model_id) / SAFETENSORS_NAME
-    else:
-        from huggingface_hub import hf_hub_download
-        weights = Path(hf_hub_download(repo_id=model_id, filename=SAFETENSORS_NAME, **download))
-    load_weights(model, weights, where=str(model_id))
-    return model.to(map_location).eval()
-
-
-def from_pretrained(model_id: str | os.PathLike, **kwargs: typing.Any) -> "UPerNet":
-    """The model saved in a folder (`save_pretrained`, `upernet export --format safetensors`)
-    or a Hugging Face Hub repository ("user/name"), in eval mode. `kwargs` go to
-    `UPerNet.from_pretrained` (revision, cache_dir, token, local_files_only, map_location)."""
-    from upernet_ref.model.upernet import UPerNet
-
-    name = str(model_id)
-    if not os.path.isdir(name) and (os.path.exists(name) or name.startswith((".", "/", "~"))
-                                    or name.count("/") > 1):
-        raise CheckpointError(f"{name}: not a model folder (expected a folder with "
-                              f"{SAFETENSORS_NAME} and {CONFIG_NAME}, or a Hub id user/name)")
-    return UPerNet.from_pretrained(name, **kwargs)
 
 
 def read_metrics(path: str | os.PathLike) -> dict:

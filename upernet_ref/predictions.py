@@ -31,6 +31,7 @@ from PIL import Image
 from upernet_ref.configs import Config
 from upernet_ref.evaluation.inference import predict_labels
 from upernet_ref.data.images import IMAGE_SUFFIXES
+from upernet_ref.data.info import class_names, class_palette
 from upernet_ref.files import atomic_write
 from upernet_ref.data.transforms import overlay, test_transform
 
@@ -84,25 +85,11 @@ def describe_prediction(labels: torch.Tensor, classes: list[str]) -> str:
 
 
 def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int, int]]]:
-    """The class names and colours of the config's dataset (no data needed on disk).
-
-    A "folder" dataset (or any other) gets `class_i` names and a fixed pseudo-random palette.
-    """
-    name, n = cfg.data.dataset, cfg.data.num_classes
-    if name == "demo":
-        from upernet_ref.demo_scenes import DEMO_CLASSES as classes, DEMO_PALETTE as palette
-    elif name in ("voc", "ade20k", "cityscapes"):
-        from upernet_ref.data import classes as dataset_classes
-        classes = getattr(dataset_classes, f"{name.upper()}_CLASSES")
-        palette = getattr(dataset_classes, f"{name.upper()}_PALETTE")
-    else:
-        gen = torch.Generator().manual_seed(0)
-        classes = [f"class_{i}" for i in range(n)]
-        palette = torch.randint(0, 256, (n, 3), generator=gen).tolist()
-    if len(classes) != n or len(palette) < n:
-        raise ValueError(f"config {cfg.name} has {n} classes but dataset {name!r} names "
-                         f"{len(classes)} (palette {len(palette)})")
-    return list(classes), [tuple(int(c) for c in rgb) for rgb in palette[:n]]
+    """The class names (`data.classes`, else the dataset description's, else class_i) and
+    colours of the config's model (no data needed on disk)."""
+    n = cfg.data.num_classes
+    classes = class_names(cfg.data.dataset, n, getattr(cfg.data, "classes", ()))
+    return list(classes), list(class_palette(cfg.data.dataset, n))
 
 
 def predict_image(model: torch.nn.Module, image: torch.Tensor, cfg: Config,

@@ -34,9 +34,9 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from upernet_ref.data.classes import CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, voc_colormap
 from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, describe_values,
-                                      label_lut, read_label)
+                                      read_label)
+from upernet_ref.data.info import DATASETS, voc_colormap
 from upernet_ref.data.images import read_image
 from upernet_ref.files import atomic_write
 
@@ -239,7 +239,7 @@ def train_ids_path(label_path: Path) -> Path:
 
 
 def _write_train_ids(label_path: Path) -> None:
-    lut = label_lut(19, id_map=CITYSCAPES_ID_TO_TRAIN_ID, num_ids=CITYSCAPES_NUM_IDS)
+    lut = DATASETS["cityscapes"].lut()
     train_ids = apply_lut(read_label(label_path), lut, str(label_path)).numpy().astype(np.uint8)
     image = Image.fromarray(train_ids)  # 8-bit grey
     write_file(train_ids_path(label_path), partial(image.save, format="PNG"))

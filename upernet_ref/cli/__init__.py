@@ -8,7 +8,7 @@
     upernet predict ...               predictions as PNGs and overlays
     upernet bench --config NAME ...   speed and memory figures
     upernet memory --config NAME ...  a training step's memory, estimated without a GPU
-    upernet export --config NAME ...  ONNX / torch.export
+    upernet export --config NAME ...  ONNX / torch.export / safetensors folder (+ Hub upload)
 
 Each subcommand lives in its own module here, `upernet_ref/cli/<command>.py`, as
 `main(argv) -> int`, imported only when used. The library (`upernet_ref.model`, `.data`,
@@ -28,7 +28,8 @@ COMMANDS = {
     "predict": ("upernet_ref.cli.predict", "predict segmentation maps for images"),
     "bench": ("upernet_ref.cli.bench", "benchmark speed and memory"),
     "memory": ("upernet_ref.cli.memory", "estimate a training step's device memory (no GPU needed)"),
-    "export": ("upernet_ref.cli.export", "export to ONNX or torch.export"),
+    "export": ("upernet_ref.cli.export", "export to ONNX, torch.export or a safetensors model "
+                                         "folder (Hugging Face layout, --push-to-hub)"),
 }
 
 

@@ -1,7 +1,9 @@
-"""`upernet export`: export a model to ONNX or torch.export, checked against PyTorch on the
-same input.
+"""`upernet export`: export a model to ONNX, torch.export or a safetensors model folder
+(Hugging Face layout, optionally pushed to the Hub), checked against PyTorch on the same input.
 
     upernet export --checkpoint runs/demo/last.pt --out demo.onnx
+    upernet export --checkpoint runs/demo/last.pt --format safetensors --out hf \
+        --eval-json eval.json --push-to-hub user/upernet-demo
 
 The library side is `upernet_ref.perf.export`.
 """
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
                         "card, for eval/predict/train --weights/from_pretrained (default: onnx)")
     parser.add_argument("--eval-json", help="with --format safetensors: an `upernet eval` "
                         "results JSON whose metrics go into the model card")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="with --format safetensors: "
+                        "upload the folder to the Hugging Face Hub repository REPO (user/name, "
+                        "created if needed; log in first with `hf auth login`)")
+    parser.add_argument("--base-model", metavar="REPO", help="with --format safetensors: the "
+                        "Hub id this model was fine-tuned from (base_model in the card)")
     parser.add_argument("--size", type=parse_pair, default=None,
                         help="static input HxW (default: the config's crop size)")
     parser.add_argument("--batch", type=positive_int, default=1, help="static batch size (default: 1)")
@@ -49,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
     from upernet_ref.configs import list_configs
-    if args.eval_json and args.format != "safetensors":
-        parser.error("--eval-json goes into the model card of --format safetensors")
+    for option in ("eval_json", "push_to_hub", "base_model"):
+        if getattr(args, option) and args.format != "safetensors":
+            parser.error(f"--{option.replace('_', '-')} is for --format safetensors (the model "
+                         f"folder and its card)")
     with before_work():
         metrics = hub.read_metrics(args.eval_json) if args.eval_json else None
         state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
@@ -80,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             state = state or {}
             report = hub.export_safetensors(model, args.out, size, not args.no_check,
                                             metrics=metrics, iteration=state.get("iteration"),
-                                            max_iters=state.get("max_iters"))
+                                            max_iters=state.get("max_iters"),
+                                            base_model=args.base_model)
+            if args.push_to_hub:
+                report["pushed"] = hub.upload_folder(args.out, args.push_to_hub)
         else:
             report = export_torch(model, size, args.out, args.batch, not args.no_check)
     except ValueError as err:  # a size the model cannot take: the argument is at fault

@@ -30,10 +30,8 @@ from torchvision.io import ImageReadMode
 
 from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, read_image
 from upernet_ref.errors import DataError
-from upernet_ref.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
-                              CITYSCAPES_ID_TO_TRAIN_ID, CITYSCAPES_NUM_IDS, CITYSCAPES_PALETTE,
-                              IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE, describe_values, label_lut,
-                              voc_colormap)
+from upernet_ref.data.info import (DATASETS, IGNORE_INDEX, class_palette, describe_values,
+                                   label_lut)
 
 # ------------------------------------------------------------------------------------------
 # Decoding (images: `upernet_ref.data.images`, the one image reader)
@@ -195,8 +193,9 @@ class VOCSegmentation(SegmentationFiles):
         masks = root / ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
         ids = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
         samples = [(root / "JPEGImages" / f"{i}.jpg", masks / f"{i}.png") for i in ids]
-        super().__init__(_non_empty(samples, str(list_file)), VOC_CLASSES, VOC_PALETTE,
-                         label_lut(21), transform, on_bad)
+        voc = DATASETS["voc"]
+        super().__init__(_non_empty(samples, str(list_file)), voc.classes, voc.palette,
+                         voc.lut(), transform, on_bad)
 
 
 class ADE20K(SegmentationFiles):
@@ -210,10 +209,11 @@ class ADE20K(SegmentationFiles):
         samples = [(p, root / "annotations" / split / f"{p.stem}.png")
                    for p in sorted(images.glob("*.jpg"))]
         # Without reduce-zero-label, 0 "other" is a 151st class (index 0).
-        lut = label_lut(150, reduce_zero_label=True) if reduce_zero_label else label_lut(151)
-        classes = ADE20K_CLASSES if reduce_zero_label else ("other",) + ADE20K_CLASSES
-        palette = ADE20K_PALETTE if reduce_zero_label else [(0, 0, 0)] + ADE20K_PALETTE
-        super().__init__(_non_empty(samples, str(images)), classes, palette, lut, transform, on_bad)
+        ade = DATASETS["ade20k"]
+        lut = ade.lut() if reduce_zero_label else label_lut(151)
+        classes = ade.classes if reduce_zero_label else ("other",) + ade.classes
+        colours = ade.palette if reduce_zero_label else ((0, 0, 0),) + ade.palette
+        super().__init__(_non_empty(samples, str(images)), classes, colours, lut, transform, on_bad)
 
 
 class Cityscapes(SegmentationFiles):
@@ -229,9 +229,9 @@ class Cityscapes(SegmentationFiles):
         samples = [(p, root / "gtFine" / split / p.parent.name
                     / p.name.replace("_leftImg8bit.png", suffix))
                    for p in sorted(images.glob("*/*_leftImg8bit.png"))]
-        lut = (label_lut(19) if use_train_ids_file else
-               label_lut(19, id_map=CITYSCAPES_ID_TO_TRAIN_ID, num_ids=CITYSCAPES_NUM_IDS))
-        super().__init__(_non_empty(samples, str(images)), CITYSCAPES_CLASSES, CITYSCAPES_PALETTE,
+        city = DATASETS["cityscapes"]
+        lut = label_lut(len(city.classes)) if use_train_ids_file else city.lut()
+        super().__init__(_non_empty(samples, str(images)), city.classes, city.palette,
                          lut, transform, on_bad)
 
 
@@ -246,10 +246,10 @@ class FolderDataset(SegmentationFiles):
         image_dir, mask_dir = _need(Path(image_dir), "image folder"), Path(mask_dir)
         samples = [(p, mask_dir / f"{p.stem}.png") for p in sorted(image_dir.iterdir())
                    if p.suffix.lower() in IMAGE_SUFFIXES]
-        palette = list(palette) if palette is not None else voc_colormap()[: len(classes)]
-        if len(palette) < len(classes):
-            raise ValueError(f"palette has {len(palette)} colours for {len(classes)} classes")
-        super().__init__(_non_empty(samples, str(image_dir)), classes, palette,
+        colours = list(palette) if palette is not None else class_palette("folder", len(classes))
+        if len(colours) < len(classes):
+            raise ValueError(f"palette has {len(colours)} colours for {len(classes)} classes")
+        super().__init__(_non_empty(samples, str(image_dir)), classes, colours,
                          label_lut(len(classes), reduce_zero_label), transform, on_bad)
 
 
@@ -257,7 +257,7 @@ class HFSegmentation(torch.utils.data.Dataset):
     """A Hugging Face `datasets.Dataset` with PIL image and annotation columns (e.g. the
     scene_parse_150 layout: annotation 0 = other, so `reduce_zero_label=True`)."""
 
-    def __init__(self, hf_dataset, classes: Sequence[str] = ADE20K_CLASSES,
+    def __init__(self, hf_dataset, classes: Sequence[str] = DATASETS["ade20k"].classes,
                  image_column: str = "image", annotation_column: str = "annotation",
                  reduce_zero_label: bool = True, palette: Sequence[tuple[int, int, int]] | None = None,
                  transform: Callable | None = None) -> None:
@@ -267,8 +267,8 @@ class HFSegmentation(torch.utils.data.Dataset):
         self.hf_dataset = hf_dataset
         self.image_column, self.annotation_column = image_column, annotation_column
         self.classes, self.transform, self.ignore_index = tuple(classes), transform, IGNORE_INDEX
-        self.palette = list(palette) if palette is not None else (
-            ADE20K_PALETTE if len(classes) == 150 else voc_colormap())[: len(classes)]
+        self.palette = list(palette) if palette is not None else list(
+            class_palette("ade20k", len(classes)))
         self.lut = label_lut(len(classes), reduce_zero_label)
 
     @property
@@ -388,7 +388,7 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
     if (path / "classes.txt").is_file() or num_classes != 150:
         classes = _class_names(path, num_classes, "Hugging Face")
     else:
-        classes = list(ADE20K_CLASSES)
+        classes = list(DATASETS["ade20k"].classes)
     return HFSegmentation(data, classes, image_column, annotation_column, reduce_zero_label,
                           transform=transform)
 

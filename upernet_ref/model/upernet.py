@@ -2,47 +2,39 @@
 
 `forward(images)` returns `{"out": logits}` at the input resolution (bilinear,
 align_corners=False), plus `"aux"` when the model has an auxiliary head and is training,
-like torchvision's segmentation models.
-
-The model is also a Hugging Face Hub model (huggingface_hub's `PyTorchModelHubMixin`):
-`model.save_pretrained(DIR)` writes `model.safetensors`, `config.json` (the whole `Config` it was
-built from) and a model card; `UPerNet.from_pretrained(DIR_or_repo_id)` rebuilds it;
-`model.push_to_hub("user/name")` uploads it. The folder logic is in `upernet_ref.hub`.
+like torchvision's segmentation models. A plain `nn.Module`: sharing it as a Hugging Face
+folder (`upernet_ref.hub.save_pretrained` / `from_pretrained`) is the shell's business.
 """
 from __future__ import annotations
 
 import os
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from upernet_ref.configs import Config, ConfigError, DataConfig, ModelConfig, get_config
 from upernet_ref.model.backbone import ResNet
-from upernet_ref import configs
-from upernet_ref.configs import Config, ConfigError, ModelConfig, get_config
 from upernet_ref.model.head import FCNHead, UPerHead
 from upernet_ref.model.layers import resize
 
 
-class UPerNet(nn.Module, PyTorchModelHubMixin, library_name="upernet_ref", license="other",
-              pipeline_tag="image-segmentation", paper_url="https://arxiv.org/abs/1807.10221",
-              tags=["semantic-segmentation", "upernet"]):
-    """The network of the paper (Fig. 4): backbone -> PPM on C5 + FPN over C2..C5 -> fused
-    classifier; an FCN head on C4 for the auxiliary loss. `config`: the whole `Config` it was
-    built from (set by `build_model`), saved by `save_pretrained` as config.json."""
+class UPerNet(nn.Module):
+    """The network of the paper (figure 3; docs/SPEC.md, "Paper vs published recipe"):
+    backbone -> PPM on C5 + FPN over C2..C5 -> fused classifier; an FCN head on C4 for the
+    auxiliary loss. `config`: the whole `Config` it is built from (the network reads
+    `config.model`; a saved model folder stores all of it, so the folder alone rebuilds it)."""
 
-    config: Config | None = None
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: Config):
         super().__init__()
-        self.cfg = cfg
-        self.backbone = ResNet(cfg.depth, cfg.output_stride, cfg.stem, cfg.blocks,
-                               cfg.base_width, cfg.stem_width)
+        self.config = config
+        m = config.model
+        self.backbone = ResNet(m.depth, m.output_stride, m.stem, m.blocks, m.base_width,
+                               m.stem_width)
         chans = self.backbone.out_channels
-        self.decode_head = UPerHead(chans, cfg.head_channels, cfg.num_classes, cfg.pool_scales,
-                                    cfg.dropout)
-        self.aux_head = (FCNHead(chans[2], cfg.aux_channels, cfg.num_classes, cfg.dropout)
-                         if cfg.aux_head else None)
+        self.decode_head = UPerHead(chans, m.head_channels, m.num_classes, m.pool_scales,
+                                    m.dropout)
+        self.aux_head = (FCNHead(chans[2], m.aux_channels, m.num_classes, m.dropout)
+                         if m.aux_head else None)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         size = images.shape[-2:]
@@ -52,50 +44,24 @@ class UPerNet(nn.Module, PyTorchModelHubMixin, library_name="upernet_ref", licen
             result["aux"] = resize(self.aux_head(features[2]), size)
         return result
 
-    # ---- the Hugging Face Hub conventions (see upernet_ref.hub)
-
-    def save_pretrained(self, save_directory, *, config: dict | None = None, **kwargs):
-        """huggingface_hub's `save_pretrained`, with this model's whole configuration as
-        config.json by default. `model_card_kwargs` may give `metrics` (an eval JSON),
-        `command`, `iteration` and `max_iters` for the model card."""
-        from upernet_ref.hub import model_config
-        if config is None:
-            config = configs.to_dict(model_config(self))
-        return super().save_pretrained(save_directory, config=config, **kwargs)
-
-    def generate_model_card(self, *args, **kwargs):
-        from upernet_ref.hub import model_card, model_config
-        return model_card(model_config(self), **kwargs)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download,
-                         local_files_only, token, config: dict | None = None,
-                         map_location: str = "cpu", strict: bool = True, **model_kwargs):
-        from upernet_ref.hub import load_pretrained
-        return load_pretrained(cls, model_id, config, map_location, revision=revision,
-                               cache_dir=cache_dir, force_download=force_download,
-                               local_files_only=local_files_only, token=token)
-
 
 def build_model(config: Config | ModelConfig | str) -> UPerNet:
-    """The UPerNet for a configuration (a `Config`, its `ModelConfig`, or a config name)."""
+    """The UPerNet for a configuration (a `Config`, a bare `ModelConfig`, or a config name)."""
     if isinstance(config, str):
         config = get_config(config)
-    full = config if isinstance(config, Config) else None
-    if full is not None:
-        config = full.model
-    if not isinstance(config, ModelConfig):
+    if isinstance(config, ModelConfig):  # a bare network: the default sections around it
+        if config.num_classes < 1:
+            raise ConfigError("model.num_classes is 0: build from a Config (data.num_classes) or "
+                              "give ModelConfig(num_classes=N)")
+        config = Config(name="custom", model=config,
+                        data=DataConfig(num_classes=config.num_classes))
+    if not isinstance(config, Config):
         raise TypeError(f"build_model takes a Config, ModelConfig or name, got {type(config).__name__}")
-    if config.num_classes < 1:
-        raise ConfigError("model.num_classes is 0: build from a Config (data.num_classes) or "
-                          "give ModelConfig(num_classes=N)")
     check_fits(config)
-    model = UPerNet(config)
-    model.config = full  # what save_pretrained writes as config.json
-    return model
+    return UPerNet(config)
 
 
-def check_fits(config: ModelConfig) -> None:
+def check_fits(config: Config) -> None:
     """Refuse, before any tensor is allocated, a model whose fp32 weights alone exceed this
     machine's memory (sizes read from a file: 10^9 classes would try to allocate 64 GB). The
     model is built on the meta device, which allocates nothing."""
