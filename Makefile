@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1) so pip takes the local build
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# pyproject.toml gives ranges; constraints.txt pins torch/torchvision (2.14.1 / 0.29.1) so pip
+	# takes the local build; [dev] pulls every extra ([hf], [tb], [export], [prepare])
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

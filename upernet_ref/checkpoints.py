@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from upernet_ref import configs
-from upernet_ref.errors import UperNetError
+from upernet_ref.errors import UperNetError, require
 from upernet_ref.training.runtime import non_finite_tensors
 
 SOURCES = ("upernet_ref", "sssegmentation", "mmsegmentation", "torchvision", "mmcls")
@@ -268,13 +268,9 @@ def download_model_folder(repo_id: str, revision: str | None = None, **download:
     Hugging Face cache or downloaded into it. `download`: `snapshot_download`'s cache_dir,
     token, local_files_only. Raises CheckpointError in one line: offline, no such repository,
     no model folder in it (and how to work offline)."""
+    hf = require("huggingface_hub", "hf", f"the Hub id {repo_id}")
     try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise CheckpointError(f"{repo_id}: a Hugging Face Hub id needs huggingface_hub: "
-                              f"pip install 'upernet_ref[hf]'") from None
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision,
+        folder = Path(hf.snapshot_download(repo_id, revision=revision,
                                         allow_patterns=[SAFETENSORS_NAME, CONFIG_NAME],
                                         **download))
     except Exception as err:

@@ -26,6 +26,7 @@ from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointEr
                                      download_model_folder, is_hub_id, load_weights)
 from upernet_ref.configs import Config
 from upernet_ref.data.info import DATASETS, class_names
+from upernet_ref.errors import require
 from upernet_ref.model.upernet import UPerNet, build_model
 
 if typing.TYPE_CHECKING:
@@ -94,7 +95,8 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
         iteration, max_iters: how far training went, when known (from the checkpoint).
         base_model: the Hub id it was fine-tuned from, if any.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    hf = require("huggingface_hub", "hf", "a model card")
+    EvalResult, ModelCard, ModelCardData = hf.EvalResult, hf.ModelCard, hf.ModelCardData
 
     m, d, t = cfg.model, cfg.data, cfg.train
     info = DATASETS.get(d.dataset)
@@ -255,9 +257,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
                   private: bool | None = None, commit_message: str | None = None) -> str:
     """Upload a model folder as it is (its card and metrics included) to the Hub repository
     `repo_id`, created if needed; returns the commit's URL."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
+    api = require("huggingface_hub", "hf", "an upload to the Hub").HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
                              commit_message=commit_message or "Upload upernet_ref model")

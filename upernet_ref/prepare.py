@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
@@ -38,6 +37,7 @@ from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, 
                                       read_label)
 from upernet_ref.data.info import DATASETS, voc_colormap
 from upernet_ref.data.images import read_image
+from upernet_ref.errors import require
 from upernet_ref.files import atomic_write
 
 
@@ -174,8 +174,9 @@ def _read_ids(path: Path) -> list[str]:
 def convert_sbd_mat(paths: tuple[Path, Path]) -> None:
     """One SBD `cls/<id>.mat` (struct GTcls, field Segmentation, 0..20) -> palette PNG."""
     mat_path, png_path = paths
+    loadmat = require("scipy.io", "prepare", "upernet data prepare voc-aug (SBD .mat files)").loadmat
     try:
-        seg = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
+        seg = loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise DataError(f"{mat_path}: not an SBD class file with GTcls.Segmentation ({e})") from None
     seg = np.asarray(seg)
@@ -195,6 +196,7 @@ def prepare_voc_aug(voc_root: str | Path, sbd_root: str | Path, workers: int = 1
     Existing files there are kept unless `overwrite`. Returns the trainaug ids computed (those
     in a kept trainaug.txt may differ) and the files written and kept.
     """
+    require("scipy.io", "prepare", "upernet data prepare voc-aug (SBD .mat files)")  # before the pool
     voc_root, sbd_root = Path(voc_root), Path(sbd_root)
     lists = voc_root / "ImageSets" / "Segmentation"
     voc_train, voc_val = _read_ids(lists / "train.txt"), _read_ids(lists / "val.txt")

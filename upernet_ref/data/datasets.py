@@ -29,7 +29,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode
 
 from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, read_image
-from upernet_ref.errors import DataError
+from upernet_ref.errors import DataError, UsageError, require
 from upernet_ref.data.info import (DATASETS, IGNORE_INDEX, class_palette, describe_values,
                                    label_lut)
 
@@ -354,8 +354,7 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
     a `DatasetDict` (one entry per split), or, when no such folder exists, a Hub dataset name
     (`datasets.load_dataset(root, split=split)`, needs the network). Class names: the folder's
     classes.txt, ADE20K's for 150 classes, else class_0, class_1, ..."""
-    import datasets
-
+    datasets = require("datasets", "hf", "a Hugging Face dataset")
     path = Path(root)
     if path.is_dir():
         try:

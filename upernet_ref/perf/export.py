@@ -30,6 +30,7 @@ from torch import nn
 
 from upernet_ref.model.layers import resize
 from upernet_ref.model.ppm import PyramidPooling
+from upernet_ref.errors import require
 
 
 def adaptive_pool_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -144,8 +145,8 @@ def export_onnx(model: nn.Module, size: tuple[int, int], out: str | Path, batch:
                           do_constant_folding=True)
     report: dict[str, float | str] = {"path": str(out), "format": "onnx", "opset": opset}
     if check:
-        import onnx
-        import onnxruntime as ort
+        onnx = require("onnx", "export", "the ONNX check")
+        ort = require("onnxruntime", "export", "the ONNX check")
 
         onnx.checker.check_model(str(out))
         with torch.no_grad():
