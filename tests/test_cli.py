@@ -10,11 +10,26 @@ from upernet_ref.cli import COMMANDS, main
 from upernet_ref.cli.common import parse_pair, parse_scales, positive_int
 
 
-def test_usage_lists_every_command(capsys):
-    assert main([]) == 0
+def test_usage_lists_every_command_and_export_format(capsys):
+    assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+    export_line = next(line for line in out.splitlines() if line.strip().startswith("export"))
+    for fmt in ("ONNX", "torch.export", "safetensors"):
+        assert fmt in export_line
+
+
+def test_bare_upernet_is_an_error_and_version_is_printed():
+    """Through the installed entry point's module: a bare `upernet` prints usage on stderr and
+    exits 2; `upernet --version` prints the package version and exits 0."""
+    import upernet_ref
+    run = lambda *a: subprocess.run([sys.executable, "-m", "upernet_ref.cli", *a],
+                                    capture_output=True, text=True, timeout=120)
+    bare = run()
+    assert bare.returncode == 2 and bare.stdout == "" and "usage: upernet" in bare.stderr
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.split()[-1] == upernet_ref.__version__
 
 
 def test_unknown_command_is_an_error(capsys):
@@ -119,4 +134,36 @@ def test_argument_types():
 def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "upernet_ref.cli", "--help"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "usage: upernet COMMAND" in result.stdout
+    assert result.returncode == 0 and "usage: upernet [--version] COMMAND" in result.stdout
+
+
+def test_a_terminal_without_width_gets_plain_log_lines(tmp_path):
+    """Under a 0x0 pseudo-terminal (stderr a tty, but no width) tqdm would draw nothing: `upernet
+    train` prints its plain log lines instead of a bar."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen([sys.executable, "-m", "upernet_ref.cli", "train", "--config",
+                             "upernet_small_test", "--max-iters", "2", "--no-val", "--out",
+                             str(tmp_path / "run")], stdin=follower, stdout=follower,
+                            stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the pty
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    text = b"".join(chunks).decode(errors="replace")
+    assert re.search(r"iter\s*2\b", text), text[-2000:]  # the log line of the last iteration
+    assert "\r" not in text.replace("\r\n", "\n")  # no bar redrawing itself

@@ -31,11 +31,11 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 import typing
 import warnings
@@ -48,6 +48,8 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.errors import UperNetError, require
 from upernet_ref.training.runtime import non_finite_tensors
+
+_log = logging.getLogger(__name__)
 
 SOURCES = ("upernet_ref", "sssegmentation", "mmsegmentation", "torchvision", "mmcls")
 
@@ -242,8 +244,8 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
         if not trust:
             raise CheckpointError(f"{path}: refused to open: it is a pickle that {needs} while "
                                   f"loading, which could run any code; {TRUST_HINT}") from None
-        print(f"warning: {path}: --trust-checkpoint: opening it with the full unpickler; it "
-              f"{needs}, and whatever code the file names runs", file=sys.stderr)
+        _log.warning(f"warning: {path}: --trust-checkpoint: opening it with the full "
+                    f"unpickler; it {needs}, and whatever code the file names runs")
         obj = _load_trusted(path)
     except Exception as err:  # truncated, not a torch file, ...
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch "
@@ -482,7 +484,7 @@ def _load(model: nn.Module, state_dict: dict[str, Any], where: str, *, strict: b
         check_compatible(model, {**kept, **state_dict}, where)
         model.load_state_dict(state_dict, strict=False)
         trained_on = f"{have} classes" if have is not None else "no classifier"
-        (log or (lambda m: print(m, file=sys.stderr)))(
+        (log or _log.info)(
             f"{where}: loaded all weights but the classifiers (checkpoint: {trained_on}); "
             f"decode_head.classifier and aux_head.classifier re-initialised for {want} classes")
         return

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import signal
 import socket
-import sys
 import threading
+import time
 import typing
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,8 @@ from typing import Any
 
 from upernet_ref.errors import UsageError
 from upernet_ref.files import atomic_write
+
+_log = logging.getLogger(__name__)
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -96,7 +99,11 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.out_dir / "tb"),
                                             purge_step=resume_from + 1 if resume_from else None)
-            except Exception:  # tensorboard not installed (or broken): the JSON log is enough
+            except ImportError:  # the JSON log is enough; say how to get the TensorBoard one
+                _log.info("note: no TensorBoard logs (tensorboard is not installed: pip install "
+                          "'upernet_ref[tb]'); log.jsonl has every record")
+                self.writer = None
+            except Exception:  # tensorboard broken: the JSON log is enough
                 self.writer = None
 
     def _rewrite(self) -> None:
@@ -109,13 +116,14 @@ class RunLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}
+        record.setdefault("time", round(time.time(), 3))  # wall clock, Unix seconds
         self.records.append(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             kind, step = record.get("kind", "train"), record.get("iter", 0)
             for key, value in record.items():
-                if key not in ("kind", "iter") and isinstance(value, (int, float)) and value is not None:
+                if key not in ("kind", "iter", "time") and isinstance(value, (int, float)) and value is not None:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
 
     def plot(self, title: str = "") -> Path | None:
@@ -192,8 +200,8 @@ class StopFlag:
         if self.signum:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
-              f"iteration, then stopping (send it again to stop at once)", file=sys.stderr)
+        _log.warning(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this "
+                     f"iteration, then stopping (send it again to stop at once)")
 
     def reason(self) -> str | None:
         """The signal's name ("SIGTERM") once one arrived, else None (the loop's `should_stop`)."""

@@ -13,10 +13,13 @@
 Each subcommand lives in its own module here, `upernet_ref/cli/<command>.py`, as
 `main(argv) -> int`, imported only when used. The library (`upernet_ref.model`, `.data`,
 `.training`, `.evaluation`, `.perf`) has no argparse: every command line is in this folder.
+The library logs through `logging` (logger "upernet_ref"); the command decides what is shown:
+INFO and above, as plain lines on stderr (`setup_logging`).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 COMMANDS = {
@@ -35,16 +38,41 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: upernet COMMAND [options]   (upernet COMMAND --help for details)", "", "commands:"]
+    lines = ["usage: upernet [--version] COMMAND [options]   (upernet COMMAND --help for details)",
+             "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
+class _StderrLines(logging.Handler):
+    """Each record as one plain line on the *current* sys.stderr (no colours, no widths)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def setup_logging() -> None:
+    """Show the library's log records (INFO and up) as plain lines on stderr, once."""
+    logger = logging.getLogger("upernet_ref")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
+    if argv[:1] == ["--version"]:
+        from upernet_ref import __version__
+        print(f"upernet (upernet_ref) {__version__}")
+        return 0
+    if not argv:  # a command is required: usage on stderr, exit 2 (argparse's convention)
+        print(f"upernet: error: give a command\n\n{usage()}", file=sys.stderr)
+        return 2
+    setup_logging()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"upernet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)

@@ -218,6 +218,19 @@ def check_writable_folder(folder: str | Path, what: str) -> Path:
     return folder
 
 
+def show_progress(disabled: bool = False) -> bool:
+    """Whether to draw a progress bar: not `--no-progress`, stderr a terminal, and one with a
+    width. A terminal of width 0 (a 0x0 pty: some CI runners, `script`, detached sessions) gets
+    no bar, since tqdm would draw nothing there; the commands print plain log lines instead."""
+    if disabled or not sys.stderr.isatty():
+        return False
+    try:
+        columns = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.stderr.fileno()).columns)
+    except (OSError, ValueError):
+        columns = 0
+    return columns >= 20
+
+
 def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
     """`--trust-checkpoint`, for every command that opens a checkpoint (see `checkpoints`)."""
     parser.add_argument("--trust-checkpoint", action="store_true",

@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 from upernet_ref.cli.common import command, parse_pair
 from upernet_ref.configs import get_config
-from upernet_ref.perf.configs_table import (forward_once, print_summary)
+from upernet_ref.perf.configs_table import forward_once, format_summary, summary_rows
+
+
+def print_summary() -> None:
+    """The configurations table (`upernet configs`, `upernet demo`), on stdout."""
+    print(format_summary(summary_rows()))
 
 
 @command("upernet configs")

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from upernet_ref.cli.common import command
+from upernet_ref.cli.common import command, show_progress
 from upernet_ref.data.datasets import DataError, describe_values, open_dataset
 
 DEFAULT_SPLITS = {"voc": ("train", "val", "trainaug"), "ade20k": ("training", "validation"),
@@ -102,7 +102,7 @@ def check(args: argparse.Namespace) -> int:
             bad += 1
             continue
         problems, histogram = check_dataset(dataset, args.workers, args.decode_images,
-                                            not args.no_progress, desc=f"{args.dataset} {split}")
+                                            show_progress(args.no_progress), desc=f"{args.dataset} {split}")
         for kind, message in problems:
             print(f"[{split}] {kind}: {message}")
         kinds: dict[str, int] = {}
@@ -130,7 +130,7 @@ def prepare(args: argparse.Namespace) -> int:
     try:
         if args.target == "voc-aug":
             ids, done = prepare_voc_aug(args.voc_root, args.sbd_root, args.workers,
-                                        not args.no_progress, args.overwrite)
+                                        show_progress(args.no_progress), args.overwrite)
             trainaug = args.voc_root / "ImageSets" / "Segmentation" / "trainaug.txt"
             labels = [p for p in done.written if p != trainaug]
             print(report(len(labels), f"label PNGs to {args.voc_root / 'SegmentationClassAug'}",
@@ -143,7 +143,8 @@ def prepare(args: argparse.Namespace) -> int:
                         f"the computed list has {len(ids)} ids (--overwrite replaces it)")
                 print(f"kept the existing {trainaug}: {len(kept)} ids; {same}")
         else:
-            done = prepare_cityscapes(args.root, args.workers, not args.no_progress, args.overwrite)
+            done = prepare_cityscapes(args.root, args.workers, show_progress(args.no_progress),
+                                      args.overwrite)
             print(report(len(done.written), f"*_gtFine_labelTrainIds.png files under "
                          f"{args.root / 'gtFine'}", len(done.skipped)))
     except (DataError, OSError) as e:  # FileNotFoundError, PermissionError, ...: no traceback

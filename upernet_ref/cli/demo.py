@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from upernet_ref import configs
-from upernet_ref.cli.common import check_writable_folder, command, positive_int
+from upernet_ref.cli.common import check_writable_folder, command, positive_int, show_progress
 from upernet_ref.errors import before_work
 
 DEMO_CONFIG = "upernet_small_demo"
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_summary:
         print("The 12 published UPerNet configurations, then the small ones (parameters and "
               "GMACs computed from the models):\n")
-        from upernet_ref.perf.configs_table import forward_once, print_summary
+        from upernet_ref.cli.configs import print_summary
+        from upernet_ref.perf.configs_table import forward_once
         print_summary()
         print()
         print(how_to_run())
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Training {cfg.name} on the embedded demo scenes ({len(DemoScenes('train'))} train "
           f"images, {cfg.data.num_classes} classes), {args.max_iters or cfg.train.max_iters} iterations:")
     result = run_training(cfg, out_dir=run_dir, device=args.device, max_iters=args.max_iters,
-                   progress=False if args.no_progress else None)
+                          progress=show_progress(args.no_progress))
     if result.interrupted:
         return 130
 

@@ -17,7 +17,7 @@ from upernet_ref.configs import Config
 from upernet_ref.collectives import cleanup, init_distributed
 from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, parse_pair,
-                                    parse_scales, positive_int)
+                                    parse_scales, positive_int, show_progress)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.files import write_text
 from upernet_ref.evaluation.metrics import format_table
@@ -195,7 +195,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         print(f"evaluating {cfg.name} from {args.checkpoint} on {cfg.data.dataset} {split!r} "
               f"({count}) on {device}" + (" (fast path)" if args.fast else "")
               + (f" and {world - 1} more process(es)" if world > 1 else ""))
-    result = evaluate(model, dataset, cfg, device, progress=None if args.no_progress else _bar,
+    result = evaluate(model, dataset, cfg, device,
+                      progress=_bar if show_progress(args.no_progress) else None,
                       num_workers=args.num_workers, limit=args.limit)
     if rank != 0:
         return 0

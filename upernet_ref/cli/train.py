@@ -29,7 +29,8 @@ from upernet_ref import configs
 from upernet_ref.checkpoints import (load_backbone_weights, load_weights, read_checkpoint_file,
                                      remove_stale_temporary_files, save_checkpoint)
 from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
-                                    command, parse_args_and_overrides, positive_int)
+                                    command, parse_args_and_overrides, positive_int,
+                                    show_progress)
 from upernet_ref.collectives import DistInfo, cleanup, init_distributed, launch_rank_and_world
 from upernet_ref.configs import Config
 from upernet_ref.data.transforms import test_transform, train_transform
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                       backbone_weights=args.backbone_weights, validate=not args.no_val,
                       reinit_classifier=args.reinit_classifier,
                       trust_checkpoint=args.trust_checkpoint,
-                      progress=False if args.no_progress else None) as run:
+                      progress=show_progress(args.no_progress)) as run:
         result = train(cfg, run.model, run.train_set, run.val_set, run.out_dir, **run.options)
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))

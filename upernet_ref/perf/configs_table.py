@@ -61,10 +61,6 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def print_summary() -> None:
-    print(format_summary(summary_rows()))
-
-
 def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, int] | None = None,
                  device: str | None = None) -> dict:
     """One forward pass of configuration `name` (random weights) on an image; shapes and time.
