@@ -17,7 +17,7 @@
   names, palette)`: the pictures, drawn from the model itself (shapes recorded by forward hooks,
   on the `meta` device), and the class-colour legend of every mask figure.
 - `load_demo_checkpoint(model)`: the course's trained `upernet_small_demo` weights
-  (`notebooks/assets/upernet_small_demo.safetensors`, made by
+  (`upernet_ref/assets/upernet_small_demo.safetensors`, made by
   `notebooks/assets/make_demo_checkpoint.py`), verified by SHA-256 before loading; safetensors
   holds only tensors, so loading it cannot run code. Loading is strict (every name and shape),
   which is what the capstone (notebook 10) relies on.
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ASSETS = Path(__file__).resolve().parent.parent / "notebooks" / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"  # package data: there after any install
 DEMO_CHECKPOINT = ASSETS / "upernet_small_demo.safetensors"
 DEMO_CHECKPOINT_SHA256 = "d82da1e51840648dccb532a7e3a764beb124862c4f99f57d8f915a28717e8b39"
 

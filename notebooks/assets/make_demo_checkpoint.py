@@ -5,7 +5,7 @@
 Trains `upernet_small_demo` on the embedded demo scenes for 900 iterations (the `upernet demo`
 schedule) with the configuration's seed (`cfg.train.seed` = 0) on the CPU, evaluates it on the
 demo val split with the published protocol, and writes only the weights, as safetensors (no
-pickle: loading it cannot run code), to `notebooks/assets/upernet_small_demo.safetensors`.
+pickle: loading it cannot run code), to `upernet_ref/assets/upernet_small_demo.safetensors` (package data).
 It prints the file's SHA-256, which `upernet_ref.course.DEMO_CHECKPOINT_SHA256` pins: the
 notebooks 08 and 09 load it with `course.load_demo_checkpoint` and assert mIoU >= 75%.
 """
@@ -28,8 +28,9 @@ from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.upernet import build_model
 from upernet_ref.checkpoints import load_weights
 from upernet_ref.cli.train import run_training
+from upernet_ref.course import DEMO_CHECKPOINT
 
-OUT = Path(__file__).resolve().parent / "upernet_small_demo.safetensors"
+OUT = DEMO_CHECKPOINT  # upernet_ref/assets/, package data
 
 
 def main() -> int:

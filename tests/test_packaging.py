@@ -1,0 +1,60 @@
+"""What a non-editable install gets: a wheel built from pyproject.toml carries the demo
+checkpoint as package data (so `course.DEMO_CHECKPOINT` exists in site-packages) and states the
+licence; the LICENSE and CITATION.cff files say the same."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_demo_checkpoint(tmp_path):
+    src = tmp_path / "src"  # a copy: building in the tree would leave build/ and *.egg-info
+    shutil.copytree(ROOT / "upernet_ref", src / "upernet_ref",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                            "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"),
+                            str(src)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("upernet_ref-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "upernet_ref/assets/upernet_small_demo.safetensors" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert "License-Expression: MIT" in metadata and "Provides-Extra: hf" in metadata
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                              "--target", str(target), str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = ("import upernet_ref.course as c, hashlib; p = c.DEMO_CHECKPOINT; "
+             "print(p); assert hashlib.sha256(p.read_bytes()).hexdigest() == "
+             "c.DEMO_CHECKPOINT_SHA256")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().startswith(str(target))  # the installed copy, not this tree
+
+
+def test_licence_and_citation_agree_with_pyproject():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["license"] == "MIT" and citation["version"] == project["version"]
+    assert citation["preferred-citation"]["title"] == ("Unified Perceptual Parsing for Scene "
+                                                       "Understanding")
+    from upernet_ref.hub import LICENSE
+    assert LICENSE == project["license"].lower()  # the model card's licence is the code's
