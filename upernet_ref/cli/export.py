@@ -9,6 +9,7 @@ The library side is `upernet_ref.perf.export`.
 """
 from __future__ import annotations
 import argparse
+import json
 import sys
 import time
 import torch
@@ -20,8 +21,19 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref import configs
 from upernet_ref.configs import get_config
+from upernet_ref.data.info import class_names
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.export import (export_onnx, export_torch)
+
+
+def onnx_metadata(cfg: configs.Config) -> dict[str, str]:
+    """What an ONNX runtime user needs beside the graph: class names and the normalisation."""
+    return {"upernet_ref.config": cfg.name,
+            "classes": json.dumps(list(class_names(cfg.data.dataset, cfg.model.num_classes,
+                                                   cfg.data.classes))),
+            "input": "images: (B, 3, H, W) float32 RGB, (pixel_0_255 - mean) / std",
+            "mean": json.dumps(list(cfg.data.mean)), "std": json.dumps(list(cfg.data.std)),
+            "output": "logits: (B, num_classes, H, W); argmax over dim 1 gives the class"}
 
 
 @command("upernet export")
@@ -46,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-model", metavar="REPO", help="with --format safetensors: the "
                         "Hub id this model was fine-tuned from (base_model in the card)")
     parser.add_argument("--size", type=parse_pair, default=None,
-                        help="static input HxW (default: the config's crop size)")
-    parser.add_argument("--batch", type=positive_int, default=1, help="static batch size (default: 1)")
+                        help="input HxW the export is traced and checked at (default: the "
+                             "config's crop size); torch-export keeps it, the ONNX graph takes "
+                             "any batch and size (checked at a second size too)")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="batch of the traced input (default: 1)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17)")
     parser.add_argument("--out", required=True, help="output file (.onnx or .pt2), or folder "
                         "(safetensors)")
@@ -84,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.format == "onnx":
-            report = export_onnx(model, size, args.out, args.batch, args.opset, not args.no_check)
+            report = export_onnx(model, size, args.out, args.batch, args.opset, not args.no_check,
+                                 metadata=onnx_metadata(cfg))
         elif args.format == "safetensors":
             state = state or {}
             report = hub.export_safetensors(model, args.out, size, not args.no_check,
