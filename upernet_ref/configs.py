@@ -85,6 +85,8 @@ class DataConfig:
     # dataset="hf": the columns of the Hugging Face dataset (scene_parse_150's names by default)
     hf_image_column: str = "image"
     hf_annotation_column: str = "annotation"
+    hf_config: str = ""  # the Hub dataset's configuration (subset) name, "" = its default
+    hf_revision: str = ""  # a Hub branch, tag or commit, "" = main
     num_workers: int = 4
     on_bad: str = "raise"  # a bad sample: "raise" (stop, naming the file) or "skip" (count it)
 

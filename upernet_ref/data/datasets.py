@@ -18,6 +18,7 @@ under torchrun, every rank. `evaluate` leaves bad items out instead of replacing
 from __future__ import annotations
 
 import io
+import logging
 import typing
 import warnings
 from pathlib import Path
@@ -32,6 +33,8 @@ from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, re
 from upernet_ref.errors import DataError, UsageError, require
 from upernet_ref.data.info import (DATASETS, IGNORE_INDEX, class_palette, describe_values,
                                    label_lut)
+
+_log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------
 # Decoding (images: `upernet_ref.data.images`, the one image reader)
@@ -261,6 +264,10 @@ class HFSegmentation(torch.utils.data.Dataset):
                  image_column: str = "image", annotation_column: str = "annotation",
                  reduce_zero_label: bool = True, palette: Sequence[tuple[int, int, int]] | None = None,
                  transform: Callable | None = None) -> None:
+        if not hasattr(hf_dataset, "__len__"):  # datasets.IterableDataset (streaming=True)
+            raise UsageError("a streaming Hugging Face dataset (IterableDataset) is not "
+                             "supported: training's sampler and evaluation need its length; "
+                             "load it without streaming=True, or save_to_disk a part of it")
         for column in (image_column, annotation_column):
             if column not in hf_dataset.column_names:
                 raise KeyError(f"column {column!r} not in {hf_dataset.column_names}")
@@ -306,7 +313,7 @@ def _find(root: Path, sub: str) -> Path:
 
 def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | None = None,
                  reduce_zero_label: bool | None = None, transform: Callable | None = None,
-                 on_bad: str = "raise", hf_columns: dict[str, str] | None = None
+                 on_bad: str = "raise", hf_options: dict[str, str] | None = None
                  ) -> SegmentationFiles | HFSegmentation:
     """A dataset on disk by name, as `build_dataset` and `upernet data check` open it.
 
@@ -314,7 +321,8 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     parent), the Cityscapes folder holding leftImg8bit/ and gtFine/, or a folder dataset's root
     with images/<split>/, masks/<split>/ and classes.txt (one name per line; without it
     `num_classes` names them class_0, class_1, ...), or for "hf" a `datasets.save_to_disk`
-    folder or Hub name (`open_hf_dataset`; `hf_columns`: its image_column / annotation_column).
+    folder or Hub name (`open_hf_dataset`; `hf_options`: its image_column / annotation_column,
+    config, revision).
     """
     root = Path(root)
     if name == "voc":
@@ -332,7 +340,7 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     if name == "hf":
         return open_hf_dataset(str(root), split, num_classes=num_classes,
                                reduce_zero_label=bool(reduce_zero_label), transform=transform,
-                               **(hf_columns or {}))
+                               **(hf_options or {}))
     raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder, hf or demo")
 
 
@@ -346,14 +354,46 @@ def _class_names(root: Path, num_classes: int | None, kind: str) -> list[str]:
     raise ValueError(f"{kind} dataset {root}: write classes.txt or give num_classes")
 
 
+_SPLIT_ALIASES = {"val": "validation", "validation": "val"}  # HF names it "validation"
+
+
+def _pick_split(have: Sequence[str], split: str, where: str) -> str:
+    """`split`, or its alias (val <-> validation) when only that exists (said in one line)."""
+    if split in have:
+        return split
+    alias = _SPLIT_ALIASES.get(split)
+    if alias in have:
+        _log.info(f"note: {where} has no split {split!r}: using {alias!r}")
+        return alias
+    raise ValueError(f"{where}: no split {split!r} (it has {', '.join(have)}); choose with "
+                     f"--data.train_split / --data.val_split")
+
+
+def _hf_class_names(data, path: Path, num_classes: int | None, reduce_zero_label: bool) -> list[str]:
+    """classes.txt beside the folder, else a ClassLabel feature with the model's classes (plus
+    "other" first with reduce_zero_label), else ADE20K's for 150 classes, else class_i."""
+    if (path / "classes.txt").is_file():
+        return _class_names(path, num_classes, "Hugging Face")
+    for feature in data.features.values():
+        names = list(getattr(feature, "names", None) or [])
+        if names and reduce_zero_label:
+            names = names[1:]
+        if names and (num_classes is None or len(names) == num_classes):
+            return names
+    if num_classes == 150:
+        return list(DATASETS["ade20k"].classes)
+    return _class_names(path, num_classes, "Hugging Face")
+
+
 def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
                     reduce_zero_label: bool = True, image_column: str = "image",
-                    annotation_column: str = "annotation",
-                    transform: Callable | None = None) -> HFSegmentation:
+                    annotation_column: str = "annotation", config: str = "",
+                    revision: str = "", transform: Callable | None = None) -> HFSegmentation:
     """A Hugging Face dataset as `HFSegmentation`: `root` is a `datasets.save_to_disk` folder of
     a `DatasetDict` (one entry per split), or, when no such folder exists, a Hub dataset name
-    (`datasets.load_dataset(root, split=split)`, needs the network). Class names: the folder's
-    classes.txt, ADE20K's for 150 classes, else class_0, class_1, ..."""
+    (`datasets.load_dataset(root, config, revision=revision, split=split)`, needs the network or
+    the cache). "val" finds "validation" (and back) when only that split exists. Class names:
+    `_hf_class_names`."""
     datasets = require("datasets", "hf", "a Hugging Face dataset")
     path = Path(root)
     if path.is_dir():
@@ -365,29 +405,32 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
         if not isinstance(data, datasets.DatasetDict):
             raise ValueError(f"{path}: holds one Dataset without splits; save a DatasetDict, "
                              f"e.g. DatasetDict(train=..., validation=...).save_to_disk(DIR)")
-        if split not in data:
-            raise ValueError(f"{path}: no split {split!r} (it has {', '.join(data)}); choose "
-                             f"with --data.train_split / --data.val_split")
-        data = data[split]
+        data = data[_pick_split(list(data), split, str(path))]
     elif path.exists():
         raise ValueError(f"{path}: not a folder (a Hugging Face dataset is a save_to_disk "
                          f"folder or a Hub name)")
     else:
+        where = f"{root}{f' ({config})' if config else ''}"
         try:
-            data = datasets.load_dataset(root, split=split)
+            names = datasets.get_dataset_split_names(root, config or None,
+                                                     revision=revision or None)
+            data = datasets.load_dataset(root, config or None, revision=revision or None,
+                                         split=_pick_split(names, split, where))
+        except ValueError as err:
+            if "no split" in str(err):
+                raise
+            raise ValueError(f"{where}: {(str(err).splitlines() or [''])[0][:200]}") from None
         except Exception as err:
-            raise ValueError(f"{root}: no such folder, and loading it as a Hugging Face Hub "
+            raise ValueError(f"{where}: no such folder, and loading it as a Hugging Face Hub "
                              f"dataset failed: {type(err).__name__}: "
-                             f"{(str(err).splitlines() or [''])[0][:160]}") from None
+                             f"{(str(err).splitlines() or [''])[0][:160]} (offline: use a "
+                             f"save_to_disk folder, or the cache with HF_HUB_OFFLINE=1)") from None
         path = Path(".")  # no classes.txt beside a Hub dataset
     for option, column in (("image", image_column), ("annotation", annotation_column)):
         if column not in data.column_names:
             raise ValueError(f"{root} split {split!r}: no column {column!r} (columns: "
                              f"{', '.join(data.column_names)}); set --data.hf_{option}_column")
-    if (path / "classes.txt").is_file() or num_classes != 150:
-        classes = _class_names(path, num_classes, "Hugging Face")
-    else:
-        classes = list(DATASETS["ade20k"].classes)
+    classes = _hf_class_names(data, path, num_classes, reduce_zero_label)
     return HFSegmentation(data, classes, image_column, annotation_column, reduce_zero_label,
                           transform=transform)
 
@@ -405,5 +448,6 @@ def build_dataset(cfg, split: str, root: str | Path | None = None,
     return open_dataset(cfg.data.dataset, root, split, num_classes=cfg.data.num_classes,
                         reduce_zero_label=cfg.data.reduce_zero_label, transform=transform,
                         on_bad=on_bad,
-                        hf_columns=dict(image_column=cfg.data.hf_image_column,
-                                        annotation_column=cfg.data.hf_annotation_column))
+                        hf_options=dict(image_column=cfg.data.hf_image_column,
+                                        annotation_column=cfg.data.hf_annotation_column,
+                                        config=cfg.data.hf_config, revision=cfg.data.hf_revision))
