@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import math
-import sys
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from upernet_ref.errors import UsageError
 
@@ -180,6 +183,9 @@ class Config:
         if self.model.num_classes not in (0, n):  # set once, in data.num_classes
             raise ConfigError(f"model.num_classes={self.model.num_classes} differs from "
                               f"data.num_classes={n}: the class count is data.num_classes")
+        if d.classes and len(d.classes) != n:
+            raise ConfigError(f"data.classes names {len(d.classes)} classes for "
+                              f"data.num_classes={n}")
         if self.train.class_weights and len(self.train.class_weights) != n:
             raise ConfigError(f"train.class_weights has {len(self.train.class_weights)} values "
                               f"for data.num_classes={n}")
@@ -262,7 +268,8 @@ def _parse_value(text: str, kind: typing.Any, key: str) -> typing.Any:
     """A command-line value ("0.02", "512x512", "true") as the field's type."""
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
-        items = [t.strip() for t in text.replace("x", ",").split(",") if t.strip()]
+        sizes = text.replace("x", ",") if args[0] is int else text  # 512x512; "box" is a name
+        items = [t.strip() for t in sizes.split(",") if t.strip()]
         if args[-1] is not Ellipsis and len(items) != len(args):
             raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {text!r}")
         return tuple(_parse_value(t, args[0], key) for t in items)
@@ -402,22 +409,106 @@ def list_configs(published_only: bool = False) -> list[str]:
     return list(PUBLISHED) if published_only else list(_ALL)
 
 
-def get_config(name: str | Config, overrides: typing.Sequence[str] | dict | None = None) -> Config:
-    """The configuration called `name` (or `name` itself if it is already a Config).
+def get_config(name: str | os.PathLike | Config,
+               overrides: typing.Sequence[str] | dict | None = None) -> Config:
+    """The configuration called `name`, read from the file `name`, or `name` itself if it is
+    already a Config; `overrides` applied on top.
 
     Args:
-        name: one of `list_configs()`.
+        name: one of `list_configs()`, or a configuration file (`read_config_file`: .json or
+            .yaml, e.g. `upernet configs --dump`, a run folder's or model folder's config.json).
         overrides: "section.field=value" strings or a {"section.field": value} dict, applied
             with type checks (see `override`).
     """
     if isinstance(name, Config):
         cfg = name
+    elif str(name) in _ALL:
+        cfg = _ALL[str(name)]
+    elif str(name).endswith(CONFIG_SUFFIXES) or os.path.isfile(name):
+        cfg = read_config_file(name)
     else:
-        if name not in _ALL:
-            raise ConfigKeyError(f"unknown configuration {name!r}; valid names: "
-                                 f"{', '.join(_ALL)} (upernet configs describes them)")
-        cfg = _ALL[name]
+        raise ConfigKeyError(f"unknown configuration {str(name)!r}; valid names: "
+                             f"{', '.join(_ALL)} (upernet configs describes them), or a "
+                             f"configuration file ({', '.join(CONFIG_SUFFIXES)})")
     return override(cfg, overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration files: what `to_dict` holds, as JSON or YAML; or a `base` name plus changes
+
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+# written beside the configuration in a model folder's config.json (transformers' names)
+_DERIVED_KEYS = ("id2label", "label2id")
+
+
+def read_config_file(path: str | os.PathLike) -> Config:
+    """A configuration file, through the checked path of every configuration (`from_dict`,
+    `override`): either a whole configuration (`to_dict`'s keys; a run folder's config.json, a
+    model folder's config.json, `upernet configs --dump`), or `base: NAME` plus the sections'
+    fields that differ from it, mmsegmentation's `_base_` in one line:
+
+        base: upernet_r50_os8_ade20k
+        train: {lr: 0.02, amp: bf16}
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigKeyError(f"{path}: no such configuration file (configuration names: "
+                             f"{', '.join(_ALL)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read it: {err}") from None
+    is_json = path.suffix == ".json"
+    try:
+        if is_json:
+            data = json.loads(text)
+        else:
+            import yaml  # PyYAML, a dependency
+            data = yaml.safe_load(text)
+    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: "
+                          f"{(str(err).splitlines() or [''])[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a configuration file holds a mapping of sections, got "
+                          f"{type(data).__name__}")
+    data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
+    if "base" not in data:
+        return from_dict({"name": path.stem, **data}, where=str(path))
+    base = data.pop("base")
+    if base not in _ALL:
+        raise ConfigKeyError(f"{path}: unknown base configuration {base!r}; valid names: "
+                             f"{', '.join(_ALL)}")
+    changes: dict[str, typing.Any] = {}
+    for section, values in data.items():
+        if section == "name":
+            continue
+        if section not in _SECTIONS or not isinstance(values, dict):
+            raise ConfigKeyError(f"{path}: unknown key {section!r}; a file with base holds "
+                                 f"name and the sections {', '.join(_SECTIONS)} (mappings)")
+        changes.update({f"{section}.{key}": value for key, value in values.items()})
+    try:
+        cfg = override(_ALL[base], changes)
+    except (ConfigError, ConfigKeyError) as err:
+        raise type(err)(f"{path}: {err}") from None
+    return dataclasses.replace(cfg, name=str(data.get("name") or path.stem))
+
+
+def write_config_file(cfg: Config, path: str | os.PathLike) -> Path:
+    """`cfg` as a whole configuration file (.json or .yaml by the suffix), written atomically
+    (a temporary file renamed over `path`), that `get_config(path)` reads back equal."""
+    path = Path(path)
+    if not path.name.endswith(CONFIG_SUFFIXES):
+        raise ConfigError(f"{path}: a configuration file ends with {', '.join(CONFIG_SUFFIXES)}")
+    data = to_dict(cfg)
+    if path.suffix == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        import yaml
+        text = yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)  # tuples as lists
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +566,7 @@ _REMOVED = {"test.batch_size": "the test batch is one image"}
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    logging.getLogger(__name__).warning(f"warning: {message}")
 
 
 def from_dict(data: typing.Any, where: str | None = "configuration") -> Config:

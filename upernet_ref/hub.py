@@ -223,7 +223,8 @@ def config_from_hub_dict(config: dict, where: str) -> Config:
         raise CheckpointError(f"{where}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
                               f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
                               f"hub.save_pretrained or upernet export --format safetensors)")
-    return configs.from_dict({k: v for k, v in config.items() if k not in HUB_KEYS})
+    return configs.from_dict({k: v for k, v in config.items() if k not in HUB_KEYS},
+                             where=f"{where}/{CONFIG_NAME}")
 
 
 def from_pretrained(model_id: str | os.PathLike, *, revision: str | None = None,

@@ -25,7 +25,7 @@ from upernet_ref.perf.bench import (format_table, run_bench)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet bench", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
-    parser.add_argument("--config", required=True, help="configuration name")
+    parser.add_argument("--config", required=True, help="configuration name or file (.json, .yaml)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--batch", type=positive_int, default=1,

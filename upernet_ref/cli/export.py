@@ -40,7 +40,7 @@ def onnx_metadata(cfg: configs.Config) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
-    parser.add_argument("--config", help="configuration name (default: the one stored in "
+    parser.add_argument("--config", help="configuration name or file (default: the one stored in "
                         "--checkpoint; needed for published files and without a checkpoint)")
     parser.add_argument("--checkpoint", help="weights to load (default: random initialisation): "
                         "our checkpoint, a Hugging Face folder, a .safetensors file or a "

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=EPILOG + "\n\n" + OVERRIDES_HELP)
     parser.add_argument("--config", required=True,
-                        help="configuration name, or 'all' for the 12 published ones")
+                        help="configuration name or file, or 'all' for the 12 published ones")
     parser.add_argument("--batch", type=positive_int, default=None,
                         help="images per device (default: the published per-GPU batch, the "
                              "global batch over 8 GPUs: 2, or 1 for Cityscapes)")

@@ -56,7 +56,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="upernet train", description=__doc__.split("\n\n")[0],
         epilog=OVERRIDES_HELP + " Several GPUs or machines: start this command with torchrun "
                "(see README).")
-    parser.add_argument("--config", required=True, help="configuration name (upernet configs)")
+    parser.add_argument("--config", required=True,
+                        help="configuration name (upernet configs) or file (.json, .yaml: "
+                             "upernet configs --dump, a run folder's config.json)")
     parser.add_argument("--data-root", default=None, help="dataset folder (not for the demo data)")
     parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
