@@ -39,8 +39,8 @@ def test_train_refuses_a_bad_value_before_writing_anything(tmp_path, capfd, over
 def folder(tmp_path_factory):
     """A model folder (model.safetensors + config.json) of upernet_small_test."""
     torch.manual_seed(0)
-    return hub.write_model_folder(build_model("upernet_small_test"),
-                                  tmp_path_factory.mktemp("hub") / "model")
+    return hub.save_pretrained(build_model("upernet_small_test"),
+                               tmp_path_factory.mktemp("hub") / "model")
 
 
 def with_config(folder, tmp_path, edit):

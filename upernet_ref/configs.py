@@ -437,7 +437,8 @@ def get_config(name: str | os.PathLike | Config,
 # Configuration files: what `to_dict` holds, as JSON or YAML; or a `base` name plus changes
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-# written beside the configuration in a model folder's config.json (transformers' names)
+# written beside the configuration in a model folder's config.json (transformers' names for
+# the class names of data.classes / the dataset description): read past, never needed back
 _DERIVED_KEYS = ("id2label", "label2id")
 
 
@@ -471,7 +472,6 @@ def read_config_file(path: str | os.PathLike) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a configuration file holds a mapping of sections, got "
                           f"{type(data).__name__}")
-    data = {k: v for k, v in data.items() if k not in _DERIVED_KEYS}
     if "base" not in data:
         return from_dict({"name": path.stem, **data}, where=str(path))
     base = data.pop("base")
@@ -480,7 +480,7 @@ def read_config_file(path: str | os.PathLike) -> Config:
                              f"{', '.join(_ALL)}")
     changes: dict[str, typing.Any] = {}
     for section, values in data.items():
-        if section == "name":
+        if section in ("name", *_DERIVED_KEYS):
             continue
         if section not in _SECTIONS or not isinstance(values, dict):
             raise ConfigKeyError(f"{path}: unknown key {section!r}; a file with base holds "
@@ -611,7 +611,7 @@ def from_dict(data: typing.Any, where: str | None = "configuration") -> Config:
             _warn(f"{at}no {', '.join(section + '.' + f for f in missing)} (written by an "
                   f"older version?): using the defaults")
         sections[section] = values
-    unknown = [k for k in data if k not in ("name", "reported_miou", *_SECTIONS)]
+    unknown = [k for k in data if k not in ("name", "reported_miou", *_SECTIONS, *_DERIVED_KEYS)]
     if unknown:
         raise ConfigKeyError(f"{at}unknown key {unknown[0]!r}; a configuration has name, "
                              f"reported_miou and the sections {', '.join(_SECTIONS)}")

@@ -35,7 +35,6 @@ if typing.TYPE_CHECKING:
 PAPER_URL = "https://arxiv.org/abs/1807.10221"
 CARD_NAME = "README.md"
 LICENSE = "mit"  # the code's licence (LICENSE, pyproject.toml), as the Hub names it
-HUB_KEYS = ("id2label", "label2id")  # what config.json holds beyond the configuration
 
 
 def hub_config(cfg: Config) -> dict:
@@ -218,13 +217,12 @@ def save_pretrained(model: UPerNet, save_directory: str | os.PathLike, *,
 
 
 def config_from_hub_dict(config: dict, where: str) -> Config:
-    """The configuration of a model folder's config.json (its Hub keys left aside)."""
+    """The configuration of a model folder's config.json (`from_dict` reads past id2label)."""
     if not isinstance(config, dict) or "model" not in config:
         raise CheckpointError(f"{where}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
                               f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
                               f"hub.save_pretrained or upernet export --format safetensors)")
-    return configs.from_dict({k: v for k, v in config.items() if k not in HUB_KEYS},
-                             where=f"{where}/{CONFIG_NAME}")
+    return configs.from_dict(config, where=f"{where}/{CONFIG_NAME}")
 
 
 def from_pretrained(model_id: str | os.PathLike, *, revision: str | None = None,
