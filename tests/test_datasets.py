@@ -252,3 +252,13 @@ def test_real_cityscapes_lut_matches_label_train_ids():
     small = _real("cityscapes_small_val")
     val = Cityscapes(small, "val")
     assert len(val) == 1 and set(np.unique(val[0][1].numpy())) <= set(range(19)) | {255}
+
+
+def test_upernet_data_list_prints_every_description(capsys):
+    from upernet_ref.cli import main as upernet
+    assert upernet(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    for info in DATASETS.values():
+        assert f"{info.name}: {info.title}, {len(info.classes)} classes" in out
+        assert info.licence in out and info.prepare in out
+    assert "Hugging Face Hub: zhoubolei/scene_parse_150" in out

@@ -26,6 +26,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upernet_ref.data.info import DATASETS
 from upernet_ref.errors import UsageError
 
 
@@ -221,7 +222,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
     "model.base_width": _POSITIVE, "model.stem_width": _POSITIVE,
     "model.head_channels": _POSITIVE, "model.aux_channels": _POSITIVE,
     "model.pool_scales": _FACTORS, "model.dropout": _BELOW_ONE, "model.num_classes": _NOT_NEGATIVE,
-    "data.dataset": _one_of("voc", "ade20k", "cityscapes", "folder", "hf", "demo"),
+    "data.dataset": _one_of(*DATASETS, "folder", "hf"),  # described in data/info.py, or yours
     "data.num_classes": _POSITIVE, "data.train_split": _NAME, "data.val_split": _NAME,
     "data.crop_size": _SIZES, "data.base_scale": _SIZES,
     "data.ratio_range": ((lambda v: 0 < v[0] <= v[1]), "two factors 0 < min <= max (e.g. 0.5,2)"),
@@ -308,23 +309,28 @@ def _check_value(value: typing.Any, kind: typing.Any, key: str) -> typing.Any:
 # --------------------------------------------------------------------------------------------
 # The published recipes (docs/SPEC.md, "The 12 published results" and "Training recipe")
 
+def _dataset(name: str, **recipe: typing.Any) -> DataConfig:
+    """The data section of a recipe: what the dataset's description says (classes, splits,
+    reduce-zero-label; upernet_ref/data/info.py) plus the recipe's own sizes."""
+    info = DATASETS[name]
+    return DataConfig(dataset=name, num_classes=len(info.classes), train_split=info.splits[0],
+                      val_split=info.splits[1], reduce_zero_label=info.reduce_zero_label, **recipe)
+
+
+# A new dataset: its description in data/info.py, and its recipe here.
 _DATASETS = {
     "voc": dict(
-        data=DataConfig(dataset="voc", num_classes=21, train_split="trainaug", val_split="val",
-                        crop_size=(512, 512), base_scale=(2048, 512)),
+        data=_dataset("voc", crop_size=(512, 512), base_scale=(2048, 512)),
         train=TrainConfig(batch_size=16, epochs=60, iters_per_epoch=661),
         test=TestConfig(stride=(341, 341)),
     ),
     "ade20k": dict(
-        data=DataConfig(dataset="ade20k", num_classes=150, train_split="training",
-                        val_split="validation", crop_size=(512, 512), base_scale=(2048, 512),
-                        reduce_zero_label=True),
+        data=_dataset("ade20k", crop_size=(512, 512), base_scale=(2048, 512)),
         train=TrainConfig(batch_size=16, epochs=130, iters_per_epoch=1263),
         test=TestConfig(stride=(341, 341)),
     ),
     "cityscapes": dict(
-        data=DataConfig(dataset="cityscapes", num_classes=19, train_split="train",
-                        val_split="val", crop_size=(512, 1024), base_scale=(2048, 1024)),
+        data=_dataset("cityscapes", crop_size=(512, 1024), base_scale=(2048, 1024)),
         train=TrainConfig(batch_size=8, epochs=220, iters_per_epoch=372),
         test=TestConfig(stride=(341, 683)),
     ),

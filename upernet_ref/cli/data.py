@@ -1,5 +1,6 @@
-"""`upernet data`: prepare the benchmark datasets and check them before a long training run.
+"""`upernet data`: describe, prepare and check the benchmark datasets before a long training run.
 
+    upernet data list                 each dataset's description (upernet_ref/data/info.py)
     upernet data prepare voc-aug --voc-root VOCdevkit/VOC2012 --sbd-root benchmark_RELEASE/dataset
     upernet data prepare cityscapes --root cityscapes [--overwrite]
     upernet data check --dataset ade20k --root ADEChallengeData2016 [--split validation]
@@ -17,14 +18,18 @@ from pathlib import Path
 
 from upernet_ref.cli.common import command, show_progress
 from upernet_ref.data.datasets import DataError, describe_values, open_dataset
+from upernet_ref.data.info import DATASETS
 
-DEFAULT_SPLITS = {"voc": ("train", "val", "trainaug"), "ade20k": ("training", "validation"),
-                  "cityscapes": ("train", "val")}
+ON_DISK = [name for name in DATASETS if name != "demo"]  # the generated scenes have no files
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="upernet data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="describe every dataset: classes, splits, layout, licence",
+                   description="Print each dataset's description (upernet_ref/data/info.py): "
+                               "classes, splits, folder layout, terms of use, preparation and "
+                               "Hugging Face Hub id.")
     prepare = sub.add_parser(
         "prepare", help="convert SBD (voc-aug) or write Cityscapes train ids",
         description="Write the derived label files a dataset needs before training: the VOC "
@@ -59,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "the dataset's valid set. Prints one line per problem and a summary per "
                     "split; exit status 1 when anything is wrong, 0 when clean.")
     check.add_argument("--dataset", required=True,
-                       choices=("voc", "ade20k", "cityscapes", "folder"),
+                       choices=(*ON_DISK, "folder"),
                        help="dataset layout (see data/README.md)")
     check.add_argument("--root", type=Path, required=True, help="dataset folder")
     check.add_argument("--split", action="append", help="split to check (repeatable; default: all)")
@@ -78,7 +83,7 @@ def default_splits(dataset: str, root: Path) -> list[str]:
     if dataset == "folder":
         images = root / "images"
         return sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
-    splits = list(DEFAULT_SPLITS[dataset])
+    splits = [s for s in DATASETS[dataset].splits if s not in ("trainval", "test")]
     if dataset == "voc":
         voc = root / "VOCdevkit" / "VOC2012" if (root / "VOCdevkit").is_dir() else root
         if not (voc / "ImageSets" / "Segmentation" / "trainaug.txt").exists():
@@ -153,7 +158,21 @@ def prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe() -> int:
+    """`upernet data list`: one block per dataset description."""
+    for info in DATASETS.values():
+        print(f"{info.name}: {info.title}, {len(info.classes)} classes "
+              f"({', '.join(info.classes[:5])}, ...)\n  splits: {', '.join(info.splits)}\n"
+              f"  layout: {info.layout}\n  licence: {info.licence}\n  prepare: {info.prepare}"
+              + (f"\n  Hugging Face Hub: {info.hub_id}" if info.hub_id else ""))
+    print("folder: your own images/<split>/, masks/<split>/, classes.txt (data/README.md)\n"
+          "hf: a datasets.save_to_disk folder or a Hub dataset id (--data.hf_* options)")
+    return 0
+
+
 @command("upernet data")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.action == "list":
+        return describe()
     return check(args) if args.action == "check" else prepare(args)
