@@ -87,3 +87,25 @@ def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("upernet train: error: someone/not-cached") and "\n" not in err
     assert "HF_HUB_OFFLINE" in err
+
+
+def test_the_classlabel_names_travel_with_the_model(folder, tmp_path, capsys):
+    """Trained on the HF folder, the run's config.json, checkpoint and exported card name the
+    classes of its ClassLabel feature, and predict prints them (not class_0)."""
+    run = tmp_path / "run"
+    assert upernet(["train", *HF, "--data-root", str(folder), "--out", str(run),
+                    "--max-iters", "1", "--no-val", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["classes"] == NAMES
+    hf = tmp_path / "hf"
+    assert upernet(["export", "--checkpoint", str(run / "last.pt"), "--format", "safetensors",
+                    "--out", str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    assert config["id2label"] == {"0": "background", "1": "cat", "2": "dog"}
+    assert "| classes | 3: background, cat, dog |" in (hf / "README.md").read_text()
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(image)
+    capsys.readouterr()
+    assert upernet(["predict", "--checkpoint", str(hf), "--out", str(tmp_path / "p"),
+                    str(image)]) == 0
+    shares = capsys.readouterr().out.split("classes:")[1]
+    assert any(name in shares for name in NAMES) and "class_" not in shares

@@ -33,6 +33,7 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
                                     show_progress)
 from upernet_ref.collectives import DistInfo, cleanup, init_distributed, launch_rank_and_world
 from upernet_ref.configs import Config
+from upernet_ref.data.datasets import with_class_names
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.demo_scenes import dataset_for
 from upernet_ref.errors import before_work
@@ -196,6 +197,7 @@ def prepared_run(cfg: Config, *, data_root: str | None = None, out_dir: str | Pa
             with before_work():
                 train_set, val_set = _datasets(cfg, data_root, train_dataset,
                                                val_dataset if validate else None, validate, say)
+                cfg = with_class_names(cfg, train_set)  # classes.txt / ClassLabel names kept
                 for stale in remove_stale_temporary_files(out_dir) if info.is_main else []:
                     say(f"removed {stale}, the temporary file of a checkpoint save that was "
                         f"interrupted")

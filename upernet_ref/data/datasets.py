@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode
 
+from upernet_ref.configs import override
 from upernet_ref.data.images import IMAGE_SUFFIXES, decode_bytes, pil_to_rgb, read_image
 from upernet_ref.errors import DataError, UsageError, require
-from upernet_ref.data.info import (DATASETS, IGNORE_INDEX, class_palette, describe_values,
-                                   label_lut)
+from upernet_ref.data.info import (DATASETS, IGNORE_INDEX, class_names, class_palette,
+                                   describe_values, label_lut)
 
 _log = logging.getLogger(__name__)
 
@@ -433,6 +434,17 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
     classes = _hf_class_names(data, path, num_classes, reduce_zero_label)
     return HFSegmentation(data, classes, image_column, annotation_column, reduce_zero_label,
                           transform=transform)
+
+
+def with_class_names(cfg, dataset: typing.Any):
+    """`cfg` with `data.classes` set from the dataset's names (classes.txt, a ClassLabel
+    feature) when the configuration names none and they are not the description's own: the
+    names then travel with the checkpoint, config.json and model card (id2label)."""
+    names = tuple(getattr(dataset, "classes", ()) or ())
+    n = cfg.data.num_classes
+    if cfg.data.classes or len(names) != n or names == class_names(cfg.data.dataset, n):
+        return cfg
+    return override(cfg, {"data.classes": names})
 
 
 def build_dataset(cfg, split: str, root: str | Path | None = None,
