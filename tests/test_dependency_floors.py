@@ -9,10 +9,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = ("huggingface_hub", "safetensors", "datasets")

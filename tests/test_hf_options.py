@@ -49,6 +49,7 @@ def test_val_finds_validation_and_classlabel_names_the_classes(folder, tmp_path,
     assert "has no split 'val': using 'validation'" in err and "without validation" not in err
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert any(r.get("kind") == "val" for r in rows)  # it validated on "validation"
+    assert all(isinstance(r["time"], float) and r["time"] > 1.7e9 for r in rows)  # wall clock
     ds = open_hf_dataset(str(folder), "train", num_classes=3, reduce_zero_label=False)
     assert list(ds.classes) == NAMES
 

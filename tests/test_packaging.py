@@ -49,7 +49,7 @@ def test_a_wheel_install_finds_the_demo_checkpoint(tmp_path):
 
 
 def test_licence_and_citation_agree_with_pyproject():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
     citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
