@@ -1,12 +1,19 @@
 """Run by tests/test_dependency_floors.py with the minimum huggingface_hub, safetensors and
 datasets first on PYTHONPATH: the package imports, a model folder round-trips (save, card,
 load, identical logits) and a `save_to_disk` dataset reads."""
-import importlib.metadata as md, json, sys, tempfile
+import importlib.metadata as md
+import tempfile
 from pathlib import Path
+
+import datasets
+import numpy as np
 import torch
+from PIL import Image
+
 import upernet_ref
 from upernet_ref import build_model, hub
 from upernet_ref.data.datasets import open_hf_dataset
+
 for name in ("huggingface_hub", "safetensors", "datasets"):
     print(name, md.version(name), __import__(name).__file__)
 with tempfile.TemporaryDirectory() as tmp:
@@ -18,8 +25,6 @@ with tempfile.TemporaryDirectory() as tmp:
     with torch.no_grad():
         assert torch.equal(model(x)["out"], again(x)["out"])
     assert "value: 0.5" in (tmp / "m" / "README.md").read_text()
-    import datasets, numpy as np
-    from PIL import Image
     rows = {"image": [Image.fromarray(np.zeros((8, 8, 3), np.uint8))] * 2,
             "annotation": [Image.fromarray(np.ones((8, 8), np.uint8))] * 2}
     features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})

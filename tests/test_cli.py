@@ -24,8 +24,10 @@ def test_bare_upernet_is_an_error_and_version_is_printed():
     """Through the installed entry point's module: a bare `upernet` prints usage on stderr and
     exits 2; `upernet --version` prints the package version and exits 0."""
     import upernet_ref
-    run = lambda *a: subprocess.run([sys.executable, "-m", "upernet_ref.cli", *a],
-                                    capture_output=True, text=True, timeout=120)
+    def run(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "upernet_ref.cli", *words],
+                              capture_output=True, text=True, timeout=120)
+
     bare = run()
     assert bare.returncode == 2 and bare.stdout == "" and "usage: upernet" in bare.stderr
     version = run("--version")

@@ -11,6 +11,7 @@ import torch
 
 from upernet_ref import build_model, configs, hub
 from upernet_ref.cli import main as upernet
+from upernet_ref.cli.configs import write_config_file
 from upernet_ref.configs import ConfigError, ConfigKeyError, get_config, override
 
 BASE = "upernet_small_test"
@@ -81,7 +82,7 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path, capsys):
     with pytest.raises(ConfigKeyError):
         get_config(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="ends with"):
-        configs.write_config_file(get_config(BASE), tmp_path / "x.txt")
+        write_config_file(get_config(BASE), tmp_path / "x.txt")
 
 
 def test_class_names_are_a_field_and_a_name_may_hold_an_x():

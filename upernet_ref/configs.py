@@ -499,24 +499,6 @@ def read_config_file(path: str | os.PathLike) -> Config:
     return dataclasses.replace(cfg, name=str(data.get("name") or path.stem))
 
 
-def write_config_file(cfg: Config, path: str | os.PathLike) -> Path:
-    """`cfg` as a whole configuration file (.json or .yaml by the suffix), written atomically
-    (a temporary file renamed over `path`), that `get_config(path)` reads back equal."""
-    path = Path(path)
-    if not path.name.endswith(CONFIG_SUFFIXES):
-        raise ConfigError(f"{path}: a configuration file ends with {', '.join(CONFIG_SUFFIXES)}")
-    data = to_dict(cfg)
-    if path.suffix == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        import yaml
-        text = yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)  # tuples as lists
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
 # Overrides ("train.lr=0.02" on the command line, {"train.lr": 0.02} in Python) and files
 

@@ -27,6 +27,7 @@ from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointEr
 from upernet_ref.configs import Config
 from upernet_ref.data.info import DATASETS, class_names
 from upernet_ref.errors import require
+from upernet_ref.model.backbone import STANDARD_BLOCKS
 from upernet_ref.model.upernet import UPerNet, build_model
 
 if typing.TYPE_CHECKING:
@@ -81,6 +82,60 @@ def _metrics_rows(metrics: dict) -> list[str]:
     return ["| metric | % |", "|---|---|"] + rows
 
 
+def _card_use_and_licence(cfg: Config, command: str | None, max_iters: int | None) -> list[str]:
+    """The model card's Training, Use and Licence sections."""
+    d, info = cfg.data, DATASETS.get(cfg.data.dataset)
+    return [
+        "",
+        "## Training",
+        "",
+        "```bash",
+        command or training_command(cfg, max_iters),
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import upernet_ref",
+        'model = upernet_ref.from_pretrained("DIR or user/repo")  # eval mode',
+        'logits = model(images)["out"]  # (B, classes, H, W), images normalised as above',
+        "```",
+        "",
+        "or `upernet eval --checkpoint DIR_OR_REPO`, `upernet predict --checkpoint DIR_OR_REPO "
+        "photo.jpg`, `upernet train --weights DIR_OR_REPO [--reinit-classifier]`.",
+        "",
+        "## Licence",
+        "",
+        f"The upernet_ref code is under the {LICENSE.upper()} licence (the `license` above). "
+        + (f"These weights were trained on {info.licence}" if info else
+           f"These weights were trained on your own {d.dataset} data")
+        + ("." if d.dataset == "demo" else
+           "; weights learned from a dataset are commonly held to carry its terms: check them "
+           "before using or redistributing these weights."),
+        "",
+    ]
+
+
+def card_metadata(cfg: Config, metrics: dict | None, base_model: str | None) -> str:
+    """The card's YAML header: licence, datasets (Hub ids), base model, model-index (mIoU as
+    a fraction, dataset type the Hub id where there is one)."""
+    hf = require("huggingface_hub", "hf", "a model card")
+    info = DATASETS.get(cfg.data.dataset)
+    hub_id = info.hub_id if info else None
+    eval_results = None
+    if metrics and metrics.get("miou") is not None:
+        eval_results = [hf.EvalResult(
+            task_type="image-segmentation", dataset_type=hub_id or cfg.data.dataset,
+            dataset_name=info.title if info else cfg.data.dataset,
+            dataset_split=metrics.get("split"), metric_type="mean_iou",
+            metric_name="mIoU (fraction)", metric_value=round(float(metrics["miou"]), 4))]
+    return hf.ModelCardData(library_name="upernet_ref", license=LICENSE,
+                            pipeline_tag="image-segmentation", model_name=cfg.name,
+                            datasets=[hub_id] if hub_id else None, base_model=base_model,
+                            tags=["semantic-segmentation", "upernet", "pytorch"],
+                            eval_results=eval_results).to_yaml()
+
+
 def model_card(cfg: Config, metrics: dict | None = None, command: str | None = None,
                iteration: int | None = None, max_iters: int | None = None,
                base_model: str | None = None) -> "ModelCard":
@@ -95,25 +150,10 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
         base_model: the Hub id it was fine-tuned from, if any.
     """
     hf = require("huggingface_hub", "hf", "a model card")
-    EvalResult, ModelCard, ModelCardData = hf.EvalResult, hf.ModelCard, hf.ModelCardData
-
     m, d, t = cfg.model, cfg.data, cfg.train
     info = DATASETS.get(d.dataset)
     hub_id = info.hub_id if info else None
     dataset_title = info.title if info else d.dataset
-    eval_results = None
-    if metrics and metrics.get("miou") is not None:
-        eval_results = [EvalResult(task_type="image-segmentation",
-                                   dataset_type=hub_id or d.dataset, dataset_name=dataset_title,
-                                   dataset_split=metrics.get("split"), metric_type="mean_iou",
-                                   metric_name="mIoU (fraction)",
-                                   metric_value=round(float(metrics["miou"]), 4))]
-    data = ModelCardData(library_name="upernet_ref", license=LICENSE,
-                         pipeline_tag="image-segmentation", model_name=cfg.name,
-                         datasets=[hub_id] if hub_id else None, base_model=base_model,
-                         tags=["semantic-segmentation", "upernet", "pytorch"],
-                         eval_results=eval_results)
-    from upernet_ref.model.backbone import STANDARD_BLOCKS
     blocks = m.blocks or STANDARD_BLOCKS.get(m.depth, ())
     trained = (f"{iteration} of {max_iters} iterations" if iteration is not None and max_iters
                else f"{t.max_iters} iterations (the configuration's schedule)")
@@ -158,36 +198,9 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
     else:
         lines += ["Not evaluated when this folder was written: `upernet eval --checkpoint DIR "
                   "[--data-root DATA]`, then `upernet export ... --eval-json FILE`."]
-    lines += [
-        "",
-        "## Training",
-        "",
-        "```bash",
-        command or training_command(cfg, max_iters),
-        "```",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "import upernet_ref",
-        'model = upernet_ref.from_pretrained("DIR or user/repo")  # eval mode',
-        'logits = model(images)["out"]  # (B, classes, H, W), images normalised as above',
-        "```",
-        "",
-        "or `upernet eval --checkpoint DIR_OR_REPO`, `upernet predict --checkpoint DIR_OR_REPO "
-        "photo.jpg`, `upernet train --weights DIR_OR_REPO [--reinit-classifier]`.",
-        "",
-        "## Licence",
-        "",
-        f"The upernet_ref code is under the {LICENSE.upper()} licence (the `license` above). "
-        + (f"These weights were trained on {info.licence}" if info else
-           f"These weights were trained on your own {d.dataset} data")
-        + ("." if d.dataset == "demo" else
-           "; weights learned from a dataset are commonly held to carry its terms: check them "
-           "before using or redistributing these weights."),
-        "",
-    ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    lines += _card_use_and_licence(cfg, command, max_iters)
+    return hf.ModelCard(f"---\n{card_metadata(cfg, metrics, base_model)}\n---\n\n"
+                        + "\n".join(lines))
 
 
 def save_pretrained(model: UPerNet, save_directory: str | os.PathLike, *,

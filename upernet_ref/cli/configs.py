@@ -11,6 +11,7 @@ The library side is `upernet_ref.perf.configs_table`.
 from __future__ import annotations
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,12 +20,30 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, comma
                                     parse_args_and_overrides, parse_pair)
 from upernet_ref.configs import get_config
 from upernet_ref.errors import before_work
+from upernet_ref.files import write_text
 from upernet_ref.perf.configs_table import forward_once, format_summary, summary_rows
 
 
 def print_summary() -> None:
     """The configurations table (`upernet configs`, `upernet demo`), on stdout."""
     print(format_summary(summary_rows()))
+
+
+def write_config_file(cfg: configs.Config, path: str | os.PathLike) -> Path:
+    """`cfg` as a whole configuration file (.json or .yaml by the suffix), written atomically
+    (a temporary file renamed over `path`), that `get_config(path)` reads back equal."""
+    path = Path(path)
+    if not path.name.endswith(configs.CONFIG_SUFFIXES):
+        raise configs.ConfigError(f"{path}: a configuration file ends with "
+                                  f"{', '.join(configs.CONFIG_SUFFIXES)}")
+    data = configs.to_dict(cfg)
+    if path.suffix == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        import yaml
+        text = yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)  # tuples as lists
+    write_text(path, text)
+    return path
 
 
 @command("upernet configs")
@@ -50,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = get_config(args.dump, overrides)
             if args.out:
                 check_writable_folder(Path(args.out).parent, "--out")
-                configs.write_config_file(cfg, args.out)
+                write_config_file(cfg, args.out)
         if args.out:
             print(f"wrote {args.out} ({cfg.name}): read by --config {args.out}")
         else:

@@ -36,8 +36,7 @@ def onnx_metadata(cfg: configs.Config) -> dict[str, str]:
             "output": "logits: (B, num_classes, H, W); argmax over dim 1 gives the class"}
 
 
-@command("upernet export")
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="upernet export", description=__doc__.split("\n\n")[0],
                                      epilog=OVERRIDES_HELP)
     parser.add_argument("--config", help="configuration name or file (default: the one stored in "
@@ -68,13 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(safetensors)")
     parser.add_argument("--no-check", action="store_true", help="skip the equivalence check")
     args, overrides = parse_args_and_overrides(parser, argv)
-
-    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
-    from upernet_ref.configs import list_configs
     for option in ("eval_json", "push_to_hub", "base_model"):
         if getattr(args, option) and args.format != "safetensors":
             parser.error(f"--{option.replace('_', '-')} is for --format safetensors (the model "
                          f"folder and its card)")
+    return args, overrides
+
+
+@command("upernet export")
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
+    from upernet_ref.configs import list_configs
     with before_work():
         metrics = hub.read_metrics(args.eval_json) if args.eval_json else None
         state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
