@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             report = hub.export_safetensors(model, args.out, size, not args.no_check,
                                             metrics=metrics, iteration=state.get("iteration"),
                                             max_iters=state.get("max_iters"),
-                                            base_model=args.base_model)
+                                            base_model=args.base_model or state.get("base_model"))
             if args.push_to_hub:
                 report["pushed"] = hub.upload_folder(args.out, args.push_to_hub)
         else:
