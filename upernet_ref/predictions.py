@@ -88,7 +88,7 @@ def class_names_and_palette(cfg: Config) -> tuple[list[str], list[tuple[int, int
     """The class names (`data.classes`, else the dataset description's, else class_i) and
     colours of the config's model (no data needed on disk)."""
     n = cfg.data.num_classes
-    classes = class_names(cfg.data.dataset, n, getattr(cfg.data, "classes", ()))
+    classes = class_names(cfg.data.dataset, n, cfg.data.classes)
     return list(classes), list(class_palette(cfg.data.dataset, n))
 
 

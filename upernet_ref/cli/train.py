@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                       reinit_classifier=args.reinit_classifier,
                       trust_checkpoint=args.trust_checkpoint,
                       progress=show_progress(args.no_progress)) as run:
-        result = train(cfg, run.model, run.train_set, run.val_set, run.out_dir, **run.options)
+        result = train(run.model.config, run.model, run.train_set, run.val_set, run.out_dir,
+                       **run.options)  # the config with the dataset's class names
     if result.interrupted:
         return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
     if launch_rank_and_world()[0] == 0:
@@ -139,7 +140,8 @@ def run_training(cfg: Config | str, data_root: str | None = None,
     """
     cfg = configs.get_config(cfg)
     with prepared_run(cfg, data_root=data_root, out_dir=out_dir, **options) as run:
-        return train(cfg, run.model, run.train_set, run.val_set, run.out_dir, **run.options)
+        return train(run.model.config, run.model, run.train_set, run.val_set, run.out_dir,
+                     **run.options)
 
 
 # --------------------------------------------------------------------------------------------
