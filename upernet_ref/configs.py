@@ -184,8 +184,8 @@ class Config:
         if self.model.num_classes not in (0, n):  # set once, in data.num_classes
             raise ConfigError(f"model.num_classes={self.model.num_classes} differs from "
                               f"data.num_classes={n}: the class count is data.num_classes")
-        if d.classes and len(d.classes) != n:
-            raise ConfigError(f"data.classes names {len(d.classes)} classes for "
+        if self.data.classes and len(self.data.classes) != n:
+            raise ConfigError(f"data.classes names {len(self.data.classes)} classes for "
                               f"data.num_classes={n}")
         if self.train.class_weights and len(self.train.class_weights) != n:
             raise ConfigError(f"train.class_weights has {len(self.train.class_weights)} values "
