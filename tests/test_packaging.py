@@ -58,3 +58,19 @@ def test_licence_and_citation_agree_with_pyproject():
                                                        "Understanding")
     from upernet_ref.hub import LICENSE
     assert LICENSE == project["license"].lower()  # the model card's licence is the code's
+
+
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, tmp_path, capsys):
+    """Without onnx (the [export] extra) or datasets ([hf]) the command says which extra to
+    install, in one line, before any work (exit 2)."""
+    from upernet_ref.cli import main as upernet
+    for module in ("onnx", "datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import onnx` raises ImportError
+    assert upernet(["export", "--config", "upernet_small_test", "--format", "onnx", "--out",
+                    str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("upernet export: error: the ONNX export needs onnx, which is not installed: "
+                   "pip install 'upernet_ref[export]'")
+    assert upernet(["train", "--config", "upernet_small_test", "--data.dataset=hf",
+                    "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "pip install 'upernet_ref[hf]'" in capsys.readouterr().err
