@@ -154,6 +154,13 @@ def test_checkpoint_and_weights_take_a_hub_id(exported, tmp_path, monkeypatch, c
     assert asked[0][0] == "someone/upernet-demo"
     assert set(asked[0][1]["allow_patterns"]) == {"model.safetensors", "config.json"}
     assert isinstance(upernet_ref.from_pretrained("someone/upernet-demo"), UPerNet)
+    run = tmp_path / "fine"  # fine-tuned from the Hub id: the exported card names it
+    assert upernet(["train", "--config", "upernet_small_test", "--train.lr=0.1", "--weights",
+                    "someone/upernet-demo", "--out", str(run), "--max-iters", "1", "--no-val",
+                    "--no-progress"]) == 0
+    assert upernet(["export", "--checkpoint", str(run / "last.pt"), "--format", "safetensors",
+                    "--out", str(tmp_path / "fine_hf")]) == 0
+    assert "base_model: someone/upernet-demo" in (tmp_path / "fine_hf" / "README.md").read_text()
     monkeypatch.undo()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert upernet(["eval", "--checkpoint", "someone/not-cached", *EVAL]) == 2

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from upernet_ref import configs
-from upernet_ref.checkpoints import (load_backbone_weights, load_weights, read_checkpoint_file,
-                                     remove_stale_temporary_files, save_checkpoint)
+from upernet_ref.checkpoints import (is_hub_id, load_backbone_weights, load_weights,
+                                     read_checkpoint_file, remove_stale_temporary_files,
+                                     save_checkpoint)
 from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, positive_int,
                                     show_progress)
@@ -229,6 +230,8 @@ def prepared_run(cfg: Config, *, data_root: str | None = None, out_dir: str | Pa
                     say(f"iter {record['iter']}: val mIoU {100 * record['miou']:.2f}%")
 
             def save_and_plot(obj: dict, path: Path) -> None:
+                if weights and is_hub_id(str(weights)):  # fine-tuned from: the card's base_model
+                    obj = {**obj, "base_model": str(weights)}
                 save_checkpoint(obj, path)
                 logger.plot(cfg.name)
 
