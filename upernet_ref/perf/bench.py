@@ -345,7 +345,7 @@ def demo_checkpoint_accuracy(settings: FastSettings, calibration_images: int = 4
     for row in rows.values():
         row["miou_change"] = row["miou"] - rows["eager fp32"]["miou"]
     rows["fast"]["settings"] = paths["fast"].settings.describe()
-    return {"checkpoint": "notebooks/assets/upernet_small_demo.safetensors",
+    return {"checkpoint": "upernet_ref/assets/upernet_small_demo.safetensors",
             "images": f"{val_images} demo val images at {size[0]}x{size[1]}", "paths": rows}
 
 
