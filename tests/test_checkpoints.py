@@ -9,6 +9,7 @@ import torchvision
 
 from upernet_ref import build_model, get_config
 from upernet_ref.model.backbone import ResNet
+from upernet_ref.model.upernet import randomize_batchnorm
 from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect_source,
                                      load_backbone_weights, load_weights, read_checkpoint_file,
                                      save_checkpoint)
@@ -97,10 +98,7 @@ def test_mmsegmentation_layout_loads_strictly(tmp_path):
 def test_torchvision_resnet_features_match_at_output_stride_32(depth):
     torch.manual_seed(0)
     tv = getattr(torchvision.models, f"resnet{depth}")(weights=None).eval()
-    for m in tv.modules():  # non-trivial BN statistics, so a misplaced tensor would show
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorm(tv)  # non-trivial BN statistics, so a misplaced tensor would show
     model = build_model(get_config(f"upernet_r{depth}_os8_ade20k",
                                    {"model.stem": "plain", "model.output_stride": 32})).eval()
     converted = convert_state_dict(tv.state_dict(), "torchvision")

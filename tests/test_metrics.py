@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from upernet_ref.evaluation.metrics import ConfusionMatrix, all_reduce_matrix, confusion_matrix, format_table, summarize
+from upernet_ref.collectives import all_reduce_sum
+from upernet_ref.evaluation.metrics import ConfusionMatrix, confusion_matrix, format_table, summarize
 
 
 def naive_metrics(preds, targets, num_classes, ignore=255):
@@ -119,7 +120,7 @@ def test_out_of_range_label_is_an_error():
 
 def test_all_reduce_is_a_no_op_without_distributed_and_table_formats():
     m = torch.tensor([[3, 1], [0, 0]])
-    assert torch.equal(all_reduce_matrix(m.clone()), m)
+    assert torch.equal(all_reduce_sum(m.clone()), m)
     table = format_table(summarize(m), ["road", "sky"])
     lines = table.splitlines()
     assert lines[2].split() == ["road", "75.00", "75.00"]

@@ -36,7 +36,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import typing
 import warnings
 from pathlib import Path
@@ -47,6 +46,7 @@ from torch import nn
 
 from upernet_ref import configs
 from upernet_ref.errors import UperNetError, require
+from upernet_ref.files import atomic_write
 from upernet_ref.training.runtime import non_finite_tensors
 
 _log = logging.getLogger(__name__)
@@ -498,12 +498,6 @@ def _load(model: nn.Module, state_dict: dict[str, Any], where: str, *, strict: b
         model.load_state_dict(subset, strict=False)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
     if isinstance(obj, torch.Tensor):
@@ -560,13 +554,13 @@ def _save_failure(path: Path, err: BaseException, obj: Any) -> CheckpointError:
     return CheckpointError(f"{path}: the checkpoint could not be saved ({reason}){kept}")
 
 
-# `save_checkpoint`'s temporary files: .NAME.PID.XXXXXXXX.tmp (the pid tells a live save from a
+# `files.atomic_write`'s temporary files: .NAME.PID.XXXXXXXX.tmp (the pid tells a live save from a
 # killed one); .NAME.XXXXXXXX.tmp from before the pid was in the name.
 _TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` through a temporary file in the same folder and an atomic rename.
+    """`torch.save` through `files.atomic_write` (temporary file, fsync, rename).
 
     A crash, a kill or a full disk while writing leaves the previous file at `path` untouched.
     A write that fails (no space, quota, permission) raises a one-line `CheckpointError` with
@@ -574,37 +568,18 @@ def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
     removed by `remove_stale_temporary_files` at the next start.
     """
     path = Path(path)
+    writers: list[_Writer] = []
+
+    def write(tmp: Path) -> None:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            writers.append(_Writer(f))
+            torch.save(obj, writers[0])
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
-                                   dir=path.parent)
-    except OSError as err:
-        raise _save_failure(path, err, obj) from None
-    writer = None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
-        with os.fdopen(fd, "wb") as f:
-            writer = _Writer(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, Exception):  # not KeyboardInterrupt / SystemExit
-            raise _save_failure(path, writer.error if writer and writer.error else err,
-                                obj) from None
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+        return atomic_write(path, write)
+    except Exception as err:  # not KeyboardInterrupt / SystemExit
+        cause = writers[0].error if writers and writers[0].error else err
+        raise _save_failure(path, cause, obj) from None
 
 
 def _process_alive(pid: int) -> bool:
@@ -618,7 +593,7 @@ def _process_alive(pid: int) -> bool:
 
 
 def remove_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of `save_checkpoint` calls that were killed midway (a full
+    """Remove the temporary files of saves (`atomic_write`) that were killed midway (a full
     checkpoint each, otherwise never removed); files of saves still running are kept.
     Returns the files removed."""
     removed = []

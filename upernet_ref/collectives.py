@@ -1,18 +1,11 @@
 """One process or many: torchrun's environment, the process group and its collectives.
 
-The published recipes train on 8 GPUs with SyncBN and a global batch of 16 (8 for
-Cityscapes; docs/SPEC.md, "Training recipe"); users want the same recipe on 1-2 GPUs or a CPU. The
-trainer therefore runs one code path everywhere:
-
-- `init_distributed()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Without them (or with
-  WORLD_SIZE=1) no process group is created and plain BatchNorm is used; with them it joins a
-  group (nccl on CUDA, gloo on CPU).
-- `GlobalBatchOrder` fixes *which* images make up each global batch from (seed, iteration)
-  alone, like `DistributedSampler` seeded by (seed, epoch), but over one endless stream of
-  epochs. Every process takes its slice of the global batch, and gradient accumulation takes the
-  rest, so the images seen do not depend on the number of processes or the per-device batch, and
-  resuming only needs the iteration number. Each item also gets its own random seed (for the
-  augmentations) from its position in the stream.
+The published recipes train on 8 GPUs with SyncBN and a global batch of 16 (8 for Cityscapes;
+docs/SPEC.md, "Training recipe"); users want the same recipe on 1-2 GPUs or a CPU, so the loop
+runs one code path everywhere. `init_distributed()` reads torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK: without them (or with WORLD_SIZE=1) no process group is created and plain
+BatchNorm is used; with them the process joins a group (nccl on CUDA, gloo on CPU). The
+collectives below are no-ops in one process, so the loop and the evaluation call them always.
 """
 from __future__ import annotations
 

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from upernet_ref.collectives import launch_rank_and_world
 from upernet_ref.errors import UperNetError, UsageError, before_work, found_before_work
+
+if typing.TYPE_CHECKING:
+    from upernet_ref.configs import Config
 
 
 OVERRIDES_HELP = ("Any --section.field=value (e.g. --train.lr=0.02, --test.stride=256x256, "
@@ -163,7 +167,10 @@ def report_error(prog: str, err: BaseException) -> int:
     else:  # not one of the errors the project expects: a bug, said so, still on one line
         message = (f"internal error, please report it: {type(err).__name__}: "
                    f"{error_message(err)} (UPERNET_TRACEBACK=1 shows the traceback)")
-    rank, world = int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+    try:
+        rank, world = launch_rank_and_world()
+    except ValueError:  # a malformed RANK / WORLD_SIZE: the error being reported, likely
+        rank, world = 0, 1
     if world > 1:
         if code == 2 and rank > 0:  # every process sets up the same way: rank 0 reports it
             return code
@@ -237,3 +244,16 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
                         help="open a checkpoint that needs more than tensors and plain data with "
                              "the full unpickler: this runs any code the file contains, so only "
                              "for files whose source you trust (README, 'Checkpoints')")
+
+
+def checkpoint_config(name: str | None, state: typing.Any, where: str | None) -> "Config":
+    """The configuration `--config NAME` names, else the one a checkpoint stores (ours and the
+    Hugging Face folders do); refused in one line naming both ways out (exit 2)."""
+    from upernet_ref import configs
+    if name:
+        return configs.get_config(name)
+    if isinstance(state, dict) and isinstance(state.get("config"), dict):
+        return configs.from_dict(state["config"])
+    raise UsageError((f"checkpoint {where} stores no configuration: pass" if where
+                      else "pass a checkpoint or")
+                     + f" --config NAME (one of {', '.join(configs.list_configs())})")

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.forward != "none":
             fwd_cfg = configs.get_config(args.forward)
             r = forward_once(args.forward, size=fwd_cfg.data.crop_size,
-                             device=None if args.device == "auto" else args.device)
+                             device=args.device)
             print(f"One forward pass of {r['name']} (random weights) on a demo scene resized to "
                   f"{fwd_cfg.data.crop_size[0]}x{fwd_cfg.data.crop_size[1]}: input {r['input']} -> "
                   f"logits {r['logits']} on {r['device']} in {r['seconds']:.1f} s\n")

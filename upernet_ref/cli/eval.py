@@ -15,7 +15,7 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.collectives import cleanup, init_distributed
-from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
+from upernet_ref.cli.common import (checkpoint_config, OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, parse_pair,
                                     parse_scales, positive_int, show_progress)
 from upernet_ref.errors import UsageError, before_work
@@ -90,11 +90,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
 
     path = Path(args.checkpoint)
     state = read_checkpoint_file(path, trust=args.trust_checkpoint)
-    cfg = configs.get_config(args.config) if args.config else stored_config(state, path)
-    if cfg is None:
-        raise ValueError(f"checkpoint {path} stores no configuration: pass --config NAME "
-                         f"(one of {', '.join(configs.list_configs())})")
-    cfg = configs.override(cfg, test_overrides(args))
+    cfg = configs.override(checkpoint_config(args.config, state, str(path)), test_overrides(args))
     model = build_model(cfg)
     load_weights(model, state, where=str(path))
     if getattr(args, "fast", False):

@@ -16,7 +16,7 @@ import torch
 from pathlib import Path
 
 from upernet_ref import hub
-from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
+from upernet_ref.cli.common import (checkpoint_config, OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref import configs
@@ -77,19 +77,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 @command("upernet export")
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
-    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
-    from upernet_ref.configs import list_configs
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     with before_work():
         metrics = hub.read_metrics(args.eval_json) if args.eval_json else None
         state = (read_checkpoint_file(args.checkpoint, trust=args.trust_checkpoint)
                  if args.checkpoint else None)
-        cfg = (get_config(args.config) if args.config
-               else stored_config(state, args.checkpoint) if state is not None else None)
-        if cfg is None:
-            raise UsageError(("checkpoint " + args.checkpoint + " stores no configuration: pass"
-                              if args.checkpoint else "pass a checkpoint or")
-                             + f" --config NAME (one of {', '.join(list_configs())})")
-        cfg = configs.override(cfg, overrides)
+        cfg = configs.override(checkpoint_config(args.config, state, args.checkpoint), overrides)
         size = args.size or tuple(cfg.data.crop_size)
         torch.manual_seed(0)
         model = build_model(cfg).eval()

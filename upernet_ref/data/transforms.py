@@ -1,7 +1,8 @@
 """The published train and test pipelines, applied jointly to an image and its label mask.
 
-Spec section 3, in the order the reference applies them (as mmsegmentation's
-Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize -> Pad):
+docs/SPEC.md, "Training recipe" and "Test protocol", in the order the reference applies them
+(as mmsegmentation's Resize -> RandomCrop -> RandomFlip -> PhotoMetricDistortion -> Normalize ->
+Pad):
 
     train: random rescale (fit base_scale x ratio in ratio_range, aspect kept)
            -> random crop to crop_size, retried until no class covers > cat_max_ratio

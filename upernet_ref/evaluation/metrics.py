@@ -17,7 +17,8 @@ import math
 import typing
 
 import torch
-import torch.distributed as dist
+
+from upernet_ref.collectives import all_reduce_sum
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -45,17 +46,6 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         raise ValueError(f"prediction outside 0..{num_classes - 1}")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
-
-
-def all_reduce_matrix(matrix: torch.Tensor) -> torch.Tensor:
-    """Sum the confusion matrix over all processes (no-op without torch.distributed).
-
-    Each rank evaluates a shard of the split; the sum is the matrix of the whole split. Works in
-    place and also returns the matrix. NCCL needs the matrix on the GPU: keep it on the device.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(matrix, op=dist.ReduceOp.SUM)
-    return matrix
 
 
 def summarize(matrix: torch.Tensor) -> dict[str, typing.Any]:
@@ -112,8 +102,9 @@ class ConfusionMatrix:
                                         self.ignore_index)
 
     def reduce(self) -> "ConfusionMatrix":
-        """Sum over processes (torch.distributed), in place."""
-        all_reduce_matrix(self.matrix)
+        """Sum over processes (each rank evaluated a shard of the split), in place; NCCL needs
+        the matrix on the GPU, so it stays on the device."""
+        all_reduce_sum(self.matrix)
         return self
 
     def summary(self) -> dict[str, typing.Any]:

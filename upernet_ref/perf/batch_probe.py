@@ -6,6 +6,7 @@ this module finds the largest per-device part that fits on a CUDA device.
 """
 from __future__ import annotations
 
+import contextlib
 import typing
 
 import torch
@@ -35,6 +36,22 @@ def probe_per_device_batch(model: nn.Module, cfg: Config, info: DistInfo) -> int
     if info.distributed:  # every process must use the same: take the smallest
         chosen = -int(all_reduce_max(torch.tensor([-chosen], device=info.device)).item())
     return chosen
+
+
+@contextlib.contextmanager
+def batchnorm_running_stats(model: nn.Module, enabled: bool = True) -> typing.Iterator[None]:
+    """Inside the block, `model`'s BatchNorms in train mode use their running statistics: how a
+    training step at batch 1 is sized (plain BN cannot train on one image, SyncBN across GPUs
+    can, and BN with running statistics needs the same memory). Train mode is put back."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if enabled else []
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def largest_fitting_batch(candidates: typing.Iterable[int],
@@ -75,29 +92,23 @@ def choose_per_device_batch(model: nn.Module, cfg: Config, device: torch.device,
     h, w = cfg.data.crop_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     limit = headroom * torch.cuda.get_device_properties(device).total_memory
-    batch_norms = [m for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
     def fits(batch: int) -> bool:
         optimizer = build_optimizer(model, cfg.train)  # fresh: no momentum left from a probe
         scaler = grad_scaler(cfg.train.amp, device)
         images = masks = None
-        if batch == 1:  # allowed with SyncBN (converted later); plain BN cannot train on 1 image,
-            for m in batch_norms:  # so probe it with running statistics: the same memory
-                m.eval()
         torch.cuda.reset_peak_memory_stats(device)
-        try:
+        try:  # batch 1 is allowed with SyncBN (converted later)
             images = torch.randn(batch, 3, h, w, device=device)
             masks = torch.randint(0, cfg.data.num_classes, (batch, h, w), device=device)
-            train_step(model, (images, masks), optimizer, scaler, cfg, check_finite=False)
+            with batchnorm_running_stats(model, batch == 1):
+                train_step(model, (images, masks), optimizer, scaler, cfg, check_finite=False)
             return torch.cuda.max_memory_allocated(device) + weight_bytes <= limit
         except RuntimeError as err:
             if is_out_of_memory(err):
                 return False
             raise
         finally:
-            for m in batch_norms:
-                m.train()
             model.zero_grad(set_to_none=True)
             optimizer = scaler = images = masks = None
             torch.cuda.empty_cache()

@@ -78,6 +78,7 @@ from upernet_ref.perf.fast import (FastSettings, compile_rule, default_fast_sett
                                    error_summary, fast_inference_model)
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.perf.hardware import cpu_peak, device_peak_tflops, machine_info
+from upernet_ref.training.runtime import grad_scaler
 from upernet_ref.training.schedule import build_optimizer
 from upernet_ref.training.trainer import train_step
 
@@ -275,7 +276,7 @@ def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         model = model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(model, cfg.train)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = grad_scaler(cfg.train.amp, device)
     state = {"forward": forward}
 
     def step() -> None:

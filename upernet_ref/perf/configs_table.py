@@ -69,10 +69,11 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
         image: uint8 (3, H, W) RGB; by default a demo scene at the configuration's crop size.
         size: resize the image to this (H, W) first.
     """
+    from upernet_ref.collectives import resolve_device
     from upernet_ref.data.transforms import test_transform  # the data side is imported only when used
 
     cfg = get_config(name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)  # None / "auto": CUDA when there is one
     if image is None:
         from upernet_ref.demo_scenes import DemoScenes
         image, _ = DemoScenes("val", num_samples=1, size=size or cfg.data.crop_size)[0]

@@ -73,6 +73,7 @@ def _estimate(cfg: Config, batch: int, size: tuple[int, int], amp: str) -> Memor
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from upernet_ref.model.upernet import build_model
+    from upernet_ref.perf.batch_probe import batchnorm_running_stats
     from upernet_ref.training.schedule import build_optimizer
     from upernet_ref.training.trainer import train_step
 
@@ -80,17 +81,13 @@ def _estimate(cfg: Config, batch: int, size: tuple[int, int], amp: str) -> Memor
     cfg = configs.override(cfg, {"train.amp": amp})
     with FakeTensorMode():  # fake tensors: no memory is used and nothing is computed
         model = build_model(cfg)
-        if batch == 1:  # plain BN cannot train on one image (SyncBN across GPUs can); the
-            for m in model.modules():  # memory of BN with running statistics is the same
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
         optimizer = build_optimizer(model, cfg.train)
         scaler = torch.amp.GradScaler("cpu", enabled=False)  # fp16's scaling adds no tensor
         images = torch.randn(batch, 3, h, w)
         labels = torch.randint(0, cfg.data.num_classes, (batch, h, w))
         tracker = MemTracker()
         tracker.track_external(model, optimizer)
-        with tracker:
+        with tracker, batchnorm_running_stats(model, batch == 1):
             for step in range(2):  # the second step has the momentum buffers
                 train_step(model, (images, labels), optimizer, scaler, cfg, check_finite=False)
                 if step == 0:
