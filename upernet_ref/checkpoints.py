@@ -39,7 +39,8 @@ import shutil
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn

@@ -69,7 +69,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What the data is and how the published pipelines transform it (docs/SPEC.md, "Training recipe" and "Data on disk")."""
+    """What the data is and how the published pipelines transform it (docs/SPEC.md, "Training
+    recipe" and "Data on disk")."""
 
     dataset: str = "ade20k"  # voc, ade20k, cityscapes, folder, hf (Hugging Face datasets), demo
     num_classes: int = 150

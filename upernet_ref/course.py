@@ -51,7 +51,7 @@ class ExerciseError(AssertionError):
 
 def pick_device() -> torch.device:
     """CUDA when there is a GPU, the CPU otherwise (every notebook's first cell; the trainer's rule)."""
-    from upernet_ref.collectives import resolve_device
+    from upernet_ref.launch import resolve_device
 
     return resolve_device("auto")
 

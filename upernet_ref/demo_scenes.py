@@ -22,7 +22,7 @@ from __future__ import annotations
 import typing
 import zlib
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

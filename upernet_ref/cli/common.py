@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from upernet_ref.collectives import launch_rank_and_world
+from upernet_ref.launch import launch_rank_and_world
 from upernet_ref.errors import UperNetError, UsageError, before_work, found_before_work
 
 if typing.TYPE_CHECKING:
@@ -246,7 +246,7 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
                              "for files whose source you trust (README, 'Checkpoints')")
 
 
-def checkpoint_config(name: str | None, state: typing.Any, where: str | None) -> "Config":
+def checkpoint_config(name: str | None, state: typing.Any, where: str | None) -> Config:
     """The configuration `--config NAME` names, else the one a checkpoint stores (ours and the
     Hugging Face folders do); refused in one line naming both ways out (exit 2)."""
     from upernet_ref import configs

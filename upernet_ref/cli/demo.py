@@ -36,7 +36,8 @@ def how_to_run() -> str:
     return "\n".join([
         "To train a published configuration (names above; data preparation: upernet data --help):",
         "  1 GPU:     upernet train --config upernet_r50_os8_ade20k --data-root data/ADEChallengeData2016",
-        "  8 GPUs:    torchrun --nproc_per_node=8 -m upernet_ref.cli train --config upernet_r50_os8_ade20k --data-root ...",
+        "  8 GPUs:    torchrun --nproc_per_node=8 -m upernet_ref.cli train "
+        "--config upernet_r50_os8_ade20k --data-root ...",
         "  N nodes:   torchrun --nnodes=N --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\",
         "               --rdzv-id=upernet -m upernet_ref.cli train --config ... --data-root ...",
         "  The global batch (16; 8 for Cityscapes) is kept on any hardware by gradient accumulation;",
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     from upernet_ref.checkpoints import load_weights
-    from upernet_ref.collectives import resolve_device
+    from upernet_ref.launch import resolve_device
     from upernet_ref.model.upernet import build_model
     from upernet_ref.data.transforms import test_transform
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
-from upernet_ref.collectives import cleanup, init_distributed
+from upernet_ref.launch import cleanup, init_distributed
 from upernet_ref.cli.common import (checkpoint_config, OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, parse_pair,
                                     parse_scales, positive_int, show_progress)

@@ -24,7 +24,8 @@ EPILOG = ("The estimate runs two of the trainer's own steps (trainer.train_step)
           "out the CUDA context (~0.5 GB), cuDNN / cuBLAS workspaces, allocator fragmentation, "
           "DDP's gradient buckets and torch.compile's intermediates (upernet_ref/perf/memory.py "
           "says how it compares with measured peaks).")
-DESCRIPTION = ("Estimate the peak device memory of a training step without running it (fake tensors, no GPU needed), and the largest batch that fits.")
+DESCRIPTION = ("Estimate the peak device memory of a training step without running it (fake "
+               "tensors, no GPU needed), and the largest batch that fits.")
 
 
 @command("upernet memory")

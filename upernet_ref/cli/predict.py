@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from upernet_ref.collectives import resolve_device
+from upernet_ref.launch import resolve_device
 from upernet_ref.cli.common import OVERRIDES_HELP, parse_args_and_overrides
 from upernet_ref.cli.eval import add_inference_arguments, load_model
 from upernet_ref.cli.common import check_writable_folder, command

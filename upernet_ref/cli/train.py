@@ -32,7 +32,7 @@ from upernet_ref.checkpoints import (is_hub_id, load_backbone_weights, load_weig
 from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_writable_folder,
                                     command, parse_args_and_overrides, positive_int,
                                     show_progress)
-from upernet_ref.collectives import DistInfo, cleanup, init_distributed, launch_rank_and_world
+from upernet_ref.launch import DistInfo, cleanup, init_distributed, launch_rank_and_world
 from upernet_ref.configs import Config
 from upernet_ref.data.datasets import with_class_names
 from upernet_ref.data.transforms import test_transform, train_transform
@@ -101,7 +101,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def fast_train_overrides(device: str | None) -> list[str]:
     """`--fast` for training: the device's `fast.default_fast_settings` (the rules of the fast
     inference path, measured in docs/benchmarks.md) as configuration overrides."""
-    from upernet_ref.collectives import resolve_device
+    from upernet_ref.launch import resolve_device
     from upernet_ref.perf.fast import default_fast_settings
     overrides = default_fast_settings(resolve_device(device)).train_overrides()
     return [f"{key}={value}" for key, value in overrides.items()]

@@ -22,7 +22,7 @@ import logging
 import typing
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

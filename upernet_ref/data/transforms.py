@@ -23,7 +23,7 @@ draws a mask imports them from here.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

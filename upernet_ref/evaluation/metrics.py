@@ -101,7 +101,7 @@ class ConfusionMatrix:
         self.matrix += confusion_matrix(pred, target.to(pred.device), self.num_classes,
                                         self.ignore_index)
 
-    def reduce(self) -> "ConfusionMatrix":
+    def reduce(self) -> ConfusionMatrix:
         """Sum over processes (each rank evaluated a shard of the split), in place; NCCL needs
         the matrix on the GPU, so it stays on the device."""
         all_reduce_sum(self.matrix)

@@ -12,7 +12,8 @@ import typing
 import torch
 from torch import nn
 
-from upernet_ref.collectives import DistInfo, all_reduce_max, use_sync_bn
+from upernet_ref.collectives import use_sync_bn
+from upernet_ref.launch import DistInfo, all_reduce_max
 from upernet_ref.configs import Config
 from upernet_ref.training.data_order import batch_decomposition
 from upernet_ref.training.runtime import grad_scaler

@@ -69,7 +69,7 @@ def forward_once(name: str, image: torch.Tensor | None = None, size: tuple[int, 
         image: uint8 (3, H, W) RGB; by default a demo scene at the configuration's crop size.
         size: resize the image to this (H, W) first.
     """
-    from upernet_ref.collectives import resolve_device
+    from upernet_ref.launch import resolve_device
     from upernet_ref.data.transforms import test_transform  # the data side is imported only when used
 
     cfg = get_config(name)

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 
 import torch
-from torch import nn
 
 from upernet_ref import configs
 from upernet_ref.configs import Config

@@ -3,8 +3,8 @@
 docs/SPEC.md, "Training recipe": pixel-wise cross-entropy averaged over the pixels whose label
 is not the ignore index (255: VOC object borders, ADE20K "other" after reduce-zero-label,
 Cityscapes void), weight 1.0 on the UPerNet output and 0.4 on the FCN auxiliary head on C4
-(PSPNet's deep supervision, Zhao et al. 2017, section 3.3). mmsegmentation divides by *all* pixels instead; the reference
-recipe, and this module, divide by the non-ignored ones.
+(PSPNet's deep supervision, Zhao et al. 2017, section 3.3). mmsegmentation divides by *all*
+pixels instead; the reference recipe, and this module, divide by the non-ignored ones.
 
 Two options that the published recipes leave off: per-class weights (torch's weighted mean,
 dividing by the summed weights of the counted pixels) and OHEM, online hard example mining,

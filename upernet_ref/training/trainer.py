@@ -26,15 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from upernet_ref import configs
-from upernet_ref.collectives import (all_gather_object, all_reduce_sum, barrier, rank_and_world,
+from upernet_ref.collectives import (all_gather_object, all_reduce_sum, any_process, barrier,
+                                     rank_and_world,
                                      use_sync_bn)
 from upernet_ref.configs import Config
 from upernet_ref.data.datasets import skipped_samples
@@ -132,15 +135,26 @@ def _never() -> str | None:
     return None
 
 
+def _no_progress(iteration: int, loss: float, lr: float) -> None:
+    pass
+
+
+def every(it: int, interval: int) -> bool:
+    """Whether iteration `it` is one of every `interval` (never with an interval of 0)."""
+    return bool(interval) and it % interval == 0
+
+
+NAN_HINT = "Try a lower --train.lr, --train.amp=none, or check the data (upernet data check)"
+
+
 def train(cfg: Config, model: nn.Module, train_set: torch.utils.data.Dataset,
           val_set: torch.utils.data.Dataset | None, out_dir: str | Path, *,
-          save: typing.Callable[[dict, Path], object], device: str | torch.device = "cpu",
+          save: Callable[[dict, Path], object], device: str | torch.device = "cpu",
           max_iters: int | None = None, stop_at: int | None = None,
           per_device_batch: int | None = None, resume: dict | None = None,
-          log: typing.Callable[[dict], None] = _ignore,
-          say: typing.Callable[[str], None] = print,
-          should_stop: typing.Callable[[], str | None] = _never,
-          progress: typing.Callable[[int, float, float], None] | None = None) -> TrainResult:
+          log: Callable[[dict], None] = _ignore, say: Callable[[str], None] = print,
+          should_stop: Callable[[], str | None] = _never,
+          progress: Callable[[int, float, float], None] = _no_progress) -> TrainResult:
     """Train `model` with `cfg`'s recipe on `train_set`; checkpoints `out_dir/last.pt`, `best.pt`.
 
     Args:
@@ -170,146 +184,204 @@ def train(cfg: Config, model: nn.Module, train_set: torch.utils.data.Dataset,
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     # Set-up. A problem here is the user's input (`upernet train` exits 2).
     with before_work():
-        sync_bn = use_sync_bn(tc.norm, world, device)  # SyncBN with several GPUs, else plain BN
-        per_device_batch, accumulation = batch_decomposition(tc.batch_size, world,
+        per_device_batch, accumulation, sync_bn = batch_plan(cfg, world, device,
                                                              per_device_batch)
-        if per_device_batch < (1 if sync_bn else 2):  # the PPM's 1x1 bin: 1 value per channel
-            raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
-                             "BatchNorm the PPM's 1x1 pooled branch normalises a single value "
-                             "per channel; use --per-device-batch 2 or more")
-        model.to(device)
-        if tc.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        optimizer = build_optimizer(model, tc)
-        scheduler = build_scheduler(optimizer, tc, max_iters)
-        scaler = grad_scaler(tc.amp, device)
-        order = GlobalBatchOrder(len(train_set), tc.batch_size, tc.seed)
+        model, optimizer, scheduler, scaler = build_training(model, cfg, device, sync_bn,
+                                                             max_iters)
         say(f"{cfg.name}: global batch {tc.batch_size} = {per_device_batch} per device x {world} "
-            f"process(es) x {accumulation} accumulation step(s); "
-            f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {device}; amp {tc.amp}; "
-            f"{max_iters} iterations (poly schedule)"
-            f"{f', stopping at {end}' if end < max_iters else ''}")
-        start, best_miou = 0, -1.0
-        if resume is None:
-            torch.manual_seed(tc.seed + rank)  # a different dropout stream on each process
-        else:
-            start, best_miou = restore(resume, model, optimizer, scheduler, scaler, cfg=cfg,
-                                       max_iters=max_iters, say=say)
-    forward = model  # what trains: in DDP over several processes, compiled with train.compile
-    if world > 1:
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:  # the DDP wrapper is compiled: its all-reduce overlaps the backward pass
-        forward = torch.compile(forward)
-    sampler = MicroBatchSampler(order, rank, world, per_device_batch, start)
-    items = iter(torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
-        SeededItems(train_set, tc.seed), batch_sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator()))
+            f"process(es) x {accumulation} accumulation step(s); {describe(cfg, sync_bn, device)}; "
+            f"{max_iters} iterations (poly schedule){f', stopping at {end}' * (end < max_iters)}")
+        start, best_miou = restore(resume, model, optimizer, scheduler, scaler, cfg=cfg,
+                                   max_iters=max_iters, say=say)
+    forward = wrap_for_training(model, cfg, world, device)  # what trains; `model` is saved
+    order = GlobalBatchOrder(len(train_set), tc.batch_size, tc.seed)
+    items = micro_batches(train_set, cfg, order, per_device_batch, start, device)
+    checkpoint = functools.partial(
+        save_checkpoint, save, model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler, cfg=cfg, order=order, max_iters=max_iters, per_device_batch=per_device_batch)
     result = TrainResult(out_dir, start, max_iters, [], last_path if resume else None,
                          per_device_batch=per_device_batch, accumulation=accumulation,
                          world_size=world)
-
-    def checkpoint(path: Path, it: int) -> Path:
-        """Everything an exact continuation needs, with every process's RNG state."""
-        states = all_gather_object(rng_state())
-        if rank == 0:
-            epoch, position = order.position(it)
-            save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                  "rng": states, "iteration": it, "max_iters": max_iters, "epoch": epoch,
-                  "position": position, "best_miou": best_miou, "world_size": world,
-                  "per_device_batch": per_device_batch, "config": configs.to_dict(cfg)}, path)
-        barrier()
-        return path
-
     previous_flags = set_deterministic(tc.deterministic, device)
-    window: list[tuple[float, float, float]] = []  # the losses since the last log record
-    started = time.perf_counter()
+    window, started = [], time.perf_counter()  # (losses, lr) of each iteration since the last log
     try:
         for it in range(start + 1, end + 1):  # iteration `it`: `it` are done after it
-            kept = (f"the last good checkpoint is {last_path}" if last_path.exists()
-                    else "no checkpoint was written yet")
+            kept = kept_checkpoint(last_path)  # what a stop for a NaN leaves
             forward.train()
             lr = optimizer.param_groups[0]["lr"]
             try:
                 losses = train_step(forward, [next(items) for _ in range(accumulation)],
                                     optimizer, scaler, cfg, distributed=world > 1)
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(
-                    f"{err} at iteration {it} of {cfg.name}; stopped before applying that "
-                    f"update; {kept}. Try a lower --train.lr, --train.amp=none, or check the "
-                    f"data (upernet data check)") from None
+            except NonFiniteLossError as err:  # said with where the run stopped and what is kept
+                raise NonFiniteLossError(f"{err} at iteration {it} of {cfg.name}; stopped before "
+                                         f"applying that update; {kept}. {NAN_HINT}") from None
             scheduler.step()
             check_finite_state(model, it, kept)  # BatchNorm statistics too, before any save
-            reason = should_stop()
-            stopping = all_reduce_sum(torch.tensor([float(reason is not None)],
-                                                   device=device)).item() > 0
-            window.append((float(losses.loss), float(losses.loss_out), float(losses.loss_aux)))
+            reason = should_stop()  # a signal reaching any process stops all at this iteration
+            stopping = any_process(reason is not None, device)
+            window.append((float(losses.loss), float(losses.loss_out), float(losses.loss_aux), lr))
             result.losses.append(window[-1][0])
             result.iteration = it
-            if progress is not None:
-                progress(it, window[-1][0], lr)
+            progress(it, window[-1][0], lr)
             if it % tc.log_interval == 0 or it == end:
-                seconds = (time.perf_counter() - started) / len(window)
-                loss, loss_out, loss_aux = (sum(v) / len(window) for v in zip(*window))
-                log({"kind": "train", "iter": it,
-                     "epoch": round(it * tc.batch_size / len(train_set), 4), "loss": loss,
-                     "loss_out": loss_out, "loss_aux": loss_aux, "lr": lr,
-                     "sec_per_iter": seconds, "img_per_sec": tc.batch_size / max(seconds, 1e-9),
-                     "eta_sec": seconds * (end - it)})
+                log(train_record(window, started, it, end, cfg, len(train_set)))
                 window = []
-            if stopping:  # a signal reached some process: all stop together
+            if stopping:
                 result.interrupted = reason or "signal"
-                result.last_checkpoint = checkpoint(last_path, it)
+                result.last_checkpoint = checkpoint(last_path, it, best_miou)
                 say(f"stopped by {result.interrupted} at iteration {it}; checkpoint "
                     f"{last_path}; continue with --resume")
                 break
             # The checkpoint comes before the validation: a kill while validating loses no
             # training. The final validation is the one at the schedule's end, not at stop_at.
-            due_checkpoint = it == end or bool(tc.checkpoint_interval
-                                               and it % tc.checkpoint_interval == 0)
-            due_val = val_set is not None and ((it == max_iters) if it == end else bool(
-                tc.val_interval and it % tc.val_interval == 0))
+            due_checkpoint = it == end or every(it, tc.checkpoint_interval)
             if due_checkpoint:
-                result.last_checkpoint = checkpoint(last_path, it)
-            if due_val:
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    metrics = evaluate(model, val_set, cfg, device, progress=False)
-                record = {"kind": "val", "iter": it, "miou": metrics["miou"],
-                          "macc": metrics.get("macc"), "aacc": metrics.get("aacc")}
-                log(record)
-                result.val.append(record)
-                if metrics["miou"] > best_miou:
-                    best_miou = metrics["miou"]
-                    checkpoint(best_path, it)
+                result.last_checkpoint = checkpoint(last_path, it, best_miou)
+            if val_set is not None and (it == max_iters if it == end else every(it, tc.val_interval)):
+                result.val.append(validate(model, val_set, cfg, device, it))
+                log(result.val[-1])
+                if result.val[-1]["miou"] > best_miou:
+                    best_miou = result.val[-1]["miou"]
+                    checkpoint(best_path, it, best_miou)
                     if due_checkpoint:
-                        checkpoint(last_path, it)  # so that last.pt knows the new best mIoU
+                        checkpoint(last_path, it, best_miou)  # so last.pt knows the new best
             if not window:  # speed figures leave out validation and checkpoint time
                 started = time.perf_counter()
     finally:
         items = None  # stops the DataLoader's worker processes
         restore_deterministic(previous_flags)
-    result.skipped = skipped_samples(train_set)  # data.on_bad=skip, over workers and ranks
+    report_skipped(train_set, result, log, say)
+    return result
+
+
+def describe(cfg: Config, sync_bn: bool, device: torch.device) -> str:
+    """The normalisation, device and precision of a run, for its first line."""
+    return f"{'SyncBN' if sync_bn else 'BatchNorm'}; device {device}; amp {cfg.train.amp}"
+
+
+def kept_checkpoint(last_path: Path) -> str:
+    return (f"the last good checkpoint is {last_path}" if last_path.exists()
+            else "no checkpoint was written yet")
+
+
+def batch_plan(cfg: Config, world: int, device: torch.device,
+               per_device_batch: int | None) -> tuple[int, int, bool]:
+    """(per-device batch, accumulation steps, SyncBN?) for the global batch on `world`
+    processes: SyncBN with several CUDA processes (torch's SyncBatchNorm is CUDA-only)."""
+    sync_bn = use_sync_bn(cfg.train.norm, world, device)
+    per_device_batch, accumulation = batch_decomposition(cfg.train.batch_size, world,
+                                                         per_device_batch)
+    if per_device_batch < (1 if sync_bn else 2):  # the PPM's 1x1 bin: 1 value per channel
+        raise ValueError("a per-device batch of 1 needs SyncBN over several GPUs: with plain "
+                         "BatchNorm the PPM's 1x1 pooled branch normalises a single value per "
+                         "channel; use --per-device-batch 2 or more")
+    return per_device_batch, accumulation, sync_bn
+
+
+def build_training(model: nn.Module, cfg: Config, device: torch.device, sync_bn: bool,
+                   max_iters: int) -> tuple[nn.Module, torch.optim.Optimizer,
+                                            torch.optim.lr_scheduler.LRScheduler,
+                                            torch.amp.GradScaler]:
+    """The model on its device (channels_last, SyncBN as asked), SGD with the recipe's parameter
+    groups, the poly schedule over `max_iters` and the AMP scaler."""
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg.train)
+    return (model, optimizer, build_scheduler(optimizer, cfg.train, max_iters),
+            grad_scaler(cfg.train.amp, device))
+
+
+def wrap_for_training(model: nn.Module, cfg: Config, world: int,
+                      device: torch.device) -> nn.Module:
+    """`model` in DistributedDataParallel over several processes, then torch.compile'd with
+    `train.compile` (the DDP wrapper is compiled: its all-reduce overlaps the backward pass)."""
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.train.compile else model
+
+
+def micro_batches(train_set: torch.utils.data.Dataset, cfg: Config, order: GlobalBatchOrder,
+                  per_device_batch: int, start: int, device: torch.device) -> typing.Iterator:
+    """This process's micro-batches of global batch start + 1, start + 2, ... in the order fixed
+    by (seed, iteration) (`data_order`), each item's augmentations seeded by its position."""
+    rank, world = rank_and_world()
+    return iter(torch.utils.data.DataLoader(  # its own generator: the global RNG is untouched
+        SeededItems(train_set, cfg.train.seed), num_workers=cfg.data.num_workers,
+        batch_sampler=MicroBatchSampler(order, rank, world, per_device_batch, start),
+        pin_memory=device.type == "cuda", generator=torch.Generator()))
+
+
+def report_skipped(train_set: torch.utils.data.Dataset, result: TrainResult,
+                   log: Callable[[dict], None], say: Callable[[str], None]) -> None:
+    """The samples skipped with data.on_bad=skip (every worker, every rank): kept in `result`,
+    logged and said."""
+    result.skipped = skipped_samples(train_set)
     if result.skipped:
         log({"kind": "data", "iter": result.iteration, "skipped": len(result.skipped),
              "skipped_samples": result.skipped})
         say(f"skipped {len(result.skipped)} bad training sample(s) (data.on_bad=skip), listed "
             f"in the run's log; first: {next(iter(result.skipped.values()))}")
-    return result
 
 
-def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+def train_record(window: list[tuple[float, float, float, float]], started: float, it: int,
+                 end: int, cfg: Config, images: int) -> dict:
+    """The `log.jsonl` record of the iterations in `window`: mean losses, last lr, speed."""
+    loss, loss_out, loss_aux, _ = (sum(v) / len(window) for v in zip(*window))
+    seconds = (time.perf_counter() - started) / len(window)
+    batch = cfg.train.batch_size
+    return {"kind": "train", "iter": it, "epoch": round(it * batch / images, 4), "loss": loss,
+            "loss_out": loss_out, "loss_aux": loss_aux, "lr": window[-1][3],
+            "sec_per_iter": seconds, "img_per_sec": batch / max(seconds, 1e-9),
+            "eta_sec": seconds * (end - it)}
+
+
+def validate(model: nn.Module, val_set: torch.utils.data.Dataset, cfg: Config,
+             device: torch.device, it: int) -> dict:
+    """The `log.jsonl` record of the model's mIoU on `val_set` (the training RNG untouched)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics = evaluate(model, val_set, cfg, device, progress=None)
+    return {"kind": "val", "iter": it, "miou": metrics["miou"], "macc": metrics.get("macc"),
+            "aacc": metrics.get("aacc")}
+
+
+def save_checkpoint(save: Callable[[dict, Path], object], path: Path, it: int,
+                    best_miou: float, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    scaler: torch.amp.GradScaler, cfg: Config, order: GlobalBatchOrder,
+                    max_iters: int, per_device_batch: int) -> Path:
+    """Everything an exact continuation needs, with every process's RNG state, `save`d by
+    rank 0 (every process calls: the RNG states are gathered)."""
+    states = all_gather_object(rng_state())
+    rank, world = rank_and_world()
+    if rank == 0:
+        epoch, position = order.position(it)
+        save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+              "rng": states, "iteration": it, "max_iters": max_iters, "epoch": epoch,
+              "position": position, "best_miou": best_miou, "world_size": world,
+              "per_device_batch": per_device_batch, "config": configs.to_dict(cfg)}, path)
+    barrier()
+    return path
+
+
+def restore(ckpt: dict | None, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *,
-            cfg: Config, max_iters: int, say: typing.Callable[[str], None]) -> tuple[int, float]:
-    """Load a checkpoint of `train` for an exact continuation; returns (iteration, best mIoU).
+            cfg: Config, max_iters: int, say: Callable[[str], None]) -> tuple[int, float]:
+    """Load a checkpoint of `train` for an exact continuation; returns (iteration, best mIoU),
+    (0, -1) for a fresh start (`ckpt` None).
 
     A different `max_iters` continues on the new poly curve from the saved iteration; another
     number of processes keeps the data order (it depends on the iteration only) but restarts
     the random streams.
     """
     rank, world = rank_and_world()
+    if ckpt is None:  # a fresh start: a different dropout stream on each process
+        torch.manual_seed(cfg.train.seed + rank)
+        return 0, -1.0
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
