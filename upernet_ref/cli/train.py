@@ -240,7 +240,7 @@ def prepared_run(cfg: Config, *, data_root: str | None = None, out_dir: str | Pa
                     save=save_and_plot, device=info.device, max_iters=max_iters,
                     stop_at=stop_at, per_device_batch=per_device_batch, resume=checkpoint,
                     log=log_record, say=say, should_stop=stop.reason,
-                    progress=None if bar is None else bar.step))
+                    **({} if bar is None else {"progress": bar.step})))
             finally:
                 if bar is not None:
                     bar.close()
