@@ -325,7 +325,6 @@ def test_global_batch_decomposition():
 
 
 def test_command_line(tmp_path, capsys):
-    pytest.importorskip("upernet_ref.data.transforms")
     out = tmp_path / "cli"
     code = train_cli.main(["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
                            "--no-progress", "--no-val", "--train.lr=0.02", "--train.log_interval=1"])
