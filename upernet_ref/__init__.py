@@ -1,14 +1,22 @@
 """upernet_ref: a readable reference implementation of UPerNet with dilated ResNets.
 
+The reading core (the recipe, top to bottom; it imports nothing of the shell):
+
     upernet_ref/model/       the network of the paper (start here)
     upernet_ref/configs.py   the 12 published configurations as typed dataclasses
-    upernet_ref/data/        datasets, demo scenes, the published pipelines
-    upernet_ref/training/    losses, poly schedule, the trainer
+    upernet_ref/data/        datasets on disk, the published pipelines
+    upernet_ref/training/    losses, poly schedule, the one training step and the loop
     upernet_ref/evaluation/  metrics, inference, evaluation
-    upernet_ref/perf/        MACs, benchmarks, memory, the fast path, export
+    upernet_ref/collectives.py, errors.py
+
+The shell around it:
+
+    upernet_ref/cli/         the `upernet` command (every argparse lives here)
+    upernet_ref/runs.py, launch.py, files.py   run folders, torchrun's process group, atomic files
     upernet_ref/checkpoints.py  published checkpoints, safe loading, atomic saving
     upernet_ref/hub.py       the Hugging Face folder (safetensors + config.json + model card)
-    upernet_ref/cli/         the `upernet` command (every argparse lives here)
+    upernet_ref/perf/        MACs, benchmarks, memory, the fast path, export
+    upernet_ref/demo_scenes.py, prepare.py, predictions.py, course.py
 """
 from upernet_ref.configs import Config, get_config, list_configs
 from upernet_ref.hub import from_pretrained

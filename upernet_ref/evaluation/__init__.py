@@ -1,2 +1,2 @@
-"""Evaluation: the confusion-matrix metrics, whole / sliding / multi-scale inference, evaluation
-of a dataset and prediction of single images."""
+"""Evaluation: the confusion-matrix metrics, whole / sliding / multi-scale inference and the
+evaluation of a dataset with the published protocol. (Prediction files for images: `predictions`.)"""

@@ -1,1 +1,2 @@
-"""Training: the losses, the poly schedule, the trainer and its run-time and distributed state."""
+"""Training: the losses, the poly schedule, the data order, the run-time state, the one training
+step and the loop (`trainer`)."""
