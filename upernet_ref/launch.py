@@ -8,6 +8,7 @@ process group is created, with them the process joins one (nccl on CUDA, gloo on
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
             if var not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world_size} but {var} is not set: start several "
                                    f"processes with torchrun (see README, 'Training')")
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs: dict[str, typing.Any] = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
         owns_group = True
     return DistInfo(rank, world_size, local_rank, dev, owns_group)

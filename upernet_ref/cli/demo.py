@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     val = DemoScenes(cfg.data.val_split)  # raw, for the pictures and the chance level
     metrics = evaluate(model, DemoScenes(cfg.data.val_split, transform=test_transform(cfg.data)),
-                       cfg, device, progress=False)
+                       cfg, device, progress=None)
     chance = chance_miou(val, cfg.data.num_classes)
     print(f"\nDemo val split ({metrics['num_images']} images): {metrics['protocol']}\n")
     print(format_table(metrics, val.classes))

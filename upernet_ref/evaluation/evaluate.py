@@ -137,7 +137,7 @@ def evaluate(model: nn.Module, dataset: typing.Any, cfg: Config,
     cm = ConfusionMatrix(num_classes, cfg.data.ignore_index, device=device)
     start = time.perf_counter()
     skipped: dict[str, str] = {}
-    items = loader
+    items: typing.Iterable = loader
     if progress and rank == 0:
         items = progress(loader, len(shard))
     try:

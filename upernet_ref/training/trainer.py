@@ -81,7 +81,8 @@ def train_step(model: nn.Module, batch: Batch | typing.Sequence[Batch],
         check_finite: raise `NonFiniteLossError` before the update on a NaN / inf loss (it
             reads the loss back: False under FakeTensorMode, where values do not exist).
     """
-    micro_batches = [batch] if isinstance(batch[0], torch.Tensor) else list(batch)
+    micro_batches = typing.cast(list[Batch], [batch] if isinstance(batch[0], torch.Tensor)
+                                else list(batch))
     count = len(micro_batches)
     device = optimizer.param_groups[0]["params"][0].device
     ddp = next((m for m in (model, getattr(model, "_orig_mod", None))  # also under compile
@@ -248,7 +249,7 @@ def train(cfg: Config, model: nn.Module, train_set: torch.utils.data.Dataset,
             if not window:  # speed figures leave out validation and checkpoint time
                 started = time.perf_counter()
     finally:
-        items = None  # stops the DataLoader's worker processes
+        del items  # stops the DataLoader's worker processes
         restore_deterministic(previous_flags)
     report_skipped(train_set, result, log, say)
     return result
@@ -301,7 +302,7 @@ def wrap_for_training(model: nn.Module, cfg: Config, world: int,
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if cfg.train.compile else model
+    return typing.cast(nn.Module, torch.compile(model)) if cfg.train.compile else model
 
 
 def micro_batches(train_set: torch.utils.data.Dataset, cfg: Config, order: GlobalBatchOrder,
