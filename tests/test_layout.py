@@ -29,12 +29,12 @@ FUNCTION_LINE_CAP = 80
 # A core -> shell import that issue 18's Hub item (UPerNet without the Hub mixin) removes; the
 # tests fail for any other, and when this one is gone while still listed.
 SHELL_IMPORTS_BEING_REMOVED = {("upernet_ref.model.upernet", "upernet_ref.hub")}
-# Code lines over the cap while the rest of issue 18 lands (the core is measured, not assumed):
-# the test fails above CORE_LINE_CAP + CORE_LINES_OVER_CAP, and when the core is back under
-# CORE_LINE_CAP while this is not 0.
-CORE_LINES_OVER_CAP = 0
-LONG_FUNCTIONS_BEING_SPLIT = {"upernet_ref.hub.model_card", "upernet_ref.cli.export.main",
-                              "upernet_ref.perf.bench._run_bench"}
+# Code lines over the cap, measured (issue 18 item 1 is not met yet: at this test's landing the
+# core had 2,027 code lines, configs 285, data/datasets 284, training/trainer 263). The test
+# fails above CORE_LINE_CAP + CORE_LINES_OVER_CAP, and when the core is back under
+# CORE_LINE_CAP while this is not 0: lower it as the core shrinks, never raise it silently.
+CORE_LINES_OVER_CAP = 27
+LONG_FUNCTIONS_BEING_SPLIT = {"upernet_ref.hub.model_card", "upernet_ref.perf.bench._run_bench"}
 
 
 def module_name(path: Path) -> str:
