@@ -246,7 +246,7 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls: type) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
 

@@ -248,12 +248,15 @@ def add_trust_checkpoint(parser: argparse.ArgumentParser) -> None:
 
 def checkpoint_config(name: str | None, state: typing.Any, where: str | None) -> Config:
     """The configuration `--config NAME` names, else the one a checkpoint stores (ours and the
-    Hugging Face folders do); refused in one line naming both ways out (exit 2)."""
+    Hugging Face folders do; `checkpoints.stored_config`, checked); refused in one line naming
+    both ways out (exit 2)."""
     from upernet_ref import configs
+    from upernet_ref.checkpoints import stored_config
     if name:
         return configs.get_config(name)
-    if isinstance(state, dict) and isinstance(state.get("config"), dict):
-        return configs.from_dict(state["config"])
-    raise UsageError((f"checkpoint {where} stores no configuration: pass" if where
-                      else "pass a checkpoint or")
-                     + f" --config NAME (one of {', '.join(configs.list_configs())})")
+    cfg = stored_config(state, where) if state is not None and where is not None else None
+    if cfg is None:
+        raise UsageError((f"checkpoint {where} stores no configuration: pass" if where
+                          else "pass a checkpoint or")
+                         + f" --config NAME (one of {', '.join(configs.list_configs())})")
+    return cfg

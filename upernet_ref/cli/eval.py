@@ -85,7 +85,7 @@ def test_overrides(args: argparse.Namespace) -> list[str]:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, Config]:
     """Config (from --config or the checkpoint) and the model with the checkpoint's weights
     (the fast inference model for `device` with --fast)."""
-    from upernet_ref.checkpoints import load_weights, read_checkpoint_file, stored_config
+    from upernet_ref.checkpoints import load_weights, read_checkpoint_file
     from upernet_ref.model.upernet import build_model
 
     path = Path(args.checkpoint)

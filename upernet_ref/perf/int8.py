@@ -66,7 +66,7 @@ class Int8Model(nn.Module):
         self.forward_fn = torch.compile(quantized, dynamic=False) if compile else quantized
         self.compiled = compile
 
-    def train(self, mode: bool = True) -> "Int8Model":
+    def train(self, mode: bool = True) -> Int8Model:
         """Inference only: the exported graph is always in eval mode (and refuses `.eval()`),
         so callers that set the mode (`evaluate`) only set this wrapper's flag."""
         self.training = mode
