@@ -138,7 +138,7 @@ def card_metadata(cfg: Config, metrics: dict | None, base_model: str | None) -> 
 
 def model_card(cfg: Config, metrics: dict | None = None, command: str | None = None,
                iteration: int | None = None, max_iters: int | None = None,
-               base_model: str | None = None) -> "ModelCard":
+               base_model: str | None = None) -> ModelCard:
     """The model card (README.md) of a model folder, in the form the Hub validates.
 
     Args:

@@ -35,7 +35,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder (upernet export --format safetensors), a .safetensors file, or a "
                         "published sssegmentation / mmsegmentation file (then --config is needed)")
     add_trust_checkpoint(parser)
-    parser.add_argument("--config", help="configuration name or file (.json, .yaml; default: the one in the checkpoint)")
+    parser.add_argument("--config", help="configuration name or file (.json, .yaml; default: the "
+                                          "one in the checkpoint)")
     shorthand = "shorthand for --test.{}=... (default: the config's)"
     parser.add_argument("--mode", choices=("whole", "slide"), help=shorthand.format("mode"))
     parser.add_argument("--crop", type=parse_pair,

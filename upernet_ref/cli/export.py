@@ -20,7 +20,6 @@ from upernet_ref.cli.common import (checkpoint_config, OVERRIDES_HELP, add_trust
                                     command, parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref import configs
-from upernet_ref.configs import get_config
 from upernet_ref.data.info import class_names
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.export import (export_onnx, export_torch)

@@ -18,7 +18,7 @@ dataset is one entry here plus a recipe entry in `configs.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
