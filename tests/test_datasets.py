@@ -152,7 +152,7 @@ def test_hugging_face_adapter():
     assert len(ds) == 2 and image.shape == (3, 8, 10) and image.dtype == torch.uint8
     expected = np.where(anns[1] == 0, 255, anns[1].astype(np.int64) - 1)
     np.testing.assert_array_equal(mask.numpy(), expected)
-    with pytest.raises(KeyError, match="label"):
+    with pytest.raises(ValueError, match="no column 'label'"):
         HFSegmentation(hf, annotation_column="label")
 
 

@@ -28,8 +28,8 @@ and `.safetensors` files hold raw tensors only and are read with `safetensors`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -209,6 +209,58 @@ def _refused_globals(path: Path) -> list[str] | None:
     return list(dict.fromkeys(n for n in names if n not in allowed and not n.startswith(safe_prefixes)))
 
 
+# --------------------------------------------------------------------------------------------
+# Integrity: a file changed after it was written (bit flips, a bad copy) is refused, not read
+
+DIGEST_KEY = "sha256"  # our .pt checkpoints' entry, and the safetensors metadata key
+
+
+def tensor_digest(obj: Any) -> str:
+    """SHA-256 of every tensor in a (nested) checkpoint: each one's place, dtype, shape and
+    bytes, in a fixed order. Written with every checkpoint and model folder this project
+    saves and compared when they are read: the zip CRC of a .pt file is not checked by
+    torch's reader, and safetensors files have no checksum at all."""
+    digest = hashlib.sha256()
+
+    def visit(x: Any, place: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"{place}:{t.dtype}:{tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, Mapping):
+            for key in sorted(x, key=str):
+                visit(x[key], f"{place}/{key}")
+        elif isinstance(x, (list, tuple)):
+            for i, item in enumerate(x):
+                visit(item, f"{place}/{i}")
+
+    visit(obj, "")
+    return digest.hexdigest()
+
+
+def _check_zip(path: Path) -> None:
+    """The CRC of every record of a torch.save zip (torch's reader does not check them)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format (or not a torch file: torch.load says so)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # a damaged directory: BadZipFile, EOFError, zlib.error, ...
+        raise CheckpointError(f"{path}: damaged checkpoint, its zip structure does not read "
+                              f"({_first_line(err)}); use another copy") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint, {bad} fails its CRC check (changed "
+                              f"after it was written: a bad copy or disk?); use another copy")
+
+
+def _check_digest(obj: Any, stored: Any, path: Path) -> None:
+    if stored is not None and stored != tensor_digest(obj):
+        raise CheckpointError(f"{path}: damaged checkpoint, its tensors' SHA-256 differs from the "
+                              f"one stored when it was written; use another copy")
+
+
 def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
     """The whole dict stored in a checkpoint, without running code from it.
 
@@ -231,6 +283,7 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
         return _read_safetensors(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_zip(path)
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols: the error says it
@@ -253,7 +306,22 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
                               f"file?): {_first_line(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    _check_digest(obj, obj.get(DIGEST_KEY), path)
     return obj
+
+
+def peek_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The configuration and iteration of one of our .pt checkpoints, its tensors left on disk
+    (`torch.load` with mmap): what `upernet train` checks before a run starts. {} when the file
+    does not read that way; `read_checkpoint_file` then says why, when it loads the file."""
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    return {k: obj[k] for k in ("config", "iteration", "max_iters") if k in obj} \
+        if isinstance(obj, dict) else {}
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]")
@@ -312,7 +380,7 @@ def _load_trusted(path: Path) -> Any:
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
     """`{"model": tensors, "config": config.json}` of a Hugging Face folder or .safetensors file."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     weights = path / SAFETENSORS_NAME if path.is_dir() else path
     if not weights.is_file():
@@ -321,10 +389,13 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
                               f"upernet export --format safetensors)" if path.is_dir()
                               else f"{path}: no such checkpoint file")
     try:
-        obj: dict[str, Any] = {"model": load_file(weights, device="cpu")}
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            obj: dict[str, Any] = {"model": {key: f.get_tensor(key) for key in f.keys()}}
     except Exception as err:
         raise CheckpointError(f"{weights}: not a readable safetensors file: {_first_line(err)}"
                               ) from None
+    _check_digest(obj["model"], metadata.get(DIGEST_KEY), weights)
     config_file = weights.parent / CONFIG_NAME
     if config_file.is_file():
         try:
@@ -419,9 +490,8 @@ def _other_configuration(saved: Any, model: nn.Module, where: str) -> Checkpoint
         theirs = configs.from_dict(saved, where=None)
     except (configs.ConfigError, configs.ConfigKeyError):
         return None
-    diffs = [f"model.{f.name} {getattr(theirs.model, f.name)!r} vs {getattr(ours.model, f.name)!r}"
-             for f in dataclasses.fields(ours.model) if f.name != "num_classes"
-             and getattr(theirs.model, f.name) != getattr(ours.model, f.name)]
+    diffs = [f"{key} {a!r} vs {b!r}" for key, a, b in configs.differences(theirs, ours)
+             if key.startswith("model.")]
     if not diffs:
         return None
     return CheckpointError(
@@ -470,6 +540,15 @@ def load_weights(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, 
 def _load(model: nn.Module, state_dict: dict[str, Any], where: str, *, strict: bool,
           reinit_classifier: bool, log: typing.Callable[[str], None] | None) -> None:
     """`load_weights` once the state_dict is read and converted."""
+    expected = model.state_dict()
+    wrong = [f"{k} {v.dtype} (model {expected[k].dtype})" for k, v in state_dict.items()
+             if k in expected and isinstance(v, torch.Tensor)
+             and v.is_floating_point() != expected[k].is_floating_point()]
+    if wrong:  # load_state_dict would cast them (an int tensor of weights, a float counter)
+        raise CheckpointError(f"{where}: {len(wrong)} tensor(s) are integers where the model "
+                              f"has floats or the reverse, refused rather than cast (a damaged "
+                              f"or foreign file?): {', '.join(wrong[:3])}"
+                              f"{', ...' if len(wrong) > 3 else ''}")
     have, want = _num_classes(state_dict), _num_classes(model.state_dict())
     if reinit_classifier:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLASSIFIERS)}
@@ -556,25 +635,46 @@ def _save_failure(path: Path, err: BaseException, obj: Any) -> CheckpointError:
 
 
 # `files.atomic_write`'s temporary files: .NAME.PID.XXXXXXXX.tmp (the pid tells a live save from a
-# killed one); .NAME.XXXXXXXX.tmp from before the pid was in the name.
-_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp")
+# killed one); .NAME.XXXXXXXX.tmp from before the pid was in the name; .NAME.PID.part, written by
+# versions before atomic_write used mkstemp (a curves.png killed midway, ...).
+_TEMPORARY = re.compile(r"\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp"
+                        r"|\.(?P<part>.+?)\.(?P<part_pid>\d+)\.part")
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` through `files.atomic_write` (temporary file, fsync, rename).
+    """`torch.save` through `files.atomic_write` (temporary file, fsync, rename), with the
+    digest of its tensors (`tensor_digest`, checked by `read_checkpoint_file`).
 
     A crash, a kill or a full disk while writing leaves the previous file at `path` untouched.
     A write that fails (no space, quota, permission) raises a one-line `CheckpointError` with
     the path and the size needed, after removing its temporary file; a killed save's file is
-    removed by `remove_stale_temporary_files` at the next start.
+    removed by `remove_stale_temporary_files` at the next start. The file gets the usual
+    permissions (the umask's), not mkstemp's owner-only 0600.
     """
-    path = Path(path)
+    if isinstance(obj, Mapping):
+        obj = {**obj, DIGEST_KEY: tensor_digest(obj)}
+    return _write_atomically(Path(path), obj, lambda f: torch.save(obj, f))
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """A model folder's `model.safetensors`, written like `save_checkpoint` (atomic, the usual
+    permissions), with the digest of its tensors in the file's metadata (and the Hub's
+    `format: pt`)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    data = save(tensors, metadata={"format": "pt", DIGEST_KEY: tensor_digest(tensors)})
+    return _write_atomically(Path(path), tensors, lambda f: f.write(data))
+
+
+def _write_atomically(path: Path, obj: Any, write_to: typing.Callable[[typing.Any], Any]) -> Path:
+    """`write_to(file)` through `atomic_write`; a failure as `_save_failure`'s one line."""
     writers: list[_Writer] = []
 
     def write(tmp: Path) -> None:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
             writers.append(_Writer(f))
-            torch.save(obj, writers[0])
+            write_to(writers[0])
 
     try:
         return atomic_write(path, write)
@@ -598,9 +698,10 @@ def remove_stale_temporary_files(folder: str | os.PathLike) -> list[Path]:
     checkpoint each, otherwise never removed); files of saves still running are kept.
     Returns the files removed."""
     removed = []
-    for candidate in Path(folder).glob(".*.tmp"):
+    for candidate in [*Path(folder).glob(".*.tmp"), *Path(folder).glob(".*.part")]:
         match = _TEMPORARY.fullmatch(candidate.name)
-        if match is None or (match["pid"] and _process_alive(int(match["pid"]))):
+        pid = match and (match["pid"] or match["part_pid"])
+        if match is None or (pid and _process_alive(int(pid))):
             continue
         with contextlib.suppress(OSError):
             candidate.unlink()

@@ -549,6 +549,12 @@ def to_dict(cfg: Config) -> dict:
     return values
 
 
+def differences(old: Config, new: Config) -> list[tuple[str, typing.Any, typing.Any]]:
+    """(key, old value, new value) of every field that differs, in the sections' order."""
+    a, b = to_dict(old), to_dict(new)
+    return [(f"{s}.{k}", a[s][k], v) for s in _SECTIONS for k, v in b[s].items() if a[s][k] != v]
+
+
 # Keys that older versions wrote: dropped with a warning naming them (model.num_classes is
 # dropped silently when it equals data.num_classes, as every older file has it).
 _REMOVED = {"test.batch_size": "the test batch is one image"}

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from upernet_ref import configs
 from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointError,
-                                     download_model_folder, is_hub_id, load_weights)
+                                     download_model_folder, is_hub_id, load_weights,
+                                     save_safetensors)
 from upernet_ref.configs import Config
 from upernet_ref.data.info import DATASETS, class_names
 from upernet_ref.errors import require
@@ -210,14 +211,11 @@ def save_pretrained(model: UPerNet, save_directory: str | os.PathLike, *,
     """Write the model folder (weights, config.json, model card; the card arguments as in
     `model_card`) into a temporary folder beside `save_directory`, then rename each file into
     it: a crash leaves the previous files whole, and an older README.md is replaced."""
-    from safetensors.torch import save_file
-
     out = Path(save_directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / SAFETENSORS_NAME, metadata={"format": "pt"})
+        save_safetensors(model.state_dict(), tmp / SAFETENSORS_NAME)  # + digest, umask mode
         (tmp / CONFIG_NAME).write_text(json.dumps(hub_config(model.config), indent=2) + "\n")
         card = model_card(model.config, metrics, command, iteration, max_iters, base_model)
         (tmp / CARD_NAME).write_text(str(card))

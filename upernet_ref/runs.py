@@ -1,5 +1,6 @@
 """A run folder's operations: its logs (one JSON object per line in `log.jsonl`, TensorBoard, a
-`curves.png` plot), the lock that keeps one run per folder, and stopping on a signal.
+`curves.png` plot), the lock that keeps one run per folder, the rules that keep an earlier run
+from being overwritten or resumed with another recipe, and stopping on a signal.
 
 `log.jsonl` is the record of a run: `{"kind": "train", "iter", "epoch", "loss", "loss_out",
 "loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations
@@ -24,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from upernet_ref import configs
 from upernet_ref.errors import UsageError
 from upernet_ref.files import atomic_write
 
@@ -176,6 +178,86 @@ def run_folder_lock(out_dir: Path, enabled: bool = True) -> typing.Iterator[None
         finally:  # the folder is left as the run wrote it (removed while still held)
             with contextlib.suppress(OSError):
                 (out_dir / ".lock").unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# A used run folder is never overwritten by accident; a resumed run keeps its recipe
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.json", "curves.png", "tb")
+
+
+def held_run(out_dir: Path) -> str | None:
+    """The earlier run `out_dir` holds, said in words ("iteration 11: last.pt, log.jsonl"), or
+    None when it holds no checkpoint and no log line."""
+    log = out_dir / "log.jsonl"
+    held = [n for n in ("last.pt", "best.pt") if (out_dir / n).is_file()]
+    held += ["log.jsonl"] if log.is_file() and log.stat().st_size else []
+    if not held:
+        return None
+    try:
+        iters = [r.get("iter", 0) for r in read_log(log)]
+    except (ValueError, OSError):
+        iters = []
+    if not iters and "last.pt" in held:
+        from upernet_ref.checkpoints import peek_checkpoint
+        iters = [peek_checkpoint(out_dir / "last.pt").get("iteration", "?")]
+    last = max((i for i in iters if isinstance(i, int)), default="?")
+    return f"iteration {last}: {', '.join(held)}"
+
+
+def check_run_folder(out_dir: Path, *, resume: bool | str, overwrite: bool,
+                     say: typing.Callable[[str], None], move: bool = True) -> None:
+    """Refuse a fresh run into a folder that holds one (UsageError, exit 2, nothing changed);
+    with `overwrite`, move the earlier run's files (RUN_FILES) to OUT/replaced-DATE-TIME/
+    first (`move`: on rank 0 only). Nothing is ever deleted: remove that folder when sure."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: give one")
+    held = None if resume else held_run(out_dir)
+    if held is None:
+        return
+    aside = out_dir / time.strftime("replaced-%Y%m%d-%H%M%S")
+    if not overwrite:
+        raise UsageError(f"{out_dir} holds a run ({held}): continue it with --resume, or start "
+                         f"afresh with --overwrite (moves it to {aside.parent}/replaced-DATE-TIME/)")
+    if not move:
+        return
+    with run_folder_lock(out_dir):  # not while another training uses the folder
+        aside.mkdir()
+        for name in RUN_FILES:
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, aside / name)
+    say(f"--overwrite: the earlier run ({held}) moved to {aside}")
+
+
+# What --resume may change: the schedule (recomputed from the resumed iteration: the poly lr of
+# the new values at that iteration), how the run is executed, logged and validated. Anything
+# else (the network, the data, its order and pipeline, the loss, SGD's momentum and weight
+# decay, the seed) makes another run than the one resumed: refused.
+RESUMABLE = ("train.lr", "train.min_lr", "train.lr_power", "train.warmup_iters",
+             "train.warmup_ratio", "train.epochs", "train.iters_per_epoch", "max_iters",
+             "train.amp", "train.channels_last", "train.compile", "train.deterministic",
+             "train.norm", "train.log_interval", "train.val_interval",
+             "train.checkpoint_interval", "data.num_workers", "data.on_bad", "data.val_split",
+             "test.")
+
+
+def resume_changes(checkpoint: dict, cfg: configs.Config, max_iters: int,
+                   path: Path) -> list[str]:
+    """What resuming a training `checkpoint` with `cfg` and a schedule of `max_iters` changes
+    ("key old -> new" each, applied by the loop), or a UsageError naming the first fields that
+    cannot change. `path` names the checkpoint."""
+    stored = checkpoint.get("config")
+    changes = configs.differences(configs.from_dict(stored, where=str(path)), cfg) \
+        if stored is not None else []
+    if checkpoint.get("max_iters", max_iters) != max_iters:
+        changes.append(("max_iters", checkpoint["max_iters"], max_iters))
+    refused = [c for c in changes if not c[0].startswith(RESUMABLE)]
+    if refused:
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in refused[:3])
+        raise UsageError(f"--resume {path}: {said}{' and more' if len(refused) > 3 else ''} "
+                         f"would make another run than the one resumed; resume without them, or "
+                         f"train afresh (another --out, or --overwrite)")
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in changes]
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from upernet_ref.evaluation.evaluate import check_test_form
 from upernet_ref.files import write_text
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.batch_probe import probe_per_device_batch
-from upernet_ref.runs import RunLogger, StopFlag, run_folder_lock
+from upernet_ref.runs import (RunLogger, StopFlag, check_run_folder, resume_changes,
+                              run_folder_lock)
 from upernet_ref.training.runtime import seed_everything
 from upernet_ref.training.trainer import TrainResult, train
 
@@ -65,6 +66,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", default=None, help="output folder (default runs/<config>)")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="continue from OUT/last.pt (or the given checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train afresh into an --out that holds a run: its files move to "
+                             "OUT/replaced-DATE-TIME/ first (nothing is deleted)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--per-device-batch", type=positive_int, default=None,
                         help="images per process per step (default: the largest that fits)")
@@ -114,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.fast:  # the explicit overrides come after, so they win
             overrides = fast_train_overrides(args.device) + overrides
         cfg = configs.get_config(args.config, overrides)
-        check_writable_folder(args.out or Path("runs") / cfg.name, "--out")
-    with prepared_run(cfg, data_root=args.data_root, out_dir=args.out, resume=args.resume,
+        out_dir = check_writable_folder(args.out or Path("runs") / cfg.name, "--out")
+        main_rank = launch_rank_and_world()[0] == 0  # a used folder: refused, or moved aside
+        check_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite,
+                         say=print if main_rank else _quiet, move=main_rank)
+    with prepared_run(cfg, data_root=args.data_root, out_dir=out_dir, resume=args.resume,
                       device=args.device, per_device_batch=args.per_device_batch,
                       max_iters=args.max_iters, stop_at=args.stop_at, weights=args.weights,
                       backbone_weights=args.backbone_weights, validate=not args.no_val,
@@ -124,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                       progress=show_progress(args.no_progress)) as run:
         result = train(run.model.config, run.model, run.train_set, run.val_set, run.out_dir,
                        **run.options)  # the config with the dataset's class names
-    if result.interrupted:
-        return 128 + int(getattr(signal, result.interrupted, signal.SIGTERM))
+    if result.interrupted:  # "SIGTERM", "SIGINT", or "signal" when another rank got it
+        return 128 + int(signal.Signals.__members__.get(result.interrupted, signal.SIGTERM))
     if launch_rank_and_world()[0] == 0:
         print(f"done: {result.iteration} iterations; checkpoint {result.last_checkpoint}; "
               f"log {result.out_dir / 'log.jsonl'}; curves {result.out_dir / 'curves.png'}")
@@ -216,6 +223,9 @@ def prepared_run(cfg: Config, *, data_root: str | None = None, out_dir: str | Pa
                                                    trust_checkpoint, say)
             logger = RunLogger(out_dir, enabled=info.is_main, tensorboard=tensorboard,
                                resume_from=checkpoint["iteration"] if checkpoint else None)
+            if checkpoint and checkpoint["changes"]:  # the run's record says what changed
+                logger.log({"kind": "resume", "iter": checkpoint["iteration"],
+                            "changes": checkpoint["changes"]})
             if info.is_main:
                 write_text(out_dir / "config.json", json.dumps(configs.to_dict(cfg), indent=2))
             stop = StopFlag(handle_signals)
@@ -298,16 +308,9 @@ def _checkpoint_to_resume(resume: bool | str | Path, out_dir: Path, cfg: Config,
     if not all(key in ckpt for key in ("model", "optimizer", "scheduler", "iteration")):
         raise ValueError(f"{path}: not a training checkpoint (no optimizer and schedule state "
                          f"to continue from); to start from its weights use --weights {path}")
-    saved = configs.from_dict(ckpt["config"], where=str(path)) if "config" in ckpt else cfg
-    if saved.model != cfg.model:
-        raise ValueError(f"{path}: the checkpoint's model configuration differs from "
-                         f"{cfg.name}'s; resume with the same --config and model overrides")
-    if saved != cfg:
-        say(f"warning: {path} was saved with a different configuration; continuing "
-            f"with the one given now")
-    if ckpt.get("max_iters", max_iters) != max_iters:
-        say(f"warning: the checkpoint's schedule had {ckpt['max_iters']} iterations, now "
-            f"{max_iters}")
+    ckpt["changes"] = resume_changes(ckpt, cfg, max_iters, path)  # or refused
+    for change in ckpt["changes"]:
+        say(f"--resume: {change}, applied from iteration {ckpt['iteration']} on")
     if int(ckpt["iteration"]) > max_iters:
         raise ValueError(f"{path} is at iteration {ckpt['iteration']}, beyond a schedule of "
                          f"{max_iters} iterations: resume with --max-iters {ckpt['iteration']} "

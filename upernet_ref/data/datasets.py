@@ -93,42 +93,26 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, name: str) -> torch.Tensor:
 # Datasets
 
 
-class SegmentationFiles(torch.utils.data.Dataset):
-    """Image / label file pairs and the look-up table that turns raw labels into training labels."""
+class Samples(torch.utils.data.Dataset):
+    """What every dataset here shares: `load(i)` gives item `i` (or a DataError naming it),
+    `__getitem__` applies the transform, and with `on_bad="skip"` a bad item is replaced by the
+    next good one, recorded for `skipped_samples`."""
 
-    def __init__(self, samples: list[tuple[Path, Path]], classes: Sequence[str],
-                 palette: Sequence[tuple[int, int, int]], lut: np.ndarray,
-                 transform: Callable | None = None, on_bad: str = "raise") -> None:
+    def __init__(self, size: int, transform: Callable | None, on_bad: str) -> None:
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
-        self.samples, self.lut, self.transform, self.on_bad = samples, lut, transform, on_bad
-        self.classes, self.palette = tuple(classes), [tuple(c) for c in palette]
-        self.ignore_index = IGNORE_INDEX
+        self.transform, self.on_bad, self.ignore_index = transform, on_bad, IGNORE_INDEX
         self.bad: dict[int, str] = {}  # index -> problem, in this process, with on_bad="skip"
         # one flag per item, in shared memory: DataLoader workers' skips reach the main process
-        self.skipped = torch.zeros(len(samples), dtype=torch.bool).share_memory_() \
+        self.skipped = torch.zeros(size, dtype=torch.bool).share_memory_() \
             if on_bad == "skip" else None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def describe(self, index: int) -> str:
-        image_path, label_path = self.samples[index]
-        return f"image {image_path}, label {label_path}"
-
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item `index` without transform; raises DataError for a bad pair."""
-        image_path, label_path = self.samples[index]
-        image = read_image(image_path)                        # (3, H, W) uint8
-        mask = apply_lut(read_label(label_path), self.lut, str(label_path))  # (H, W) int64
-        if tuple(image.shape[1:]) != tuple(mask.shape):
-            raise DataError(f"{label_path}: label size {tuple(mask.shape)} differs from image "
-                            f"{image_path} size {tuple(image.shape[1:])} (H, W)")
-        return image, mask
+        raise NotImplementedError
 
     def __getitem__(self, index: int):
         if not -len(self) <= index < len(self):
@@ -149,6 +133,34 @@ class SegmentationFiles(torch.utils.data.Dataset):
         else:
             raise DataError(f"all {len(self)} samples are bad; first: {next(iter(self.bad.values()))}")
         return self.transform(image, mask) if self.transform is not None else (image, mask)
+
+
+class SegmentationFiles(Samples):
+    """Image / label file pairs and the look-up table that turns raw labels into training labels."""
+
+    def __init__(self, samples: list[tuple[Path, Path]], classes: Sequence[str],
+                 palette: Sequence[tuple[int, int, int]], lut: np.ndarray,
+                 transform: Callable | None = None, on_bad: str = "raise") -> None:
+        super().__init__(len(samples), transform, on_bad)
+        self.samples, self.lut = samples, lut
+        self.classes, self.palette = tuple(classes), [tuple(c) for c in palette]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def describe(self, index: int) -> str:
+        image_path, label_path = self.samples[index]
+        return f"image {image_path}, label {label_path}"
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index` without transform; raises DataError for a bad pair."""
+        image_path, label_path = self.samples[index]
+        image = read_image(image_path)                        # (3, H, W) uint8
+        mask = apply_lut(read_label(label_path), self.lut, str(label_path))  # (H, W) int64
+        if tuple(image.shape[1:]) != tuple(mask.shape):
+            raise DataError(f"{label_path}: label size {tuple(mask.shape)} differs from image "
+                            f"{image_path} size {tuple(image.shape[1:])} (H, W)")
+        return image, mask
 
 
 def skipped_samples(dataset: typing.Any) -> dict[str, str]:
@@ -257,54 +269,80 @@ class FolderDataset(SegmentationFiles):
                          label_lut(len(classes), reduce_zero_label), transform, on_bad)
 
 
-class HFSegmentation(torch.utils.data.Dataset):
+# the `datasets` feature types each column may hold (checked up front, see `check_features`)
+HF_FEATURES = {"image": ("Image", "Array3D"), "annotation": ("Image", "Array2D")}
+
+
+def check_features(hf_dataset, columns: dict[str, str], where: str) -> None:
+    """Each column exists and holds images (datasets.Image, or arrays), else a ValueError
+    naming the column, the feature type found and the one expected, before any row is read."""
+    features = getattr(hf_dataset, "features", None) or {}
+    for option, column in columns.items():
+        if column not in hf_dataset.column_names:
+            raise ValueError(f"{where}: no column {column!r} (columns: "
+                             f"{', '.join(hf_dataset.column_names)}); set --data.hf_{option}_column")
+        kind = type(features.get(column)).__name__
+        if column in features and kind not in HF_FEATURES[option]:
+            raise ValueError(f"{where}: column {column!r} holds {features[column]}, expected "
+                             f"{' or '.join(HF_FEATURES[option])} ({option}s); set "
+                             f"--data.hf_{option}_column to the {option} column")
+
+
+class HFSegmentation(Samples):
     """A Hugging Face `datasets.Dataset` with PIL image and annotation columns (e.g. the
-    scene_parse_150 layout: annotation 0 = other, so `reduce_zero_label=True`)."""
+    scene_parse_150 layout: annotation 0 = other, so `reduce_zero_label=True`). `source` names
+    it in messages (`open_hf_dataset`: the folder or Hub id and the split)."""
 
     def __init__(self, hf_dataset, classes: Sequence[str] = DATASETS["ade20k"].classes,
                  image_column: str = "image", annotation_column: str = "annotation",
                  reduce_zero_label: bool = True, palette: Sequence[tuple[int, int, int]] | None = None,
-                 transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, on_bad: str = "raise",
+                 source: str | None = None) -> None:
         if not hasattr(hf_dataset, "__len__"):  # datasets.IterableDataset (streaming=True)
             raise UsageError("a streaming Hugging Face dataset (IterableDataset) is not "
                              "supported: training's sampler and evaluation need its length; "
                              "load it without streaming=True, or save_to_disk a part of it")
-        for column in (image_column, annotation_column):
-            if column not in hf_dataset.column_names:
-                raise KeyError(f"column {column!r} not in {hf_dataset.column_names}")
+        name = getattr(hf_dataset, "info", None) and hf_dataset.info.dataset_name
+        self.source = source or f"Hugging Face dataset {name or '<in memory>'}"
+        check_features(hf_dataset, {"image": image_column, "annotation": annotation_column},
+                       self.source)
+        super().__init__(len(hf_dataset), transform, on_bad)
         self.hf_dataset = hf_dataset
         self.image_column, self.annotation_column = image_column, annotation_column
-        self.classes, self.transform, self.ignore_index = tuple(classes), transform, IGNORE_INDEX
+        self.classes = tuple(classes)
         self.palette = list(palette) if palette is not None else list(
             class_palette("ade20k", len(classes)))
         self.lut = label_lut(len(classes), reduce_zero_label)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
 
     def describe(self, index: int) -> str:
-        name = getattr(self.hf_dataset, "info", None) and self.hf_dataset.info.dataset_name
-        return f"Hugging Face dataset {name or '<in memory>'} row {index}"
+        return f"{self.source} row {index}"
 
-    def __getitem__(self, index: int):
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} rows")
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `index` without transform; raises DataError naming the row and column."""
         row, where = self.hf_dataset[index], self.describe(index)
-        image = row[self.image_column]  # a PIL image (datasets.Image feature)
-        image = (pil_to_rgb(image, where) if isinstance(image, Image.Image)  # (3, H, W)
-                 else torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))))
-        ann = row[self.annotation_column]
+        image, ann = row[self.image_column], row[self.annotation_column]
+        try:
+            image = (pil_to_rgb(image, where) if isinstance(image, Image.Image)  # (3, H, W)
+                     else torch.from_numpy(np.ascontiguousarray(
+                         np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))))
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{where}: column {self.image_column!r} is not an RGB image "
+                            f"({type(image).__name__}: {e})") from None
         if isinstance(ann, Image.Image) and ann.mode not in ("L", "P", "I", "I;16"):
-            raise DataError(f"{where}: annotation has mode {ann.mode!r}, expected class indices")
-        mask = apply_lut(np.asarray(ann), self.lut, where)  # (H, W) int64
+            raise DataError(f"{where}: column {self.annotation_column!r} has mode {ann.mode!r}, "
+                            f"expected class indices")
+        raw = np.asarray(ann)
+        if raw.ndim != 2 or raw.dtype.kind not in "iu":
+            raise DataError(f"{where}: column {self.annotation_column!r} is not a 2-D map of class "
+                            f"indices ({type(ann).__name__}, shape {raw.shape}, {raw.dtype})")
+        mask = apply_lut(raw, self.lut, where)  # (H, W) int64
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise DataError(f"{where}: annotation size {tuple(mask.shape)} differs "
                             f"from image size {tuple(image.shape[1:])}")
-        return self.transform(image, mask) if self.transform is not None else (image, mask)
+        return image, mask
 
 
 def _find(root: Path, sub: str) -> Path:
@@ -326,13 +364,20 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     config, revision).
     """
     root = Path(root)
-    if name == "voc":
-        return VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad)
-    if name == "ade20k":
-        return ADE20K(_find(root, "ADEChallengeData2016"), split,
-                      True if reduce_zero_label is None else reduce_zero_label, transform, on_bad)
-    if name == "cityscapes":
-        return Cityscapes(root, split, transform=transform, on_bad=on_bad)
+    if name in ("voc", "ade20k", "cityscapes"):
+        if name == "voc":
+            dataset = VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad)
+        elif name == "ade20k":
+            dataset = ADE20K(_find(root, "ADEChallengeData2016"), split,
+                             True if reduce_zero_label is None else reduce_zero_label, transform,
+                             on_bad)
+        else:
+            dataset = Cityscapes(root, split, transform=transform, on_bad=on_bad)
+        if num_classes and num_classes < dataset.num_classes:  # labels >= it: a data error
+            lut = dataset.lut
+            dataset.lut = np.where((lut >= num_classes) & (lut != IGNORE_INDEX), -1, lut)
+            dataset.classes = dataset.classes[:num_classes]
+        return dataset
     if name == "folder":
         return FolderDataset(root / "images" / split, root / "masks" / split,
                              _class_names(root, num_classes, "folder"),
@@ -341,7 +386,7 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     if name == "hf":
         return open_hf_dataset(str(root), split, num_classes=num_classes,
                                reduce_zero_label=bool(reduce_zero_label), transform=transform,
-                               **(hf_options or {}))
+                               on_bad=on_bad, **(hf_options or {}))
     raise ValueError(f"unknown dataset {name!r}; use voc, ade20k, cityscapes, folder, hf or demo")
 
 
@@ -349,7 +394,11 @@ def _class_names(root: Path, num_classes: int | None, kind: str) -> list[str]:
     """`root/classes.txt` (one name per line), else class_0, class_1, ... for `num_classes`."""
     names_file = root / "classes.txt"
     if names_file.is_file():
-        return [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
+        names = [c.strip() for c in names_file.read_text().splitlines() if c.strip()]
+        if num_classes and len(names) != num_classes:
+            raise ValueError(f"{names_file} names {len(names)} classes, but data.num_classes="
+                             f"{num_classes}: give --data.num_classes={len(names)}, or fix the file")
+        return names
     if num_classes:
         return [f"class_{i}" for i in range(num_classes)]
     raise ValueError(f"{kind} dataset {root}: write classes.txt or give num_classes")
@@ -389,7 +438,8 @@ def _hf_class_names(data, path: Path, num_classes: int | None, reduce_zero_label
 def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
                     reduce_zero_label: bool = True, image_column: str = "image",
                     annotation_column: str = "annotation", config: str = "",
-                    revision: str = "", transform: Callable | None = None) -> HFSegmentation:
+                    revision: str = "", transform: Callable | None = None,
+                    on_bad: str = "raise") -> HFSegmentation:
     """A Hugging Face dataset as `HFSegmentation`: `root` is a `datasets.save_to_disk` folder of
     a `DatasetDict` (one entry per split), or, when no such folder exists, a Hub dataset name
     (`datasets.load_dataset(root, config, revision=revision, split=split)`, needs the network or
@@ -405,6 +455,9 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
                              f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
         if not isinstance(data, datasets.DatasetDict):
             raise ValueError(f"{path}: holds one Dataset without splits; save a DatasetDict, "
+                             f"e.g. DatasetDict(train=..., validation=...).save_to_disk(DIR)")
+        if not data:
+            raise ValueError(f"{path}: an empty DatasetDict (no splits); save one with the splits, "
                              f"e.g. DatasetDict(train=..., validation=...).save_to_disk(DIR)")
         data = data[_pick_split(list(data), split, str(path))]
     elif path.exists():
@@ -427,13 +480,9 @@ def open_hf_dataset(root: str, split: str, *, num_classes: int | None = None,
                              f"{(str(err).splitlines() or [''])[0][:160]} (offline: use a "
                              f"save_to_disk folder, or the cache with HF_HUB_OFFLINE=1)") from None
         path = Path(".")  # no classes.txt beside a Hub dataset
-    for option, column in (("image", image_column), ("annotation", annotation_column)):
-        if column not in data.column_names:
-            raise ValueError(f"{root} split {split!r}: no column {column!r} (columns: "
-                             f"{', '.join(data.column_names)}); set --data.hf_{option}_column")
     classes = _hf_class_names(data, path, num_classes, reduce_zero_label)
     return HFSegmentation(data, classes, image_column, annotation_column, reduce_zero_label,
-                          transform=transform)
+                          transform=transform, on_bad=on_bad, source=f"{root} split {split!r}")
 
 
 def with_class_names(cfg, dataset: typing.Any):

@@ -363,9 +363,10 @@ def restore(ckpt: dict | None, model: nn.Module, optimizer: torch.optim.Optimize
     """Load a checkpoint of `train` for an exact continuation; returns (iteration, best mIoU),
     (0, -1) for a fresh start (`ckpt` None).
 
-    A different `max_iters` continues on the new poly curve from the saved iteration; another
-    number of processes keeps the data order (it depends on the iteration only) but restarts
-    the random streams.
+    The schedule and SGD's settings are those of `cfg` (the poly lr of its lr, min_lr, power,
+    warmup and `max_iters` at the saved iteration), so an override given at resume is applied,
+    not announced and ignored; another number of processes keeps the data order (it depends on
+    the iteration only) but restarts the random streams.
     """
     rank, world = rank_and_world()
     if ckpt is None:  # a fresh start: a different dropout stream on each process
@@ -373,14 +374,15 @@ def restore(ckpt: dict | None, model: nn.Module, optimizer: torch.optim.Optimize
         return 0, -1.0
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scheduler.max_iters = max_iters  # type: ignore[attr-defined]
-    # the optimizer holds the next lr of the *saved* schedule; recompute it for this one
+    tc, start = cfg.train, int(ckpt["iteration"])
+    for group in optimizer.param_groups:  # SGD as configured now, not as saved
+        group.update(momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.nesterov,
+                     initial_lr=tc.lr)
+    scheduler.last_epoch = start  # the optimizer holds the saved schedule's next lr: recompute
     for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
         group["lr"] = lr
-    if ckpt.get("scaler"):
+    if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
-    start = int(ckpt["iteration"])
     states = ckpt.get("rng", [])
     if len(states) == world:
         set_rng_state(states[rank])
