@@ -8,6 +8,12 @@ says so. A configuration is four frozen dataclasses
 `upernet_r{50,101}_os{8,16}_{voc,ade20k,cityscapes}`; the small ones, for laptops, notebooks and
 tests, are `upernet_small_demo` and `upernet_small_test`.
 
+Every field's type and range is checked when its section is built (`_RULES`), and the
+sections against each other when the `Config` is, so a bad value is refused, naming the field,
+before any work; overrides and stored configurations (`from_dict`: checkpoints, config.json)
+take that one path. Each value is stored once: the class count is `data.num_classes` (the
+model's follows it) and the sliding window defaults to the training crop `data.crop_size`.
+
     >>> cfg = get_config("upernet_r50_os8_ade20k")
     >>> cfg.train.max_iters
     164190
