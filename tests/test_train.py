@@ -350,7 +350,8 @@ def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys)
     assert err.startswith("upernet train: error: ") and "iteration 4" in err
     assert "--max-iters 4" in err and "Traceback" not in err
     # a weights file that does not exist
-    assert train_cli.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt")]) == 2
+    assert train_cli.main(base + ["--max-iters", "1", "--weights", str(tmp_path / "no.pt"),
+                                  "--out", str(tmp_path / "fresh")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1
 
@@ -366,7 +367,8 @@ def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == ("bf16" if cpu_has_native_bf16() else "none")
     assert saved["channels_last"] is True and saved["compile"] is False  # no compile on CPU
-    assert train_cli.main(base + ["--train.amp=none", "--train.channels_last=false"]) == 0
+    assert train_cli.main(base + ["--train.amp=none", "--train.channels_last=false",
+                                  "--overwrite"]) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == "none" and saved["channels_last"] is False  # explicit ones win
 
