@@ -5,7 +5,8 @@ from being overwritten or resumed with another recipe, and stopping on a signal.
 `log.jsonl` is the record of a run: `{"kind": "train", "iter", "epoch", "loss", "loss_out",
 "loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations
 (losses and speed averaged over those iterations, `lr` that of the last one) and
-`{"kind": "val", "iter", "miou", "macc", "aacc"}` after each validation. When a run resumes, the
+`{"kind": "val", "iter", "miou", "macc", "aacc"}` after each validation, and
+`{"kind": "resume", "iter", "changes"}` when a resume changes the configuration (`resume_changes`). When a run resumes, the
 lines written after the checkpoint's iteration are dropped, so the file reads like one run.
 """
 from __future__ import annotations
