@@ -142,7 +142,6 @@ def _as_before_this_change(path):
     """Rewrite a trainer checkpoint as the trainer wrote it before: numpy's RNG state as
     `np.random.get_state()`'s tuple, an ndarray inside (which weights_only refuses by default)."""
     ckpt = read_checkpoint_file(path)
-    del ckpt["sha256"]  # nor did it store a digest of its tensors
     for state in ckpt["rng"]:
         n = state["numpy"]
         state["numpy"] = (n["bit_generator"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],

@@ -306,7 +306,7 @@ def read_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict[s
                               f"file?): {_first_line(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
-    _check_digest(obj, obj.get(DIGEST_KEY), path)
+    _check_digest(obj, obj.pop(DIGEST_KEY, None), path)  # file metadata, not content
     return obj
 
 
