@@ -479,6 +479,13 @@ def _converted(checkpoint: str | os.PathLike | Mapping[str, Any], source: str,
     return where, state_dict, obj.get("config") if isinstance(obj, Mapping) else None
 
 
+def differences(old: configs.Config, new: configs.Config) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) of every field that differs, in the sections' order."""
+    a, b = configs.to_dict(old), configs.to_dict(new)
+    return [(f"{s}.{k}", a[s][k], v) for s in ("model", "data", "train", "test")
+            for k, v in b[s].items() if a[s][k] != v]
+
+
 def _other_configuration(saved: Any, model: nn.Module, where: str) -> CheckpointError | None:
     """The short message for weights trained with another model configuration than `model`'s
     (instead of a list of shape mismatches): both names, the first fields that differ, the fix.
@@ -490,7 +497,7 @@ def _other_configuration(saved: Any, model: nn.Module, where: str) -> Checkpoint
         theirs = configs.from_dict(saved, where=None)
     except (configs.ConfigError, configs.ConfigKeyError):
         return None
-    diffs = [f"{key} {a!r} vs {b!r}" for key, a, b in configs.differences(theirs, ours)
+    diffs = [f"{key} {a!r} vs {b!r}" for key, a, b in differences(theirs, ours)
              if key.startswith("model.")]
     if not diffs:
         return None

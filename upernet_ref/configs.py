@@ -210,8 +210,7 @@ class Config:
 
 def _one_of(*options: typing.Any) -> tuple[typing.Callable, str]:
     names = [repr(o) for o in options]
-    said = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
-    return (lambda v: v in options), said
+    return (lambda v: v in options), " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
 
 
 _POSITIVE = (lambda v: v > 0), "positive"
@@ -519,15 +518,11 @@ def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Conf
     """
     if not overrides:
         return cfg
-    if isinstance(overrides, dict):
-        pairs = list(overrides.items())
-    else:
-        pairs = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form section.field=value")
-            key, text = item.split("=", 1)
-            pairs.append((key.strip().lstrip("-"), text))
+    bad = [item for item in overrides if not isinstance(overrides, dict) and "=" not in item]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form section.field=value")
+    pairs = list(overrides.items()) if isinstance(overrides, dict) else [
+        (key.strip().lstrip("-"), text) for key, text in (item.split("=", 1) for item in overrides)]
     values = to_dict(cfg)
     for key, value in pairs:
         section, _, name = key.partition(".")
@@ -555,12 +550,6 @@ def to_dict(cfg: Config) -> dict:
     return values
 
 
-def differences(old: Config, new: Config) -> list[tuple[str, typing.Any, typing.Any]]:
-    """(key, old value, new value) of every field that differs, in the sections' order."""
-    a, b = to_dict(old), to_dict(new)
-    return [(f"{s}.{k}", a[s][k], v) for s in _SECTIONS for k, v in b[s].items() if a[s][k] != v]
-
-
 # Keys that older versions wrote: dropped with a warning naming them (model.num_classes is
 # dropped silently when it equals data.num_classes, as every older file has it).
 _REMOVED = {"test.batch_size": "the test batch is one image"}
@@ -581,47 +570,36 @@ def from_dict(data: typing.Any, where: str | None = "configuration") -> Config:
     at = f"{where}: " if where else ""
     if not isinstance(data, dict):
         raise ConfigError(f"{at}a configuration is a JSON object, got {type(data).__name__}")
-    data, sections = dict(data), {}
-    if isinstance(data.get("model"), dict) and "num_classes" in data["model"]:  # older files
-        data["model"] = dict(data["model"])
-        have = data["model"].pop("num_classes")
-        if isinstance(data.get("data"), dict):
-            data["data"] = {"num_classes": have, **data["data"]}
-            if data["data"]["num_classes"] != have:
-                raise ConfigError(f"{at}model.num_classes={have!r} differs from data.num_classes="
-                                  f"{data['data']['num_classes']!r}: the class count is "
-                                  f"data.num_classes")
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
-                         ("test", TestConfig)):
-        values = data.get(section)
+    data, sections, model, dat = dict(data), {}, data.get("model"), data.get("data")
+    if isinstance(model, dict) and isinstance(dat, dict) and "num_classes" in model:  # older files
+        data["model"] = {k: v for k, v in model.items() if k != "num_classes"}
+        data["data"] = {"num_classes": model["num_classes"], **dat}
+        if data["data"]["num_classes"] != model["num_classes"]:
+            raise ConfigError(f"{at}model.num_classes={model['num_classes']!r} differs from data.num_classes="
+                              f"{dat['num_classes']!r}: the class count is data.num_classes")
+    for section, cls in zip(_SECTIONS, (ModelConfig, DataConfig, TrainConfig, TestConfig)):
+        values, fields = data.get(section), _hints(cls)
         if not isinstance(values, dict) or not values:
-            raise ConfigError(f"{at}no {section!r} section (a JSON object of {cls.__name__} "
-                              f"fields), got {values!r}")
-        values, fields = dict(values), _hints(cls)
-        for key in [k for k in values if f"{section}.{k}" in _REMOVED]:
-            if where:
-                _warn(f"{at}ignoring {section}.{key}, written by an older version "
-                      f"({_REMOVED[f'{section}.{key}']})")
-            del values[key]
-        unknown = [k for k in values if k not in fields]
+            raise ConfigError(f"{at}no {section!r} section (a JSON object of {cls.__name__} fields), got {values!r}")
+        old = [f"{section}.{k}" for k in values if f"{section}.{k}" in _REMOVED]
+        unknown = [k for k in values if k not in fields and f"{section}.{k}" not in _REMOVED]
         if unknown:
-            raise ConfigKeyError(f"{at}unknown key {section}.{unknown[0]}; valid {section} keys: "
-                                 f"{_keys(section, cls)}")
-        missing = [f for f in fields if f not in values and f"{section}.{f}" != "model.num_classes"]
+            raise ConfigKeyError(f"{at}unknown key {section}.{unknown[0]}; valid {section} keys: {_keys(section, cls)}")
+        missing = [f"{section}.{f}" for f in fields if f not in values and f"{section}.{f}" != "model.num_classes"]
+        for key in old if where else ():
+            _warn(f"{at}ignoring {key}, written by an older version ({_REMOVED[key]})")
         if missing and where:
-            _warn(f"{at}no {', '.join(section + '.' + f for f in missing)} (written by an "
-                  f"older version?): using the defaults")
-        sections[section] = values
+            _warn(f"{at}no {', '.join(missing)} (written by an older version?): using the defaults")
+        sections[section] = {k: v for k, v in values.items() if k in fields}
     unknown = [k for k in data if k not in ("name", "reported_miou", *_SECTIONS, *_DERIVED_KEYS)]
     if unknown:
-        raise ConfigKeyError(f"{at}unknown key {unknown[0]!r}; a configuration has name, "
-                             f"reported_miou and the sections {', '.join(_SECTIONS)}")
+        raise ConfigKeyError(f"{at}unknown key {unknown[0]!r}; a configuration has name, reported_miou and "
+                             f"the sections {', '.join(_SECTIONS)}")
     miou = data.get("reported_miou")
     if miou is not None and (isinstance(miou, bool) or not isinstance(miou, (int, float))):
         raise ConfigError(f"{at}reported_miou must be a number or null, got {miou!r}")
     try:
-        return Config(name=data.get("name"), model=ModelConfig(**sections["model"]),
-                      data=DataConfig(**sections["data"]), train=TrainConfig(**sections["train"]),
-                      test=TestConfig(**sections["test"]), reported_miou=miou)
+        return Config(data.get("name"), *(cls(**sections[s]) for s, cls in zip(
+            _SECTIONS, (ModelConfig, DataConfig, TrainConfig, TestConfig))), reported_miou=miou)
     except ConfigError as err:
         raise ConfigError(f"{at}{err}") from None

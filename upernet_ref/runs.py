@@ -6,8 +6,9 @@ from being overwritten or resumed with another recipe, and stopping on a signal.
 "loss_aux", "lr", "sec_per_iter", "img_per_sec", "eta_sec"}` every `log_interval` iterations
 (losses and speed averaged over those iterations, `lr` that of the last one) and
 `{"kind": "val", "iter", "miou", "macc", "aacc"}` after each validation, and
-`{"kind": "resume", "iter", "changes"}` when a resume changes the configuration (`resume_changes`). When a run resumes, the
-lines written after the checkpoint's iteration are dropped, so the file reads like one run.
+`{"kind": "resume", "iter", "changes"}` when a resume changes the configuration
+(`resume_changes`). When a run resumes, the lines written after the checkpoint's iteration are
+dropped, so the file reads like one run.
 """
 from __future__ import annotations
 
@@ -248,7 +249,8 @@ def resume_changes(checkpoint: dict, cfg: configs.Config, max_iters: int,
     ("key old -> new" each, applied by the loop), or a UsageError naming the first fields that
     cannot change. `path` names the checkpoint."""
     stored = checkpoint.get("config")
-    changes = configs.differences(configs.from_dict(stored, where=str(path)), cfg) \
+    from upernet_ref.checkpoints import differences
+    changes = differences(configs.from_dict(stored, where=str(path)), cfg) \
         if stored is not None else []
     if checkpoint.get("max_iters", max_iters) != max_iters:
         changes.append(("max_iters", checkpoint["max_iters"], max_iters))

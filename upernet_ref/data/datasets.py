@@ -111,9 +111,6 @@ class Samples(torch.utils.data.Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
     def __getitem__(self, index: int):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
@@ -269,23 +266,16 @@ class FolderDataset(SegmentationFiles):
                          label_lut(len(classes), reduce_zero_label), transform, on_bad)
 
 
-# the `datasets` feature types each column may hold (checked up front, see `check_features`)
-HF_FEATURES = {"image": ("Image", "Array3D"), "annotation": ("Image", "Array2D")}
-
-
 def check_features(hf_dataset, columns: dict[str, str], where: str) -> None:
-    """Each column exists and holds images (datasets.Image, or arrays), else a ValueError
-    naming the column, the feature type found and the one expected, before any row is read."""
-    features = getattr(hf_dataset, "features", None) or {}
+    """Each column exists and holds images (the `datasets` feature Image, or Array3D / Array2D),
+    else a ValueError naming the column, the feature type found and the one expected."""
+    features, names = getattr(hf_dataset, "features", None) or {}, hf_dataset.column_names
     for option, column in columns.items():
-        if column not in hf_dataset.column_names:
-            raise ValueError(f"{where}: no column {column!r} (columns: "
-                             f"{', '.join(hf_dataset.column_names)}); set --data.hf_{option}_column")
-        kind = type(features.get(column)).__name__
-        if column in features and kind not in HF_FEATURES[option]:
-            raise ValueError(f"{where}: column {column!r} holds {features[column]}, expected "
-                             f"{' or '.join(HF_FEATURES[option])} ({option}s); set "
-                             f"--data.hf_{option}_column to the {option} column")
+        expected = ("Image", "Array3D" if option == "image" else "Array2D")
+        if column not in names or (column in features and type(features[column]).__name__ not in expected):
+            found = f"holds {features[column]}" if column in names else f"is not one of {', '.join(names)}"
+            raise ValueError(f"{where}: column {column!r} {found}, expected {' or '.join(expected)} "
+                             f"({option}s); set --data.hf_{option}_column")
 
 
 class HFSegmentation(Samples):
@@ -302,10 +292,9 @@ class HFSegmentation(Samples):
             raise UsageError("a streaming Hugging Face dataset (IterableDataset) is not "
                              "supported: training's sampler and evaluation need its length; "
                              "load it without streaming=True, or save_to_disk a part of it")
-        name = getattr(hf_dataset, "info", None) and hf_dataset.info.dataset_name
-        self.source = source or f"Hugging Face dataset {name or '<in memory>'}"
-        check_features(hf_dataset, {"image": image_column, "annotation": annotation_column},
-                       self.source)
+        name = getattr(getattr(hf_dataset, "info", None), "dataset_name", None) or "<in memory>"
+        self.source = source or f"Hugging Face dataset {name}"
+        check_features(hf_dataset, {"image": image_column, "annotation": annotation_column}, self.source)
         super().__init__(len(hf_dataset), transform, on_bad)
         self.hf_dataset = hf_dataset
         self.image_column, self.annotation_column = image_column, annotation_column
@@ -324,20 +313,12 @@ class HFSegmentation(Samples):
         """Row `index` without transform; raises DataError naming the row and column."""
         row, where = self.hf_dataset[index], self.describe(index)
         image, ann = row[self.image_column], row[self.annotation_column]
-        try:
-            image = (pil_to_rgb(image, where) if isinstance(image, Image.Image)  # (3, H, W)
-                     else torch.from_numpy(np.ascontiguousarray(
-                         np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))))
-        except (TypeError, ValueError) as e:
-            raise DataError(f"{where}: column {self.image_column!r} is not an RGB image "
-                            f"({type(image).__name__}: {e})") from None
-        if isinstance(ann, Image.Image) and ann.mode not in ("L", "P", "I", "I;16"):
-            raise DataError(f"{where}: column {self.annotation_column!r} has mode {ann.mode!r}, "
-                            f"expected class indices")
+        image = (pil_to_rgb(image, where) if isinstance(image, Image.Image)  # (3, H, W)
+                 else torch.from_numpy(np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))))
         raw = np.asarray(ann)
-        if raw.ndim != 2 or raw.dtype.kind not in "iu":
-            raise DataError(f"{where}: column {self.annotation_column!r} is not a 2-D map of class "
-                            f"indices ({type(ann).__name__}, shape {raw.shape}, {raw.dtype})")
+        if (isinstance(ann, Image.Image) and ann.mode not in ("L", "P", "I", "I;16")) or raw.ndim != 2:
+            raise DataError(f"{where}: column {self.annotation_column!r} is not a map of class indices "
+                            f"({type(ann).__name__} {getattr(ann, 'mode', '')}, shape {raw.shape})")
         mask = apply_lut(raw, self.lut, where)  # (H, W) int64
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise DataError(f"{where}: annotation size {tuple(mask.shape)} differs "
@@ -364,18 +345,14 @@ def open_dataset(name: str, root: str | Path, split: str, *, num_classes: int | 
     config, revision).
     """
     root = Path(root)
-    if name in ("voc", "ade20k", "cityscapes"):
-        if name == "voc":
-            dataset = VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad)
-        elif name == "ade20k":
-            dataset = ADE20K(_find(root, "ADEChallengeData2016"), split,
-                             True if reduce_zero_label is None else reduce_zero_label, transform,
-                             on_bad)
-        else:
-            dataset = Cityscapes(root, split, transform=transform, on_bad=on_bad)
+    dataset = (VOCSegmentation(_find(root, "VOCdevkit/VOC2012"), split, transform, on_bad) if name == "voc"
+               else ADE20K(_find(root, "ADEChallengeData2016"), split, reduce_zero_label is not False,
+                           transform, on_bad)
+               if name == "ade20k" else Cityscapes(root, split, transform=transform, on_bad=on_bad)
+               if name == "cityscapes" else None)
+    if dataset is not None:
         if num_classes and num_classes < dataset.num_classes:  # labels >= it: a data error
-            lut = dataset.lut
-            dataset.lut = np.where((lut >= num_classes) & (lut != IGNORE_INDEX), -1, lut)
+            dataset.lut[(dataset.lut >= num_classes) & (dataset.lut != IGNORE_INDEX)] = -1
             dataset.classes = dataset.classes[:num_classes]
         return dataset
     if name == "folder":

@@ -376,8 +376,7 @@ def restore(ckpt: dict | None, model: nn.Module, optimizer: torch.optim.Optimize
     optimizer.load_state_dict(ckpt["optimizer"])
     tc, start = cfg.train, int(ckpt["iteration"])
     for group in optimizer.param_groups:  # SGD as configured now, not as saved
-        group.update(momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.nesterov,
-                     initial_lr=tc.lr)
+        group.update(momentum=tc.momentum, weight_decay=tc.weight_decay, nesterov=tc.nesterov, initial_lr=tc.lr)
     scheduler.last_epoch = start  # the optimizer holds the saved schedule's next lr: recompute
     for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
         group["lr"] = lr
