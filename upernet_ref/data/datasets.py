@@ -273,9 +273,9 @@ def check_features(hf_dataset, columns: dict[str, str], where: str) -> None:
     for option, column in columns.items():
         expected = ("Image", "Array3D" if option == "image" else "Array2D")
         if column not in names or (column in features and type(features[column]).__name__ not in expected):
-            found = f"holds {features[column]}" if column in names else f"is not one of {', '.join(names)}"
-            raise ValueError(f"{where}: column {column!r} {found}, expected {' or '.join(expected)} "
-                             f"({option}s); set --data.hf_{option}_column")
+            what = (f"column {column!r} holds {features[column]}, expected {' or '.join(expected)} ({option}s)"
+                    if column in names else f"no column {column!r} (columns: {', '.join(names)})")
+            raise ValueError(f"{where}: {what}; set --data.hf_{option}_column")
 
 
 class HFSegmentation(Samples):
