@@ -32,6 +32,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml  # PyYAML: configuration files
+
 from upernet_ref.data.info import DATASETS
 from upernet_ref.errors import UsageError
 
@@ -466,18 +468,12 @@ def read_config_file(path: str | os.PathLike) -> Config:
     path = Path(path)
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except FileNotFoundError:  # other OSErrors: the commands' one line names the file
         raise ConfigKeyError(f"{path}: no such configuration file (configuration names: "
                              f"{', '.join(_ALL)})") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read it: {err}") from None
     is_json = path.suffix == ".json"
     try:
-        if is_json:
-            data = json.loads(text)
-        else:
-            import yaml  # PyYAML, a dependency
-            data = yaml.safe_load(text)
+        data = json.loads(text) if is_json else yaml.safe_load(text)
     except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
         raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: "
                           f"{(str(err).splitlines() or [''])[0]}") from None
