@@ -57,7 +57,8 @@ def test_export_writes_weights_config_and_model_card(exported, checkpoint):
     assert config == json.loads(json.dumps(configs.to_dict(CFG)))
     from safetensors import safe_open
     with safe_open(folder / "model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt"}  # what transformers / the Hub expect
+        assert f.metadata()["format"] == "pt"  # what transformers / the Hub expect
+        assert set(f.metadata()) == {"format", "sha256"}  # + the tensors' digest (checkpoints)
     weights = load_file(folder / "model.safetensors")
     saved = read_checkpoint_file(checkpoint)["model"]
     assert weights.keys() == saved.keys()
