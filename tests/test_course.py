@@ -138,6 +138,32 @@ def sgd_update(p, g, buf, lr, momentum, wd):
     return p - lr * buf, buf
 
 
+def training_step(model, images, masks, buffers, it, tc, train=True, aux=0.4, decay=True, zero_grad=True,
+                  keep=True, poly=True, no_grad=True, in_place=True, loss=cross_entropy):
+    """One recipe iteration (and, by its flags, the mistakes a student makes)."""
+    if train:
+        model.train()
+    if zero_grad:
+        model.zero_grad()
+    outputs = model(images)
+    value = loss(outputs["out"], masks) + aux * loss(outputs["aux"], masks)
+    value.backward()
+    lr = (tc.lr - tc.min_lr) * (1 - it / tc.max_iters) ** tc.lr_power + tc.min_lr if poly else tc.lr
+    with torch.no_grad() if no_grad else torch.enable_grad():
+        for p, b in zip(model.parameters(), buffers):
+            d = p.grad + tc.weight_decay * p if decay else p.grad
+            new = b.mul_(tc.momentum).add_(d) if keep else tc.momentum * b + d
+            if in_place:
+                p.sub_(lr * new)
+            else:
+                p = p - lr * new
+    return value.item()
+
+
+def _step_with(**mistake):
+    return lambda *args: training_step(*args, **mistake)
+
+
 def slide_inference(model, image, crop, stride):
     h, w = image.shape[-2:]
     total, count = 0, torch.zeros(1, 1, h, w)
@@ -196,7 +222,7 @@ RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, p
          (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference),
          (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify),
          (course.check_laterals, laterals), (course.check_weighted_cross_entropy, weighted_cross_entropy),
-         (course.check_multiscale_flip, multiscale_flip)]
+         (course.check_multiscale_flip, multiscale_flip), (course.check_training_step, training_step)]
 
 
 @pytest.mark.parametrize("checker, answer", RIGHT, ids=[c.__name__ for c, _ in RIGHT])
@@ -339,6 +365,18 @@ WRONG = [
      "number of valid pixels"),
     (course.check_ppm_parameters, lambda cin, c, s: len(s) * cin * c + (cin + len(s) * c) * c * 9, "BatchNorm"),
     (course.check_ppm_parameters, lambda cin, c, s: len(s) * (cin * c + 2 * c) + len(s) * c * c * 9 + 2 * c, "C5 itself"),
+    (course.check_training_step, _step_with(train=False), "eval mode.*model.train"),
+    (course.check_training_step, _step_with(aux=0.0), "auxiliary loss is missing"),
+    (course.check_training_step, _step_with(aux=1.0), "auxiliary loss has weight 1"),
+    (course.check_training_step, _step_with(decay=False), "weight decay is missing"),
+    (course.check_training_step, _step_with(zero_grad=False), "gradients accumulate.*step 2"),
+    (course.check_training_step, _step_with(keep=False), "momentum buffers were not kept"),
+    (course.check_training_step, _step_with(poly=False), "base lr.*poly lr"),
+    (course.check_training_step, _step_with(no_grad=False), "raised RuntimeError.*torch.no_grad"),
+    (course.check_training_step, _step_with(in_place=False), "parameters did not change"),
+    (course.check_training_step, _step_with(loss=lambda lo, t: F.cross_entropy(lo, t, ignore_index=255)),
+     "NaN loss.*all ignored"),
+    (course.check_training_step, lambda *args: None if training_step(*args) else None, "expected the loss"),
 ]
 
 
@@ -388,7 +426,29 @@ def _cheats():
         (course.check_weighted_cross_entropy, lambda lo, t, w: losses.cross_entropy(lo, t, class_weights=w)),
         (course.check_multiscale_flip, lambda m, x, sc, o: inference.inference(
             m, x, TestConfig(mode="whole", scales=sc, flip=True), o)),
+        (course.check_training_step, _train_step_cheat),
+        (course.check_training_step, _sgd_cheat),
+        (course.check_training_step, lambda m, x, y, b, it, tc: losses.segmentation_loss(m.train()(x), y, tc)[0]),
     ]
+
+
+def _train_step_cheat(model, images, masks, buffers, it, tc):
+    from upernet_ref.configs import get_config
+    from upernet_ref.training.trainer import train_step
+
+    optimizer = torch.optim.SGD(model.parameters(), tc.lr, tc.momentum, weight_decay=tc.weight_decay)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train_step(model.train(), (images, masks), optimizer, scaler, get_config("upernet_small_demo")).loss
+
+
+def _sgd_cheat(model, images, masks, buffers, it, tc):
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), tc.lr, tc.momentum, weight_decay=tc.weight_decay)
+    outputs = model(images)
+    loss = cross_entropy(outputs["out"], masks) + 0.4 * cross_entropy(outputs["aux"], masks)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 class _PackageBlock(torch.nn.Module):
@@ -411,7 +471,7 @@ class _PackageBlock(torch.nn.Module):
         return self.block(x)
 
 
-@pytest.mark.parametrize("index", range(21))
+@pytest.mark.parametrize("index", range(len(_cheats())))
 def test_a_package_call_is_refused(index):
     checker, cheat = _cheats()[index]
     with pytest.raises(course.ExerciseError, match="write it yourself|emptied"):
@@ -542,3 +602,26 @@ def test_exact_comparisons_switches_tf32_off():
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert course.pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_training_step_reference_equals_the_package():
+    """`_ref_training_steps` (the checker's own step) == `trainer.train_step` + `build_optimizer` + `PolyLR`."""
+    from upernet_ref import configs
+    from upernet_ref.training.schedule import build_optimizer, build_scheduler
+    from upernet_ref.training.trainer import train_step
+
+    for model, batches, buffers, start, tc, _ in course._training_step_cases():
+        if start or any(b.any() for b in buffers):
+            continue  # the package's optimizer starts at iteration 0 with empty buffers
+        cfg = configs.override(configs.get_config("upernet_small_demo"),
+                               {"train.epochs": tc.epochs, "train.iters_per_epoch": tc.iters_per_epoch})
+        expected = course._ref_training_steps(model, batches, buffers, start, cfg.train)
+        optimizer = build_optimizer(model.train(), cfg.train)
+        scheduler = build_scheduler(optimizer, cfg.train)
+        for (images, masks), want in zip(batches, expected):
+            loss = train_step(model, (images, masks), optimizer, torch.amp.GradScaler("cpu", enabled=False), cfg).loss
+            scheduler.step()
+            momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+            got = course._step_outcome(model, momentum, loss)
+            for name in want:  # the package's cross-entropy is float32, the reference's float64
+                torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import math
@@ -222,8 +223,9 @@ def _write_it_yourself(*args, **kwargs):
     frame = sys._getframe(0)
     raise sys.modules["upernet_ref.course"].WriteItYourself(
         f"write it yourself: your answer called {frame.f_globals['__name__']}."
-        f"{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}, the package's version of what this exercise asks you to "
-        f"write (it is blocked while your answer runs)")
+        f"{getattr(frame.f_code, 'co_qualname', frame.f_code.co_name)}, "
+        f"{'the package' if frame.f_globals['__name__'].startswith('upernet_ref') else 'torch'}'s version of what "
+        f"this exercise asks you to write (it is blocked while your answer runs)")
 
 
 @contextlib.contextmanager
@@ -1395,3 +1397,183 @@ def check_multiscale_flip(answer: typing.Callable[..., torch.Tensor]) -> None:
                 ("softmax before resizing: resize each view's logits to the output size, then softmax",
                  lambda: _ref_multiscale_flip(model, image, scales, out_size, softmax_first=True))], 1e-5, 1e-6)
     _passed("multiscale_flip", len(cases))
+
+
+class _TwoHeads(nn.Module):
+    """A tiny segmentation net shaped like the package's: `{"out"}`, plus `{"aux"}` while training.
+
+    Its BatchNorm makes the mode matter (batch statistics, running averages updated in train
+    mode), and its auxiliary head shares the trunk, so the aux weight changes every gradient.
+    """
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.classifier = nn.Conv2d(4, classes, 1)
+        self.aux_classifier = nn.Conv2d(4, classes, 3, padding=1)
+
+    def forward(self, x):
+        features = self.trunk(x)
+        result = {"out": self.classifier(features)}
+        if self.training:  # as `UPerNet`: the auxiliary output exists only for the loss
+            result["aux"] = self.aux_classifier(features)
+        return result
+
+
+def _step_outcome(model: nn.Module, buffers: typing.Sequence[torch.Tensor], loss) -> dict[str, torch.Tensor]:
+    """What one training step leaves behind: its loss, every parameter, BN statistic and buffer."""
+    loss = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+    outcome = {"the loss": loss.double()}
+    outcome.update({f"parameter {n}": p.detach().double().clone() for n, p in model.named_parameters()})
+    outcome.update({f"BatchNorm {n}": b.detach().double().clone() for n, b in model.named_buffers()})
+    outcome.update({f"momentum buffer of {n}": b.detach().double().clone()
+                    for (n, _), b in zip(model.named_parameters(), buffers)})
+    return outcome
+
+
+def _flat(outcome: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten() for v in outcome.values()])
+
+
+def _ref_training_steps(model: nn.Module, batches, buffers, start: int, tc, aux_weight: float | None = None,
+                        decay: bool = True, zero_grad: bool = True, keep_buffers: bool = True,
+                        poly: bool = True, lr_offset: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The outcome of each recipe iteration from `start` on copies of `model` and `buffers`
+    (and of the usual mistakes): train-mode forward, CE(out) + 0.4 x CE(aux), then
+    d = g + wd p, b <- momentum b + d, p <- p - lr(it) b with the poly lr of the iteration."""
+    model, buffers = copy.deepcopy(model).train(), [b.clone() for b in buffers]
+    params = list(model.parameters())
+    summed = [torch.zeros_like(p) for p in params]  # what .grad holds when zero_grad is forgotten
+    aux_weight = tc.aux_loss_weight if aux_weight is None else aux_weight
+    outcomes = []
+    for k, (images, masks) in enumerate(batches):
+        outputs = model(images)
+        loss = _ref_cross_entropy(outputs["out"], masks) + aux_weight * _ref_cross_entropy(outputs["aux"], masks)
+        grads = torch.autograd.grad(loss, params)
+        it = start + k + lr_offset
+        lr = _ref_poly_lr(it, tc.max_iters, tc.lr, tc.min_lr, tc.lr_power, tc.warmup_iters,
+                          tc.warmup_ratio) if poly else tc.lr
+        with torch.no_grad():
+            for p, g, b, s in zip(params, grads, buffers, summed):
+                s += g
+                d = (g if zero_grad else s) + (tc.weight_decay * p if decay else 0)
+                new_b = tc.momentum * b + d
+                if keep_buffers:
+                    b.copy_(new_b)
+                p -= lr * new_b
+        outcomes.append(_step_outcome(model, buffers, loss))
+    return outcomes
+
+
+def _training_step_cases() -> list[tuple]:
+    """(model, batches, buffers, start, train config, what): seeded; edge cases included."""
+    from upernet_ref.configs import TrainConfig
+    from upernet_ref.model import randomize_batchnorm
+
+    gen = torch.Generator().manual_seed(25)
+
+    def batch(b, classes, h, w, ignored=0.2):
+        masks = torch.randint(0, classes, (b, h, w), generator=gen)
+        masks[torch.rand(b, h, w, generator=gen) < ignored] = 255
+        return torch.randn(b, 3, h, w, generator=gen, dtype=torch.float64), masks
+
+    def model(classes):
+        torch.manual_seed(int(torch.randint(0, 10_000, (1,), generator=gen)))
+        return randomize_batchnorm(_TwoHeads(classes)).double().eval()  # handed over in eval mode
+
+    def zeros(m):
+        return [torch.zeros_like(p) for p in m.parameters()]
+
+    recipe = TrainConfig(epochs=1, iters_per_epoch=6)  # the published lr, momentum, weight decay
+    m1, m2, m3 = model(3), model(4), model(5)
+    resumed = [torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1 for p in m2.parameters()]
+    strong = TrainConfig(epochs=2, iters_per_epoch=4, lr=0.1, momentum=0.5, weight_decay=0.01, lr_power=1.0,
+                         min_lr=0.0)
+    return [
+        (m1, [batch(2, 3, 8, 8) for _ in range(3)], zeros(m1), 0, recipe,
+         "the first 3 iterations of a 6-iteration run with the published recipe, buffers starting at zero"),
+        (m2, [batch(2, 4, 6, 7) for _ in range(3)], resumed, 5, strong,
+         "iterations 5-7 (the last) of an 8-iteration run resumed with momentum buffers from before, "
+         "lr 0.1, momentum 0.5, weight decay 0.01, power 1"),
+        (m3, [batch(2, 5, 5, 6), batch(2, 5, 5, 6, ignored=1.0), batch(2, 5, 5, 6)], zeros(m3), 2, recipe,
+         "iterations 2-4 of a 6-iteration run whose second batch is all ignored (loss 0: the update "
+         "is momentum and weight decay only)")]
+
+
+def check_training_step(answer: typing.Callable[..., typing.Any]) -> None:
+    """08: `answer(model, images, masks, buffers, iteration, train_cfg)` = one recipe iteration.
+
+    In place: the model's parameters take one SGD step (momentum, weight decay, the poly lr of
+    `iteration`) and `buffers` (one momentum buffer a parameter) are updated; it returns the loss.
+    Each case runs a few consecutive iterations, so the state a step leaves (gradients, buffers,
+    BatchNorm statistics) is checked too.
+    """
+    __tracebackhide__ = True
+    from upernet_ref.training import losses, trainer
+
+    block = [trainer.train_step, losses.segmentation_loss, losses.cross_entropy, torch.optim.SGD.step]
+    hints = [("'aux'", "the model is in eval mode, where it gives no 'aux': call model.train() first "
+                       "(BatchNorm then normalises with the batch's statistics)"),
+             ("leaf Variable", "update the parameters in place inside `with torch.no_grad():`")]
+    cases = _training_step_cases()
+    for model, batches, buffers, start, tc, what in cases:
+        pristine, variants = copy.deepcopy(model), {}
+
+        def wrong(name, **options):  # a mistake's outcomes, computed once when needed
+            def outcome(k, name=name, options=options, pristine=pristine, batches=batches, buffers=buffers,
+                        start=start, tc=tc):
+                if name not in variants:
+                    variants[name] = _ref_training_steps(pristine, batches, buffers, start, tc, **options)
+                return variants[name][k]
+            return outcome
+
+        expected = _ref_training_steps(pristine, batches, buffers, start, tc)
+        mistakes = [
+            ("the auxiliary loss is missing: loss = CE(out) + 0.4 x CE(aux)", wrong("no aux", aux_weight=0.0)),
+            ("the auxiliary loss has weight 1: the recipe weighs it 0.4", wrong("aux 1", aux_weight=1.0)),
+            ("the weight decay is missing: d = g + weight_decay x p", wrong("no decay", decay=False)),
+            ("the gradients accumulate from step to step: zero them before each backward "
+             "(model.zero_grad(), or torch.autograd.grad)", wrong("no zero_grad", zero_grad=False)),
+            ("the momentum buffers were not kept: update `buffers` in place (b.mul_(momentum).add_(d)), "
+             "the next step continues from them", wrong("buffers", keep_buffers=False)),
+            ("the lr is the base lr at every step: use the poly lr of this iteration",
+             wrong("base lr", poly=False)),
+            ("the lr of the next iteration: iteration `it` uses lr(it) (the scheduler steps after the "
+             "update)", wrong("next lr", lr_offset=1))]
+        work = [b.clone() for b in buffers]
+        for k, (images, masks) in enumerate(batches):
+            case = f"step {k + 1} of {what}"
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            got = _run("training_step", answer, (model, images.clone(), masks.clone(), work, start + k, tc),
+                       case, block=block, hints=hints)
+            _check_training_outcome(got, model, work, before, expected[k], [(m, lambda f=f, k=k: f(k)) for m, f in mistakes],
+                                    case)
+    _passed("training_step", len(cases))
+
+
+def _check_training_outcome(got, model, buffers, before: dict, expected: dict, mistakes, case: str) -> None:
+    """One step's outcome against the reference: a named mistake, or the first thing that differs."""
+    __tracebackhide__ = True
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.detach().reshape(())
+    elif not isinstance(got, (int, float)) or isinstance(got, bool):
+        _fail(f"training_step: expected the loss (a number or a 0-d tensor) for {case}, got {_describe(got)}")
+    if len(buffers) != len(list(model.parameters())):
+        _fail(f"training_step: {len(buffers)} momentum buffers for {case}, expected one a parameter")
+    outcome = _step_outcome(model, buffers, got)
+    if bool(torch.isnan(outcome["the loss"])) and float(expected["the loss"]) == 0:
+        _fail(f"training_step: a NaN loss for {case}: with no valid pixel each cross-entropy is 0 "
+              f"(divide by max(1, the number of valid pixels))")
+    rtol, atol = 1e-5, 1e-8  # the cases run in float64; this leaves room for an answer in float32
+    if _matches(_flat(outcome), _flat(expected), rtol, atol):
+        return
+    for message, variant in mistakes:
+        value = _flat(variant())
+        if not _matches(value, _flat(expected), rtol, atol) and _matches(_flat(outcome), value, rtol, atol):
+            _fail(f"training_step: {message} (for {case})")
+    if all(torch.equal(p.detach().double(), before[n]) for n, p in model.named_parameters()):
+        _fail(f"training_step: the parameters did not change for {case}: update them in place "
+              f"(p -= lr * b, or p.sub_(lr * b), under torch.no_grad()); `p = p - ...` binds a new tensor "
+              f"that the model never sees")
+    for name, value in expected.items():
+        compare(f"training_step ({name})", outcome[name], value, case, rtol, atol)

@@ -120,19 +120,62 @@ def sgd_update(param: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, lr: f
 course.check_sgd_update(sgd_update)
 
 # %% [markdown]
-# ## 2. One training step, by hand
+# ## Exercise 3 (stretch, checked): one training step
 #
-# One iteration of the recipe: forward in train mode (the model returns `out` and `aux`), loss =
-# CE(out) + 0.4 x CE(aux) over the non-ignored pixels, gradients, then SGD with momentum 0.9 and
-# weight decay on every parameter: $d = g + \lambda p$, $b \leftarrow 0.9\,b + d$,
-# $p \leftarrow p - \mathrm{lr}\,b$, with the poly lr of this iteration. Written out, it must give
-# the same losses and the same parameters after a few steps as the package's training step,
+# Put the pieces together into one iteration of the recipe, as the trainer runs it:
+#
+# 1. forward in **train mode** (BatchNorm on the batch's statistics; the model returns `out`
+#    and, only while training, `aux`);
+# 2. the loss CE(out) + 0.4 x CE(aux) over the non-ignored pixels (your `training_loss`);
+# 3. the gradients of this step alone (nothing left over from the previous step: zero the
+#    `.grad`s before `backward`, or use `torch.autograd.grad`);
+# 4. the SGD update of every parameter with its momentum buffer (your `sgd_update`), at the
+#    poly lr of this `iteration`: lr = (lr - min_lr) (1 - it / max_iters)^power + min_lr
+#    (notebook 06; the recipe has no warmup), all read from `train_cfg`.
+#
+# `buffers` holds one momentum buffer per parameter (in `model.parameters()` order, zeros before
+# the first step): update them and the parameters **in place**, since the next step continues from
+# them, and return the loss. `check_training_step` runs a few consecutive steps on a tiny model
+# (the published recipe, a run resumed with non-zero buffers, a batch whose every pixel is
+# ignored) and compares the loss, every parameter, BatchNorm statistic and buffer after each step;
+# the package's `train_step`, its losses and `torch.optim.SGD.step` are blocked meanwhile.
+
+# %%
+def training_step(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                  buffers: list[torch.Tensor], iteration: int, train_cfg: configs.TrainConfig) -> float:
+    ### BEGIN SOLUTION
+    model.train()  # BatchNorm on the batch's statistics, and the auxiliary output on
+    params = list(model.parameters())
+    loss = training_loss(model(images), masks)  # exercise 1
+    grads = torch.autograd.grad(loss, params)  # this step's gradients only: nothing accumulates
+    tc = train_cfg
+    lr = (tc.lr - tc.min_lr) * (1 - iteration / tc.max_iters) ** tc.lr_power + tc.min_lr  # notebook 06
+    with torch.no_grad():
+        for p, g, b in zip(params, grads, buffers):
+            new_param, new_buffer = sgd_update(p, g, b, lr, tc.momentum, tc.weight_decay)  # exercise 2
+            p.copy_(new_param)
+            b.copy_(new_buffer)
+    return loss.item()
+    ### END SOLUTION
+
+
+course.check_training_step(training_step)
+
+# %% [markdown]
+# ## 2. Your training step against the package's
+#
+# One iteration of the recipe, as you wrote it: forward in train mode, loss = CE(out) + 0.4 x
+# CE(aux) over the non-ignored pixels, gradients, then SGD with momentum 0.9 and weight decay on
+# every parameter, $d = g + \lambda p$, $b \leftarrow 0.9\,b + d$, $p \leftarrow p - \mathrm{lr}\,b$,
+# at the poly lr of the iteration. Repeated for a few steps of the real `upernet_small_demo`
+# network, it must give the same losses and the same model as the package's training step,
 # `training.trainer.train_step` (the one the trainer repeats), with `build_optimizer` and
 # `build_scheduler`, driving an identical copy of the model on the same batches (dropout draws
 # seeded alike):
 
-# %%
-steps, tc = 3, cfg.train
+# %% tags=["uses-exercise"]
+steps = 3
+tc = configs.override(cfg, {"train.epochs": 1, "train.iters_per_epoch": steps}).train  # a 3-iteration run
 _ = torch.manual_seed(0)
 items = DemoScenes("train", transform=train_transform(cfg.data))
 batches = [[torch.stack(t).to(device) for t in zip(*(items[4 * b + i] for i in range(4)))] for b in range(steps)]
@@ -140,30 +183,14 @@ _ = torch.manual_seed(0)
 package_model = build_model(cfg).to(device).train()
 hand_model = copy.deepcopy(package_model)
 
-
-def ce_by_hand(logits, target):
-    valid = target != 255
-    log_p = logits.log_softmax(1).gather(1, target.masked_fill(~valid, 0)[:, None]).squeeze(1)
-    return -(log_p * valid).sum() / valid.sum().clamp(min=1)
-
-
-params = [p for p in hand_model.parameters() if p.requires_grad]
-momentum_buffers = [torch.zeros_like(p) for p in params]
+momentum_buffers = [torch.zeros_like(p) for p in hand_model.parameters()]
 hand_losses = []
 for it, (x, y) in enumerate(batches):
-    lr = (tc.lr - tc.min_lr) * (1 - it / steps) ** tc.lr_power + tc.min_lr
     _ = torch.manual_seed(100 + it)  # the dropout draws
-    outputs = hand_model(x)
-    loss = ce_by_hand(outputs["out"], y) + tc.aux_loss_weight * ce_by_hand(outputs["aux"], y)
-    grads = torch.autograd.grad(loss, params)
-    with torch.no_grad():
-        for p, g, b in zip(params, grads, momentum_buffers):
-            b.mul_(tc.momentum).add_(g + tc.weight_decay * p)
-            p.sub_(lr * b)
-    hand_losses.append(loss.item())
+    hand_losses.append(float(training_step(hand_model, x, y, momentum_buffers, it, tc)))
 
 optimizer = build_optimizer(package_model, tc)
-scheduler = build_scheduler(optimizer, tc, max_iters=steps)
+scheduler = build_scheduler(optimizer, tc)
 scaler = torch.amp.GradScaler(device.type, enabled=False)  # fp16 only
 package_losses = []
 for it, (x, y) in enumerate(batches):
