@@ -15,6 +15,8 @@ from upernet_ref.data.datasets import HFSegmentation, open_hf_dataset
 from upernet_ref.errors import UsageError
 
 datasets = pytest.importorskip("datasets")  # the [hf] extra (a third-party package)
+import datasets.config  # noqa: E402
+import huggingface_hub.constants  # noqa: E402  (a dependency of datasets)
 NAMES = ["background", "cat", "dog"]
 
 
@@ -83,6 +85,10 @@ def test_streaming_is_refused_in_one_line(folder):
 def test_an_unreachable_hub_dataset_says_how_to_work_offline(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # both libraries read the variable once, at import (done above): without these two the
+    # load goes to the network and takes 20+ s to fail where there is none
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert upernet(["train", *HF, "--data-root", "someone/not-cached", "--out",
                     str(tmp_path / "run"), "--max-iters", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
