@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -33,6 +33,7 @@
 
 # %%
 # %matplotlib inline
+import copy
 import inspect
 
 import matplotlib.pyplot as plt
@@ -40,31 +41,9 @@ import torch
 
 from upernet_ref import course
 from upernet_ref.training import schedule
-from upernet_ref.configs import get_config
+from upernet_ref.configs import TrainConfig, get_config
 
 _ = torch.manual_seed(0)
-
-# %% [markdown]
-# ## Exercise 1 (core, checked): write the schedule first
-#
-# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
-# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
-# stay at the minimum). `check_poly_lr` tries twenty cases (warmup, its end, the last iteration
-# and beyond included) and names the usual mistakes.
-
-# %% tags=["raises-exception"]
-def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
-            warmup_iters: int, warmup_ratio: float) -> float:
-    raise NotImplementedError("exercise: replace this line with your code")
-
-
-course.check_poly_lr(poly_lr)
-
-# %% [markdown]
-# The package's version, to compare with yours:
-
-# %%
-print(inspect.getsource(schedule.poly_lr))
 
 # %% [markdown]
 # ## 1. From epochs to iterations, for the three datasets
@@ -73,7 +52,7 @@ print(inspect.getsource(schedule.poly_lr))
 # card's figures are that ratio rounded to the nearest integer) and the schedule length is
 # epochs x iterations per epoch. The configurations store both numbers.
 #
-# ### Exercise 2 (warm-up, checked): epochs to iterations
+# ### Exercise 1 (warm-up, checked): epochs to iterations
 #
 # Write `epochs_to_iters(epochs, num_images, batch_size)` by that rule (round images / batch to
 # the nearest integer, at least one iteration an epoch). `check_epochs_to_iters` tries the three
@@ -98,7 +77,31 @@ for dataset in ("voc", "ade20k", "cityscapes"):
           f"{per_epoch:>8} {cfg.train.max_iters:>9}")
 
 # %% [markdown]
-# ## 2. The curve
+# ## 2. The poly schedule
+#
+# ### Exercise 2 (core, checked): write the schedule before you read it
+#
+# Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
+# during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
+# stay at the minimum). `check_poly_lr` tries twenty cases (warmup, its end, the last iteration
+# and beyond included) and names the usual mistakes.
+
+# %% tags=["raises-exception"]
+def poly_lr(iteration: int, max_iters: int, base_lr: float, min_lr: float, power: float,
+            warmup_iters: int, warmup_ratio: float) -> float:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_poly_lr(poly_lr)
+
+# %% [markdown]
+# The package's version, to compare with yours:
+
+# %%
+print(inspect.getsource(schedule.poly_lr))
+
+# %% [markdown]
+# ## 3. The curve
 #
 # The exponent 0.9 keeps the lr a little above the straight line for most of the run and drops
 # it faster at the end; `min_lr` keeps the last updates from vanishing entirely.
@@ -127,7 +130,28 @@ for it in (0, T // 4, T // 2, 3 * T // 4, T - 1, T):
 assert abs(schedule.poly_lr(T // 2, T, 0.01) - (0.0099 * 0.5 ** 0.9 + 1e-4)) < 1e-12
 
 # %% [markdown]
-# ## 3. The optimiser and the scheduler the trainer uses
+# ### Exercise 3 (stretch, checked): a whole run's learning rates, new or resumed
+#
+# Write `lr_curve(train_cfg, start)`: the list of learning rates the optimiser uses at each
+# iteration of the run that `train_cfg` describes, from iteration `start` (0 for a new run, the
+# checkpoint's iteration for a resumed one) to its last, `max_iters - 1`. Everything comes from
+# the configuration: the length, `max_iters` = `epochs` x `iters_per_epoch`; the curve, `lr`,
+# `min_lr`, `lr_power`; the warmup, `warmup_iters` and `warmup_ratio` (your `poly_lr` does the
+# arithmetic). What to get right: the scheduler steps once per *iteration*, after the update,
+# so iteration `it` uses lr(it); a resumed run continues on the same curve, it does not start a
+# new one. `check_lr_curve` tries small runs with and without warmup, resumed before, inside
+# and after the warmup and at the last iteration, the published VOC schedule (39,660 values) and
+# the ADE20K one resumed at 160,000; the package's `poly_lr` and `PolyLR` are blocked meanwhile.
+
+# %% tags=["raises-exception"]
+def lr_curve(train_cfg: TrainConfig, start: int) -> list[float]:
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+course.check_lr_curve(lr_curve)
+
+# %% [markdown]
+# ## 4. The optimiser and the scheduler the trainer uses
 #
 # `build_optimizer` puts every parameter in one group (one lr, one weight decay);
 # `build_scheduler` wraps `poly_lr` as a torch scheduler (`PolyLR`), stepped after every
@@ -154,42 +178,54 @@ assert seen == expected
 print(f"{small.name}: {small.train.max_iters} iterations, lr {seen[0]:.4f} -> {seen[-1]:.6f}")
 
 # %% [markdown]
-# ### The whole run by hand, with warmup, against `PolyLR`
+# ### The whole run, with warmup and a resume, against `PolyLR`
 #
-# The curve written out from the formula, with a linear warmup (the lr ramps from
-# `warmup_ratio` x poly to poly over `warmup_iters`: an option, off in the published recipe), and
-# the learning rates the optimiser actually used when `PolyLR` steps it once per iteration over a
-# whole 2,000-iteration run:
+# Your curve for a 2,000-iteration run with a linear warmup (the lr ramps from `warmup_ratio` x
+# poly to poly over `warmup_iters`: an option, off in the published recipe), against the
+# learning rates the optimiser actually used when `PolyLR` steps it once per iteration; then the
+# same run stopped at iteration 1,500 and resumed from what a checkpoint keeps (the optimiser's
+# and the scheduler's states), against your curve from 1,500:
 
-# %%
-run = get_config("upernet_small_demo", {"train.warmup_iters": 200, "train.warmup_ratio": 0.1}).train
-T_run = 2000
-
-
-def lr_by_hand(it):
-    lr = (run.lr - run.min_lr) * (1 - it / T_run) ** run.lr_power + run.min_lr
-    if it < run.warmup_iters:
-        lr *= 1 - (1 - it / run.warmup_iters) * (1 - run.warmup_ratio)
-    return lr
+# %% tags=["uses-exercise", "raises-exception"]
+run = get_config("upernet_small_demo", {"train.epochs": 10, "train.iters_per_epoch": 200,
+                                        "train.warmup_iters": 200, "train.warmup_ratio": 0.1}).train
+stop = 1500
 
 
-opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.lr, momentum=0.9)
-sched = schedule.build_scheduler(opt, run, max_iters=T_run)
+def sgd_and_poly(run):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.lr, momentum=0.9)
+    return opt, schedule.build_scheduler(opt, run)
+
+
+opt, sched = sgd_and_poly(run)
 used = []
-for it in range(T_run):
+for it in range(run.max_iters):
+    if it == stop:
+        checkpoint = copy.deepcopy({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
     used.append(opt.param_groups[0]["lr"])
     opt.step()
     sched.step()
-by_hand = [lr_by_hand(it) for it in range(T_run)]
-torch.testing.assert_close(torch.tensor(used, dtype=torch.float64), torch.tensor(by_hand, dtype=torch.float64),
-                           rtol=1e-12, atol=0)
+opt, sched = sgd_and_poly(run)  # a new process: fresh objects, then the checkpoint's states
+opt.load_state_dict(checkpoint["optimizer"])
+sched.load_state_dict(checkpoint["scheduler"])
+resumed = []
+for it in range(stop, run.max_iters):
+    resumed.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+mine, mine_resumed = lr_curve(run, 0), lr_curve(run, stop)
+for package, yours in ((used, mine), (resumed, mine_resumed)):
+    torch.testing.assert_close(torch.tensor(package, dtype=torch.float64),
+                               torch.as_tensor(yours, dtype=torch.float64), rtol=1e-12, atol=0)
 fig, ax = plt.subplots(figsize=(7, 2.8))
 ax.plot(used, label="PolyLR (what the optimiser used)", lw=3, alpha=0.5)
-ax.plot(by_hand, "--", label="by hand")
-ax.set(xlabel="iteration", ylabel="lr", title=f"{T_run} iterations, warmup {run.warmup_iters}")
+ax.plot(mine, "--", label="your lr_curve(run, 0)")
+ax.plot(range(stop, run.max_iters), resumed, ":", lw=3, label=f"resumed at {stop}")
+ax.set(xlabel="iteration", ylabel="lr", title=f"{run.max_iters} iterations, warmup {run.warmup_iters}")
 ax.legend()
 plt.show()
-print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iteration {used.index(max(used))}")
+print(f"{run.max_iters} learning rates == PolyLR, and the {len(resumed)} after the resume at {stop}; "
+      f"peak {max(used):.5f} at iteration {used.index(max(used))}")
 
 # %% [markdown]
 # ## Summary
@@ -197,7 +233,8 @@ print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iterat
 # - SGD (0.01, momentum 0.9, weight decay 5e-4 everywhere), poly power 0.9 per iteration,
 #   min lr 1e-4, no warmup: the same for all 12 recipes.
 # - Iterations: VOC 661 x 60 = 39,660; ADE20K 1,263 x 130 = 164,190; Cityscapes 372 x 220 = 81,840.
-# - The schedule is a pure function of the iteration, so resuming needs only the iteration.
+# - The schedule is a pure function of the iteration: a run uses lr(start), ..., lr(max_iters - 1),
+#   and resuming needs only the iteration (the checkpoint's optimiser and scheduler states).
 
 # %% [markdown]
 # ## Questionnaire

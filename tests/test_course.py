@@ -164,6 +164,20 @@ def _step_with(**mistake):
     return lambda *args: training_step(*args, **mistake)
 
 
+def lr_curve(tc, start, per_epoch=False, late=0, extra=0, warmup=True, restart=False, from_zero=False):
+    """A run's learning rates from `start` (and, by its flags, the mistakes a student makes)."""
+    total = tc.max_iters - start if restart else tc.max_iters
+    first = 0 if restart or from_zero else start
+    last = first + (tc.max_iters - start if restart else tc.max_iters - first) + extra
+    its = [it // tc.iters_per_epoch * tc.iters_per_epoch if per_epoch else it + late for it in range(first, last)]
+    return [poly_lr(it, total, tc.lr, tc.min_lr, tc.lr_power, tc.warmup_iters if warmup else 0, tc.warmup_ratio)
+            for it in its]
+
+
+def _curve_with(**mistake):
+    return lambda tc, start: lr_curve(tc, start, **mistake)
+
+
 def slide_inference(model, image, crop, stride):
     h, w = image.shape[-2:]
     total, count = 0, torch.zeros(1, 1, h, w)
@@ -222,7 +236,8 @@ RIGHT = [(course.check_conv_output_size, conv_output_size), (course.check_ppm, p
          (course.check_sgd_update, sgd_update), (course.check_slide_inference, slide_inference),
          (course.check_ppm_parameters, ppm_parameters), (course.check_fuse_and_classify, fuse_and_classify),
          (course.check_laterals, laterals), (course.check_weighted_cross_entropy, weighted_cross_entropy),
-         (course.check_multiscale_flip, multiscale_flip), (course.check_training_step, training_step)]
+         (course.check_multiscale_flip, multiscale_flip), (course.check_training_step, training_step),
+         (course.check_lr_curve, lr_curve)]
 
 
 @pytest.mark.parametrize("checker, answer", RIGHT, ids=[c.__name__ for c, _ in RIGHT])
@@ -377,6 +392,15 @@ WRONG = [
     (course.check_training_step, _step_with(loss=lambda lo, t: F.cross_entropy(lo, t, ignore_index=255)),
      "NaN loss.*all ignored"),
     (course.check_training_step, lambda *args: None if training_step(*args) else None, "expected the loss"),
+    (course.check_lr_curve, _curve_with(per_epoch=True), "once per epoch"),
+    (course.check_lr_curve, _curve_with(late=1), "one iteration late"),
+    (course.check_lr_curve, _curve_with(extra=1), "one value too many"),
+    (course.check_lr_curve, _curve_with(warmup=False), "warmup is missing"),
+    (course.check_lr_curve, _curve_with(restart=True), "new schedule from the resume point"),
+    (course.check_lr_curve, _curve_with(from_zero=True), "start at iteration 0"),
+    (course.check_lr_curve, lambda tc, start: [(tc.lr - tc.min_lr) * (1 - it / tc.max_iters) ** tc.lr_power + tc.min_lr
+                                               for it in range(start, tc.max_iters + 2)], "complex"),
+    (course.check_lr_curve, lambda tc, start: {it: 0.01 for it in range(start, tc.max_iters)}, "expected a list"),
 ]
 
 
@@ -429,7 +453,23 @@ def _cheats():
         (course.check_training_step, _train_step_cheat),
         (course.check_training_step, _sgd_cheat),
         (course.check_training_step, lambda m, x, y, b, it, tc: losses.segmentation_loss(m.train()(x), y, tc)[0]),
+        (course.check_lr_curve, lambda tc, start: [schedule.poly_lr(it, tc.max_iters, tc.lr, tc.min_lr, tc.lr_power,
+                                                                    tc.warmup_iters, tc.warmup_ratio)
+                                                   for it in range(start, tc.max_iters)]),
+        (course.check_lr_curve, _poly_lr_scheduler_cheat),
     ]
+
+
+def _poly_lr_scheduler_cheat(tc, start):
+    from upernet_ref.training.schedule import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    scheduler, lrs = build_scheduler(optimizer, tc), []
+    for it in range(tc.max_iters):
+        if it >= start:
+            lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return lrs
 
 
 def _train_step_cheat(model, images, masks, buffers, it, tc):
@@ -602,6 +642,23 @@ def test_exact_comparisons_switches_tf32_off():
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert course.pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_lr_curve_reference_equals_polylr():
+    """`_ref_lr_curve` (the checker's own curve) == the lrs `PolyLR` gives the optimiser, resumed too."""
+    from upernet_ref.training.schedule import build_scheduler
+
+    for tc, start, _ in course._lr_curve_cases():
+        if tc.max_iters > 1000:
+            continue  # the published schedules: the same code, longer
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+        scheduler, used = build_scheduler(optimizer, tc), []
+        for _ in range(tc.max_iters):
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        torch.testing.assert_close(course._ref_lr_curve(tc, start), torch.tensor(used[start:], dtype=torch.float64),
+                                   rtol=1e-12, atol=0)
 
 
 def test_the_training_step_reference_equals_the_package():

@@ -1,4 +1,5 @@
-"""In every student notebook, no cell above an exercise shows its solution.
+"""In every student notebook, no cell above an exercise shows its solution; every notebook has a
+ramp of at least three exercises.
 
 An exercise the student can read the answer to, a few cells up (a sketch with the same code, or
 an `inspect.getsource` of the package function it asks for), teaches nothing (issue 17). For
@@ -98,3 +99,14 @@ def f(x):
     student.cells[0]["outputs"] = []
     student.cells[0]["source"] = "y = torch.where(x > 0,\n  x * 2, x - 1)"
     assert len(revealed_early(solved, student)) == 1
+
+
+MIN_EXERCISES = 3  # issue 17: a ramp of warm-up, core and stretch in every notebook
+
+
+@pytest.mark.parametrize("solution", SOLVED, ids=[p.name for p in SOLVED])
+def test_every_notebook_has_a_ramp_of_exercises(solution: Path):
+    exercises = [cell for cell in jupytext.read(solution).cells
+                 if cell.cell_type == "code" and build.BEGIN in cell.source]
+    assert len(exercises) >= MIN_EXERCISES, (
+        f"{solution.name}: {len(exercises)} exercise cells, at least {MIN_EXERCISES} expected (warm-up, core, stretch)")

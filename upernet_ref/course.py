@@ -1577,3 +1577,78 @@ def _check_training_outcome(got, model, buffers, before: dict, expected: dict, m
               f"that the model never sees")
     for name, value in expected.items():
         compare(f"training_step ({name})", outcome[name], value, case, rtol, atol)
+
+
+def _ref_lr_curve(tc, start: int, per_epoch: bool = False, offset: int = 0, stop_extra: int = 0,
+                  warmup: bool = True, restart: bool = False) -> torch.Tensor:
+    """The lr of each iteration start .. max_iters - 1 of the run `tc` describes (and the mistakes)."""
+    total = tc.max_iters - start if restart else tc.max_iters
+    first = 0 if restart else start
+    values = []
+    for it in range(first, first + tc.max_iters - start + stop_extra):
+        at = (it // tc.iters_per_epoch) * tc.iters_per_epoch if per_epoch else it + offset
+        values.append(_ref_poly_lr(at, total, tc.lr, tc.min_lr, tc.lr_power,
+                                   tc.warmup_iters if warmup else 0, tc.warmup_ratio))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _lr_curve_cases() -> list[tuple]:
+    """(train config, start, what): small runs with and without warmup, resumed ones, two recipes."""
+    from upernet_ref.configs import TrainConfig, get_config
+
+    rng = random.Random(26)
+    warm = TrainConfig(epochs=3, iters_per_epoch=40, warmup_iters=30, warmup_ratio=0.1)
+    cases = [(TrainConfig(epochs=4, iters_per_epoch=25), 0, "a 100-iteration run from the start"),
+             (warm, 0, "a 120-iteration run with a 30-iteration linear warmup from ratio 0.1"),
+             (warm, 70, "the same run resumed at iteration 70, after the warmup"),
+             (warm, 10, "the same run resumed at iteration 10, inside the warmup"),
+             (warm, 119, "the same run resumed at its last iteration"),
+             (get_config("upernet_r50_os8_voc").train, 0, "the published VOC recipe (60 epochs x 661)"),
+             (get_config("upernet_r50_os8_ade20k").train, 160_000, "the published ADE20K recipe resumed at 160,000")]
+    for _ in range(3):
+        epochs, per_epoch = rng.randint(1, 6), rng.randint(5, 60)
+        tc = TrainConfig(epochs=epochs, iters_per_epoch=per_epoch, lr=rng.choice((0.01, 0.02, 0.1)),
+                         min_lr=rng.choice((0.0, 1e-4)), lr_power=rng.choice((0.9, 1.0, 2.0)),
+                         warmup_iters=rng.choice((0, rng.randint(1, epochs * per_epoch - 1))),
+                         warmup_ratio=rng.choice((1e-6, 0.1, 0.5)))
+        cases.append((tc, rng.randint(0, tc.max_iters - 1), "a random run, resumed at a random iteration"))
+    return cases
+
+
+def check_lr_curve(answer: typing.Callable[..., typing.Sequence[float]]) -> None:
+    """06: `answer(train_cfg, start)` = the lr the optimiser uses at each iteration start .. max_iters - 1."""
+    __tracebackhide__ = True
+    from upernet_ref.training import schedule
+
+    cases = _lr_curve_cases()
+    for tc, start, what in cases:
+        case = (f"{what} (epochs={tc.epochs}, iters_per_epoch={tc.iters_per_epoch}, lr={tc.lr}, "
+                f"min_lr={tc.min_lr}, lr_power={tc.lr_power}, warmup_iters={tc.warmup_iters}, "
+                f"warmup_ratio={tc.warmup_ratio}, start={start})")
+        got = _run("lr_curve", answer, (tc, start), case,
+                   block=[schedule.poly_lr, schedule.PolyLR.get_lr, schedule.epochs_to_iters])
+        if isinstance(got, (list, tuple)) and any(isinstance(v, complex) for v in got):
+            _fail(f"lr_curve: complex learning rates for {case}: an iteration went past max_iters, where "
+                  f"1 - it / max_iters is negative")
+        if isinstance(got, torch.Tensor):
+            got = got.detach().double().flatten()
+        elif isinstance(got, (list, tuple, range)) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          for v in got):
+            got = torch.tensor([float(v) for v in got], dtype=torch.float64)
+        else:
+            _fail(f"lr_curve: expected a list of learning rates for {case}, got {_describe(got)}")
+        _check("lr_curve", got, _ref_lr_curve(tc, start), case, [
+            ("stepped once per epoch: the poly lr changes every iteration (PolyLR steps after each update)",
+             lambda: _ref_lr_curve(tc, start, per_epoch=True)),
+            ("one iteration late: iteration it uses lr(it), so the first value is lr(start)",
+             lambda: _ref_lr_curve(tc, start, offset=1)),
+            ("one value too many: the run's last iteration is max_iters - 1 (lr(max_iters) is never used)",
+             lambda: _ref_lr_curve(tc, start, stop_extra=1)),
+            ("a new schedule from the resume point: the lr is a function of the run's iteration alone, so a "
+             "run resumed at `start` continues on the same curve (lr(start), ..., not a fresh warmup and poly "
+             "over max_iters - start)", lambda: _ref_lr_curve(tc, start, restart=True)),
+            ("the warmup is missing: during the config's first warmup_iters iterations scale the lr from "
+             "warmup_ratio up to 1", lambda: _ref_lr_curve(tc, start, warmup=False)),
+            ("the values start at iteration 0: return those of iterations start .. max_iters - 1",
+             lambda: _ref_lr_curve(tc, 0))], 1e-9, 1e-12)
+    _passed("lr_curve", len(cases))

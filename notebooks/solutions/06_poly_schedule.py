@@ -33,6 +33,7 @@
 
 # %%
 # %matplotlib inline
+import copy
 import inspect
 
 import matplotlib.pyplot as plt
@@ -40,12 +41,47 @@ import torch
 
 from upernet_ref import course
 from upernet_ref.training import schedule
-from upernet_ref.configs import get_config
+from upernet_ref.configs import TrainConfig, get_config
 
 _ = torch.manual_seed(0)
 
 # %% [markdown]
-# ## Exercise 1 (core, checked): write the schedule first
+# ## 1. From epochs to iterations, for the three datasets
+#
+# One iteration consumes one global batch, so an epoch is images / batch iterations (the model
+# card's figures are that ratio rounded to the nearest integer) and the schedule length is
+# epochs x iterations per epoch. The configurations store both numbers.
+#
+# ### Exercise 1 (warm-up, checked): epochs to iterations
+#
+# Write `epochs_to_iters(epochs, num_images, batch_size)` by that rule (round images / batch to
+# the nearest integer, at least one iteration an epoch). `check_epochs_to_iters` tries the three
+# published datasets and eleven random sizes; the table below then uses the package.
+
+# %%
+def epochs_to_iters(epochs: int, num_images: int, batch_size: int) -> int:
+    ### BEGIN SOLUTION
+    return epochs * max(1, int(num_images / batch_size + 0.5))
+    ### END SOLUTION
+
+
+course.check_epochs_to_iters(epochs_to_iters)
+
+# %%
+train_images = {"voc": 10_582, "ade20k": 20_210, "cityscapes": 2_975}  # docs/SPEC.md, "The 12 published results"
+print(f"{'dataset':<11} {'images':>7} {'batch':>5} {'epochs':>6} {'it/epoch':>8} {'max_iters':>9}")
+for dataset in ("voc", "ade20k", "cityscapes"):
+    cfg = get_config(f"upernet_r50_os8_{dataset}")
+    per_epoch = schedule.iters_per_epoch(train_images[dataset], cfg.train.batch_size)
+    assert per_epoch == cfg.train.iters_per_epoch
+    assert schedule.epochs_to_iters(cfg.train.epochs, train_images[dataset], cfg.train.batch_size) == cfg.train.max_iters
+    print(f"{dataset:<11} {train_images[dataset]:>7} {cfg.train.batch_size:>5} {cfg.train.epochs:>6} "
+          f"{per_epoch:>8} {cfg.train.max_iters:>9}")
+
+# %% [markdown]
+# ## 2. The poly schedule
+#
+# ### Exercise 2 (core, checked): write the schedule before you read it
 #
 # Write `poly_lr` with its optional linear warmup (the formula at the top of this notebook;
 # during warmup multiply by 1 - (1 - it / warmup_iters) x (1 - warmup_ratio); past `max_iters`
@@ -73,40 +109,7 @@ course.check_poly_lr(poly_lr)
 print(inspect.getsource(schedule.poly_lr))
 
 # %% [markdown]
-# ## 1. From epochs to iterations, for the three datasets
-#
-# One iteration consumes one global batch, so an epoch is images / batch iterations (the model
-# card's figures are that ratio rounded to the nearest integer) and the schedule length is
-# epochs x iterations per epoch. The configurations store both numbers.
-#
-# ### Exercise 2 (warm-up, checked): epochs to iterations
-#
-# Write `epochs_to_iters(epochs, num_images, batch_size)` by that rule (round images / batch to
-# the nearest integer, at least one iteration an epoch). `check_epochs_to_iters` tries the three
-# published datasets and eleven random sizes; the table below then uses the package.
-
-# %%
-def epochs_to_iters(epochs: int, num_images: int, batch_size: int) -> int:
-    ### BEGIN SOLUTION
-    return epochs * max(1, int(num_images / batch_size + 0.5))
-    ### END SOLUTION
-
-
-course.check_epochs_to_iters(epochs_to_iters)
-
-# %%
-train_images = {"voc": 10_582, "ade20k": 20_210, "cityscapes": 2_975}  # docs/SPEC.md, "The 12 published results"
-print(f"{'dataset':<11} {'images':>7} {'batch':>5} {'epochs':>6} {'it/epoch':>8} {'max_iters':>9}")
-for dataset in ("voc", "ade20k", "cityscapes"):
-    cfg = get_config(f"upernet_r50_os8_{dataset}")
-    per_epoch = schedule.iters_per_epoch(train_images[dataset], cfg.train.batch_size)
-    assert per_epoch == cfg.train.iters_per_epoch
-    assert schedule.epochs_to_iters(cfg.train.epochs, train_images[dataset], cfg.train.batch_size) == cfg.train.max_iters
-    print(f"{dataset:<11} {train_images[dataset]:>7} {cfg.train.batch_size:>5} {cfg.train.epochs:>6} "
-          f"{per_epoch:>8} {cfg.train.max_iters:>9}")
-
-# %% [markdown]
-# ## 2. The curve
+# ## 3. The curve
 #
 # The exponent 0.9 keeps the lr a little above the straight line for most of the run and drops
 # it faster at the end; `min_lr` keeps the last updates from vanishing entirely.
@@ -135,7 +138,32 @@ for it in (0, T // 4, T // 2, 3 * T // 4, T - 1, T):
 assert abs(schedule.poly_lr(T // 2, T, 0.01) - (0.0099 * 0.5 ** 0.9 + 1e-4)) < 1e-12
 
 # %% [markdown]
-# ## 3. The optimiser and the scheduler the trainer uses
+# ### Exercise 3 (stretch, checked): a whole run's learning rates, new or resumed
+#
+# Write `lr_curve(train_cfg, start)`: the list of learning rates the optimiser uses at each
+# iteration of the run that `train_cfg` describes, from iteration `start` (0 for a new run, the
+# checkpoint's iteration for a resumed one) to its last, `max_iters - 1`. Everything comes from
+# the configuration: the length, `max_iters` = `epochs` x `iters_per_epoch`; the curve, `lr`,
+# `min_lr`, `lr_power`; the warmup, `warmup_iters` and `warmup_ratio` (your `poly_lr` does the
+# arithmetic). What to get right: the scheduler steps once per *iteration*, after the update,
+# so iteration `it` uses lr(it); a resumed run continues on the same curve, it does not start a
+# new one. `check_lr_curve` tries small runs with and without warmup, resumed before, inside
+# and after the warmup and at the last iteration, the published VOC schedule (39,660 values) and
+# the ADE20K one resumed at 160,000; the package's `poly_lr` and `PolyLR` are blocked meanwhile.
+
+# %%
+def lr_curve(train_cfg: TrainConfig, start: int) -> list[float]:
+    ### BEGIN SOLUTION
+    tc = train_cfg
+    return [poly_lr(it, tc.max_iters, tc.lr, tc.min_lr, tc.lr_power, tc.warmup_iters, tc.warmup_ratio)
+            for it in range(start, tc.max_iters)]
+    ### END SOLUTION
+
+
+course.check_lr_curve(lr_curve)
+
+# %% [markdown]
+# ## 4. The optimiser and the scheduler the trainer uses
 #
 # `build_optimizer` puts every parameter in one group (one lr, one weight decay);
 # `build_scheduler` wraps `poly_lr` as a torch scheduler (`PolyLR`), stepped after every
@@ -162,42 +190,54 @@ assert seen == expected
 print(f"{small.name}: {small.train.max_iters} iterations, lr {seen[0]:.4f} -> {seen[-1]:.6f}")
 
 # %% [markdown]
-# ### The whole run by hand, with warmup, against `PolyLR`
+# ### The whole run, with warmup and a resume, against `PolyLR`
 #
-# The curve written out from the formula, with a linear warmup (the lr ramps from
-# `warmup_ratio` x poly to poly over `warmup_iters`: an option, off in the published recipe), and
-# the learning rates the optimiser actually used when `PolyLR` steps it once per iteration over a
-# whole 2,000-iteration run:
+# Your curve for a 2,000-iteration run with a linear warmup (the lr ramps from `warmup_ratio` x
+# poly to poly over `warmup_iters`: an option, off in the published recipe), against the
+# learning rates the optimiser actually used when `PolyLR` steps it once per iteration; then the
+# same run stopped at iteration 1,500 and resumed from what a checkpoint keeps (the optimiser's
+# and the scheduler's states), against your curve from 1,500:
 
-# %%
-run = get_config("upernet_small_demo", {"train.warmup_iters": 200, "train.warmup_ratio": 0.1}).train
-T_run = 2000
-
-
-def lr_by_hand(it):
-    lr = (run.lr - run.min_lr) * (1 - it / T_run) ** run.lr_power + run.min_lr
-    if it < run.warmup_iters:
-        lr *= 1 - (1 - it / run.warmup_iters) * (1 - run.warmup_ratio)
-    return lr
+# %% tags=["uses-exercise"]
+run = get_config("upernet_small_demo", {"train.epochs": 10, "train.iters_per_epoch": 200,
+                                        "train.warmup_iters": 200, "train.warmup_ratio": 0.1}).train
+stop = 1500
 
 
-opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.lr, momentum=0.9)
-sched = schedule.build_scheduler(opt, run, max_iters=T_run)
+def sgd_and_poly(run):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.lr, momentum=0.9)
+    return opt, schedule.build_scheduler(opt, run)
+
+
+opt, sched = sgd_and_poly(run)
 used = []
-for it in range(T_run):
+for it in range(run.max_iters):
+    if it == stop:
+        checkpoint = copy.deepcopy({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
     used.append(opt.param_groups[0]["lr"])
     opt.step()
     sched.step()
-by_hand = [lr_by_hand(it) for it in range(T_run)]
-torch.testing.assert_close(torch.tensor(used, dtype=torch.float64), torch.tensor(by_hand, dtype=torch.float64),
-                           rtol=1e-12, atol=0)
+opt, sched = sgd_and_poly(run)  # a new process: fresh objects, then the checkpoint's states
+opt.load_state_dict(checkpoint["optimizer"])
+sched.load_state_dict(checkpoint["scheduler"])
+resumed = []
+for it in range(stop, run.max_iters):
+    resumed.append(opt.param_groups[0]["lr"])
+    opt.step()
+    sched.step()
+mine, mine_resumed = lr_curve(run, 0), lr_curve(run, stop)
+for package, yours in ((used, mine), (resumed, mine_resumed)):
+    torch.testing.assert_close(torch.tensor(package, dtype=torch.float64),
+                               torch.as_tensor(yours, dtype=torch.float64), rtol=1e-12, atol=0)
 fig, ax = plt.subplots(figsize=(7, 2.8))
 ax.plot(used, label="PolyLR (what the optimiser used)", lw=3, alpha=0.5)
-ax.plot(by_hand, "--", label="by hand")
-ax.set(xlabel="iteration", ylabel="lr", title=f"{T_run} iterations, warmup {run.warmup_iters}")
+ax.plot(mine, "--", label="your lr_curve(run, 0)")
+ax.plot(range(stop, run.max_iters), resumed, ":", lw=3, label=f"resumed at {stop}")
+ax.set(xlabel="iteration", ylabel="lr", title=f"{run.max_iters} iterations, warmup {run.warmup_iters}")
 ax.legend()
 plt.show()
-print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iteration {used.index(max(used))}")
+print(f"{run.max_iters} learning rates == PolyLR, and the {len(resumed)} after the resume at {stop}; "
+      f"peak {max(used):.5f} at iteration {used.index(max(used))}")
 
 # %% [markdown]
 # ## Summary
@@ -205,7 +245,8 @@ print(f"{T_run} learning rates by hand == PolyLR; peak {max(used):.5f} at iterat
 # - SGD (0.01, momentum 0.9, weight decay 5e-4 everywhere), poly power 0.9 per iteration,
 #   min lr 1e-4, no warmup: the same for all 12 recipes.
 # - Iterations: VOC 661 x 60 = 39,660; ADE20K 1,263 x 130 = 164,190; Cityscapes 372 x 220 = 81,840.
-# - The schedule is a pure function of the iteration, so resuming needs only the iteration.
+# - The schedule is a pure function of the iteration: a run uses lr(start), ..., lr(max_iters - 1),
+#   and resuming needs only the iteration (the checkpoint's optimiser and scheduler states).
 
 # %% [markdown]
 # ## Questionnaire
