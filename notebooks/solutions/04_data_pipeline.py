@@ -485,25 +485,50 @@ assert torch.equal(y, mask)
 # %% [markdown]
 # ## 5. Reproducible randomness in a DataLoader
 #
-# All the randomness comes from torch's global generator. The main process seeds it with
-# `torch.manual_seed`; each DataLoader worker gets its own seed (base seed + worker id, the base
-# seed drawn from the main generator), so `torch.manual_seed(s)` reproduces a whole run, with or
-# without workers. `T.seed_worker` (a `worker_init_fn`) also seeds numpy and `random` in each
-# worker. The notebooks use `num_workers=0`; the trainer uses `data.num_workers` with `seed_worker`.
+# Every augmentation above draws from torch's global generator, so with `num_workers=0`
+# `torch.manual_seed` alone reproduces the batches. With loader workers that is not enough:
+# each worker has its own stream (base seed + worker id), so the crop an image gets would depend
+# on which worker loaded it, hence on `data.num_workers` and on the number of processes. The
+# trainer therefore fixes the data of a run from its seed alone (`upernet_ref.training.data_order`):
+# `GlobalBatchOrder` decides which items form each global batch from (seed, iteration), and the
+# DataLoader asks for `(index, position)` keys, where the position is the item's place in that
+# endless stream; `SeededItems` loads item `index` after seeding torch, numpy and `random` from
+# (seed, position), then restores the caller's random states. Whichever worker or process loads
+# a key draws the same crop, flip and colours, on any hardware and after a resume (notebook 08
+# shows the batch order). The DataLoader below is the trainer's (`trainer.micro_batches`, one
+# process, `num_workers=0` as everywhere in the notebooks):
 
 # %%
-def first_batch(seed):
-    _ = torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(DemoScenes("train", transform=T.train_transform(demo_cfg)),
-                                         batch_size=8, shuffle=True, num_workers=0,
-                                         worker_init_fn=T.seed_worker)
-    return next(iter(loader))
+from upernet_ref.training.data_order import GlobalBatchOrder, MicroBatchSampler, SeededItems
+
+scenes = DemoScenes("train", transform=T.train_transform(demo_cfg))
 
 
-a, b, c = first_batch(0), first_batch(0), first_batch(1)
-print("batch:", tuple(a[0].shape), a[0].dtype, tuple(a[1].shape), a[1].dtype)
-print("same seed, same batch:", torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
-print("other seed, other batch:", not torch.equal(a[0], c[0]))
+def first_batches(seed, count=2):
+    order = GlobalBatchOrder(num_items=len(scenes), global_batch=8, seed=seed)
+    sampler = MicroBatchSampler(order, rank=0, world_size=1, per_device_batch=8)
+    loader = torch.utils.data.DataLoader(SeededItems(scenes, seed), batch_sampler=sampler, num_workers=0,
+                                         generator=torch.Generator())
+    batches = iter(loader)
+    return [next(batches) for _ in range(count)], next(iter(sampler))
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for batch_a, batch_b in zip(a, b) for x, y in zip(batch_a, batch_b))
+
+
+(a, keys), (c, _) = first_batches(0), first_batches(1)
+_ = torch.manual_seed(1234)  # the global generator's state does not matter
+b, _ = first_batches(0)
+index, position = keys[3]
+image, mask = SeededItems(scenes, seed=0)[(index, position)]  # one key, loaded on its own
+print("batch:", tuple(a[0][0].shape), a[0][0].dtype, tuple(a[0][1].shape), a[0][1].dtype,
+      "| first keys (index, position):", keys[:3])
+print("same seed, same batches (whatever the global generator):", same(a, b))
+print(f"item {index} at position {position}, loaded alone == its place in the batch:",
+      torch.equal(image, a[0][0][3]) and torch.equal(mask, a[0][1][3]))
+print("other seed, other batches:", not same(a, c))
+assert same(a, b) and not same(a, c) and torch.equal(image, a[0][0][3])
 
 # %% [markdown]
 # How fast is this on one CPU core, decoding included? `python benchmarks/data_pipeline.py`
@@ -518,7 +543,9 @@ print("other seed, other batch:", not torch.equal(a[0], c[0]))
 # - The training pipeline is rescale -> `cat_max_ratio` crop -> flip -> photometric -> normalize
 #   -> pad; geometry is applied jointly, masks use nearest neighbour, padding is 0 / 255.
 # - The test pipeline only resizes and normalizes the image; the mask keeps its original size.
-# - `torch.manual_seed` reproduces every random draw, in the main process and in workers.
+# - A run's data come from its seed alone: which items form each batch (`GlobalBatchOrder`) and
+#   each item's random draws (`SeededItems`, by its stream position), with any number of
+#   workers or processes, and after a resume.
 
 # %% [markdown]
 # ## Questionnaire
