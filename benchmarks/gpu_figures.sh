@@ -23,7 +23,9 @@
 # status.tsv (step, exit code, seconds, state), summary.md (the table for the docs), log.txt.
 #
 # GPU_FIGURES_DRY_RUN=1 runs the same steps on the CPU with upernet_small_test at sizes / 8
-# (64x64 for 512x512) in about 30 s: a check of this script, not figures.
+# (64x64 for 512x512) and the fast path uncompiled (--compile off: the CPU's inductor C++
+# backend is not the GPU's Triton, and costs ~20 s a shape; tests/test_fast_path.py checks it)
+# in about 15 s: a check of this script, not figures.
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu}}
@@ -45,11 +47,11 @@ export PYTHONUNBUFFERED=1
 if [ "${GPU_FIGURES_DRY_RUN:-0}" = 1 ]; then
   DEVICE=cpu R50=upernet_small_test R101=upernet_small_test
   s() { echo $(($1 / 8)); }  # 512 -> 64
-  WARM=1 REP=2 WARM_BIG=1 REP_BIG=2
+  WARM=1 REP=2 WARM_BIG=1 REP_BIG=2 BENCH_EXTRA=(--compile off)
 else
   DEVICE=cuda R50=upernet_r50_os8_ade20k R101=upernet_r101_os8_ade20k
   s() { echo "$1"; }
-  WARM=3 REP=10 WARM_BIG=2 REP_BIG=5
+  WARM=3 REP=10 WARM_BIG=2 REP_BIG=5 BENCH_EXTRA=()
 fi
 S256=$(s 256) S512=$(s 512) S1024=$(s 1024) S2048=$(s 2048)
 
@@ -109,7 +111,7 @@ step() {
 bench() {  # bench STAGE NAME LIMIT_S ARGS...: one `upernet bench` writing OUT_DIR/NAME.json
   local stage=$1 name=$2 cap=$3; shift 3
   step "$stage" "$name" "$cap" "$PY" -m upernet_ref.cli bench --device "$DEVICE" "$@" \
-    --json "$OUT_DIR/$name.json"
+    ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} --json "$OUT_DIR/$name.json"
 }
 out_of_memory() {  # out_of_memory FILE: true if the JSON is missing or records an OOM phase
   "$PY" -c "import json, sys; r = json.load(open(sys.argv[1])); \

@@ -35,6 +35,7 @@ def test_dry_run_of_the_inference_stage(tmp_path):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["device"] == "cpu" and result["latency_ms"] > 0
         assert result["fast"]["latency_ms"] > 0
+        assert "torch.compile" not in result["fast"]["settings"]  # dry run: --compile off
     status = (tmp_path / "status.tsv").read_text().splitlines()
     assert [line.split("\t")[3] for line in status] == ["ok", "ok"]
     summary = (tmp_path / "summary.md").read_text()
