@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(configs.to_dict(cfg), sys.stdout, indent=2)
             print()
         return 0
-    print_summary()
-    if args.forward:
+    if args.forward:  # a bad name exits 2 before the table (seconds of MAC counting)
         try:
             get_config(args.forward)
         except KeyError as err:
             parser.error(str(err.args[0]))
+    print_summary()
+    if args.forward:
         r = forward_once(args.forward, size=args.size, device=args.device)
         print(f"\n{r['name']}: input {r['input']} -> logits {r['logits']} on {r['device']} "
               f"in {r['seconds']:.2f} s (random weights)")
