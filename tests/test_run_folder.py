@@ -5,11 +5,13 @@ another run, temporary files of killed writes are removed, and a stop by a signa
 another torchrun rank exits 128 + SIGTERM."""
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 
+from upernet_ref.cli import main
 from upernet_ref.runs import read_log
 from upernet_ref.training.schedule import poly_lr
 
@@ -22,13 +24,19 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-@pytest.fixture()
-def stopped(tmp_path, capfd):
-    """A run stopped at iteration 5 of 12 (last.pt, log.jsonl, config.json, curves.png)."""
-    out = tmp_path / "run"
-    code, _, err = run(capfd, TRAIN + ["--out", str(out), "--stop-at", "5"])
-    assert code == 0, err
+@pytest.fixture(scope="module")
+def stopped_once(tmp_path_factory):
+    """A run stopped at iteration 5 of 12 (last.pt, log.jsonl, config.json, curves.png),
+    trained once for the module."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert main(TRAIN + ["--out", str(out), "--stop-at", "5"]) == 0
     return out
+
+
+@pytest.fixture()
+def stopped(stopped_once, tmp_path):
+    """A copy of that run of the test's own (the tests change it), bytes and times kept."""
+    return Path(shutil.copytree(stopped_once, tmp_path / "run"))
 
 
 def test_a_folder_holding_a_run_is_refused_without_resume_and_left_unchanged(stopped, capfd):
