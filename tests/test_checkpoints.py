@@ -14,6 +14,8 @@ from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect
                                      load_backbone_weights, load_weights, read_checkpoint_file,
                                      save_checkpoint)
 
+from upernet_ref.training.runtime import non_finite_tensors
+
 from helpers_checkpoints import to_mmseg
 from shared_paths import SPEC
 
@@ -247,6 +249,27 @@ def test_checkpoints_with_nan_or_inf_tensors_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"diverged.pt: 1 tensor\(s\) hold NaN or inf values "
                                               r"\(a diverged run\?\): decode_head.fuse.bn.running_var"):
         load_weights(build_model("upernet_small_test"), tmp_path / "diverged.pt")
+
+
+def test_non_finite_tensors_finds_every_nan_and_infinity_in_any_float_dtype():
+    """The min / max check (`runtime.non_finite_tensors`): a NaN first, last or alone, +-inf, in
+    float64 / float32 / fp16 / bf16 (aminmax) and float8 (isfinite); empty tensors, integer
+    tensors and non-tensors are never reported."""
+    def at(i: int, value: float, dtype: torch.dtype = torch.float32, n: int = 257):
+        t = torch.ones(n, dtype=torch.float32)
+        t[i] = value
+        return t.to(dtype)
+
+    bad = {"nan_first": at(0, float("nan")), "nan_last": at(-1, float("nan")),
+           "nan_alone": torch.tensor(float("nan")), "inf_f64": at(3, float("inf"), torch.float64),
+           "minus_inf_fp16": at(7, -float("inf"), torch.float16),
+           "nan_bf16": at(100, float("nan"), torch.bfloat16),
+           "inf_float8": at(1, float("inf"), torch.float8_e5m2, n=4)}
+    good = {"ones": torch.ones(2, 3), "empty": torch.zeros(0, 4), "ints": torch.arange(5),
+            "large": torch.full((3,), 6e4, dtype=torch.float16), "step": 3,
+            "bf16": torch.randn(10).bfloat16(), "float8": torch.ones(4).to(torch.float8_e5m2)}
+    assert non_finite_tensors({**good, **bad}) == list(bad)
+    assert non_finite_tensors(good) == []
 
 
 def test_a_class_count_mismatch_is_one_line_naming_the_file(tmp_path):
