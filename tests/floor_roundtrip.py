@@ -12,7 +12,7 @@ from PIL import Image
 
 import upernet_ref
 from upernet_ref import build_model, hub
-from upernet_ref.data.datasets import open_hf_dataset
+from upernet_ref.hf_datasets import open_hf_dataset
 
 for name in ("huggingface_hub", "safetensors", "datasets"):
     print(name, md.version(name), __import__(name).__file__)

@@ -13,9 +13,10 @@ from helpers_data import (make_fake_ade20k, make_fake_cityscapes, make_fake_fold
                           save_index_png)
 from upernet_ref.configs import get_config, override
 from upernet_ref.data.info import DATASETS, class_names, class_palette, voc_colormap
-from upernet_ref.data.datasets import (ADE20K, Cityscapes, DataError, FolderDataset, HFSegmentation,
+from upernet_ref.data.datasets import (ADE20K, Cityscapes, DataError, FolderDataset,
                                   VOCSegmentation, build_dataset, decode_label, describe_values,
                                   label_lut, read_label)
+from upernet_ref.hf_datasets import HFSegmentation
 
 from shared_paths import REALDATA as REAL
 
@@ -133,7 +134,7 @@ def test_folder_dataset_and_build_dataset(tmp_path):
     assert len(build_dataset(cfg, "train", root=tmp_path)) == 2  # parent of VOCdevkit works too
     with pytest.raises(ValueError, match="needs its folder: --data-root"):
         build_dataset(cfg, "train")
-    from upernet_ref.demo_scenes import dataset_for  # the shell's builder, which adds the demo
+    from upernet_ref.sources import dataset_for  # the shell's builder, which adds the demo
     demo = dataset_for(get_config("upernet_small_test"), "val", transform=lambda i, m: (i, m))
     image, mask = demo[0]
     assert image.dtype == torch.uint8 and mask.dtype == torch.int64

@@ -131,7 +131,7 @@ def test_eval_cli_on_the_demo_dataset(checkpoint, tmp_path, capsys):
     assert "sky" in out.out and "mIoU" in out.out and "protocol: whole-image" in out.out
     # the CLI gives what the API gives
     from upernet_ref.data.transforms import test_transform
-    from upernet_ref.demo_scenes import dataset_for
+    from upernet_ref.sources import dataset_for
     dataset = dataset_for(CFG, "val", None, test_transform(CFG.data))
     direct = evaluate(model, dataset, CFG, "cpu", progress=False, num_workers=0, limit=3)
     assert result["miou"] == pytest.approx(direct["miou"], abs=1e-9)

@@ -9,7 +9,9 @@ import pytest
 
 from upernet_ref.cli import main as upernet
 from upernet_ref.configs import get_config
-from upernet_ref.data.datasets import HFSegmentation, build_dataset
+from upernet_ref.data.datasets import build_dataset
+from upernet_ref.hf_datasets import HFSegmentation
+from upernet_ref.sources import dataset_for
 
 from shared_paths import REALDATA
 
@@ -43,7 +45,7 @@ def hf_folder(tmp_path_factory):
 
 def test_the_folder_reads_as_the_voc_files_do(hf_folder):
     cfg = get_config("upernet_small_test", [a[2:] for a in HF if a.startswith("--data.")])
-    hf = build_dataset(cfg, "validation", hf_folder)
+    hf = dataset_for(cfg, "validation", hf_folder)
     assert isinstance(hf, HFSegmentation) and len(hf) == 4
     voc = build_dataset(get_config("upernet_small_test", ["data.dataset=voc",
                                                           "data.num_classes=21"]), "val", VOC)

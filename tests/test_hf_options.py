@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from upernet_ref.cli import main as upernet
-from upernet_ref.data.datasets import HFSegmentation, open_hf_dataset
+from upernet_ref.hf_datasets import HFSegmentation, open_hf_dataset
 from upernet_ref.errors import UsageError
 
 datasets = pytest.importorskip("datasets")  # the [hf] extra (a third-party package)

@@ -4,8 +4,8 @@ and ruff clean.
 
 The READING CORE is the recipe: `model/`, `configs.py`, `data/`, `training/`, `evaluation/`,
 `collectives.py`, `errors.py`. The SHELL is everything around it: `cli/`, `hub.py`,
-`checkpoints.py`, `perf/`, `course.py`, `runs.py`, `demo_scenes.py`, `prepare.py`,
-`predictions.py`, `files.py`. `upernet_ref/__init__.py` is the front door over both.
+`checkpoints.py`, `perf/`, `course.py`, `runs.py`, `demo_scenes.py`, `hf_datasets.py`,
+`sources.py`, `prepare.py`, `predictions.py`, `files.py`. `upernet_ref/__init__.py` is the front door over both.
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ The shell around it:
     upernet_ref/checkpoints.py  published checkpoints, safe loading, atomic saving
     upernet_ref/hub.py       the Hugging Face folder (safetensors + config.json + model card)
     upernet_ref/perf/        MACs, benchmarks, memory, the fast path, export
-    upernet_ref/demo_scenes.py, prepare.py, predictions.py, course.py
+    upernet_ref/sources.py   where a command's data comes from: demo_scenes.py (the embedded
+                             scenes), hf_datasets.py (Hugging Face datasets) or data/ (on disk)
+    upernet_ref/prepare.py, predictions.py, course.py
 """
 from upernet_ref.configs import Config, get_config, list_configs
 from upernet_ref.hub import from_pretrained

@@ -19,17 +19,13 @@ files, no cache).
 """
 from __future__ import annotations
 
-import typing
 import zlib
-from pathlib import Path
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from upernet_ref.data.datasets import build_dataset
 from upernet_ref.data.info import DATASETS
-from upernet_ref.errors import UsageError
 
 DEMO_CLASSES = DATASETS["demo"].classes    # its description: upernet_ref/data/info.py
 DEMO_PALETTE = list(DATASETS["demo"].palette)
@@ -41,20 +37,6 @@ DEFAULT_NUM_SAMPLES = {"train": 400, "val": 50, "test": 50}
 _COLOURS = {2: (205.0, 85.0, 55.0), 6: (215.0, 110.0, 45.0),     # warm: disc, ring
             4: (55.0, 170.0, 115.0), 7: (55.0, 160.0, 140.0)}    # cool: triangle, cross
 _OBJECT_CLASSES = (2, 3, 4, 5, 6, 7)
-
-
-def dataset_for(cfg: typing.Any, split: str, root: str | Path | None = None,
-                transform: Callable | None = None, on_bad: str = "raise") -> torch.utils.data.Dataset:
-    """The dataset of `cfg.data.dataset`: these scenes for "demo", else the one on disk
-    (`data.datasets.build_dataset`, which the reading core keeps free of this generator)."""
-    if cfg.data.dataset != "demo":
-        return build_dataset(cfg, split, root, transform, on_bad=on_bad)
-    if cfg.data.num_classes != len(DEMO_CLASSES):  # its labels are 0..7: a loss would fail
-        raise UsageError(f"the demo scenes have {len(DEMO_CLASSES)} classes, but "
-                         f"{cfg.name} has data.num_classes={cfg.data.num_classes}; use "
-                         f"--data.num_classes={len(DEMO_CLASSES)}, "
-                         f"or train on a dataset with {cfg.data.num_classes} classes")
-    return DemoScenes(split, transform=transform)
 
 
 class DemoScenes(torch.utils.data.Dataset):

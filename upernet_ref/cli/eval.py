@@ -180,7 +180,7 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     with before_work():
         model, cfg = load_model(args, device)
         from upernet_ref.data.transforms import test_transform
-        from upernet_ref.demo_scenes import dataset_for
+        from upernet_ref.sources import dataset_for
         split = args.split or cfg.data.val_split
         dataset = dataset_for(cfg, split, args.data_root, test_transform(cfg.data))
         rank, world = rank_and_world()

@@ -34,9 +34,8 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
                                     show_progress)
 from upernet_ref.launch import DistInfo, cleanup, init_distributed, launch_rank_and_world
 from upernet_ref.configs import Config
-from upernet_ref.data.datasets import with_class_names
 from upernet_ref.data.transforms import test_transform, train_transform
-from upernet_ref.demo_scenes import dataset_for
+from upernet_ref.sources import dataset_for, with_class_names
 from upernet_ref.errors import before_work
 from upernet_ref.evaluation.evaluate import check_test_form
 from upernet_ref.files import write_text
