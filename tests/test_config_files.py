@@ -11,7 +11,7 @@ import torch
 
 from upernet_ref import build_model, configs, hub
 from upernet_ref.cli import main as upernet
-from upernet_ref.cli.configs import write_config_file
+from upernet_ref.config_files import from_dict, load_config, read_config_file, write_config_file
 from upernet_ref.configs import ConfigError, ConfigKeyError, get_config, override
 
 BASE = "upernet_small_test"
@@ -28,7 +28,7 @@ def test_dump_then_train_from_the_file_then_from_the_run_folder(tmp_path, capsys
     assert upernet(["configs", "--dump", BASE, "--train.lr=0.02", "--out", str(path)]) == 0
     capsys.readouterr()
     wanted = configs.to_dict(get_config(BASE, ["train.lr=0.02"]))
-    assert configs.to_dict(get_config(path)) == wanted  # the name too: the dumped one
+    assert configs.to_dict(read_config_file(path)) == wanted  # the name too: the dumped one
     run = tmp_path / "run"
     assert upernet(["train", "--config", str(path), "--out", str(run), "--max-iters", "1",
                     "--no-val", "--no-progress"]) == 0, capsys.readouterr().err
@@ -54,12 +54,12 @@ def test_a_model_folder_s_config_json_is_a_configuration_file(tmp_path):
     folder = hub.save_pretrained(build_model(cfg), tmp_path / "hf")
     stored = json.loads((folder / "config.json").read_text())
     assert "id2label" in stored  # the Hub keys beside the configuration are left aside
-    assert configs.to_dict(get_config(folder / "config.json")) == configs.to_dict(cfg)
+    assert configs.to_dict(load_config(folder / "config.json")) == configs.to_dict(cfg)
 
 
 def test_dump_on_stdout_round_trips_every_published_configuration(capsys):
     for name in configs.list_configs():
-        assert configs.from_dict(dumped(capsys, name)) == get_config(name)
+        assert from_dict(dumped(capsys, name)) == get_config(name)
 
 
 def test_bad_files_are_one_line_naming_the_file(tmp_path, capsys):
@@ -80,7 +80,7 @@ def test_bad_files_are_one_line_naming_the_file(tmp_path, capsys):
     assert upernet(["configs", "--dump", str(tmp_path / "missing.yaml")]) == 2
     assert "no such configuration file" in capsys.readouterr().err
     with pytest.raises(ConfigKeyError):
-        get_config(tmp_path / "missing.json")
+        load_config(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match="ends with"):
         write_config_file(get_config(BASE), tmp_path / "x.txt")
 

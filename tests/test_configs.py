@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from upernet_ref.configs import PUBLISHED, get_config, list_configs, override, to_dict, from_dict
+from upernet_ref.config_files import from_dict
+from upernet_ref.configs import PUBLISHED, get_config, list_configs, override, to_dict
 
 SPEC_ROWS = {  # dataset: (crop, global batch, epochs, iters/epoch, classes, base scale)
     "voc": ((512, 512), 16, 60, 661, 21, (2048, 512)),

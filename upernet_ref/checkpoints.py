@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from upernet_ref import configs
+from upernet_ref.config_files import from_dict
 from upernet_ref.errors import UperNetError, require
 from upernet_ref.files import atomic_write
 from upernet_ref.training.runtime import non_finite_tensors
@@ -407,7 +408,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
 def stored_config(state: Mapping[str, Any], path: str | os.PathLike) -> configs.Config | None:
     """The configuration stored with a checkpoint (our checkpoints' "config", a model folder's
-    config.json), checked field by field like any configuration (`configs.from_dict`, messages
+    config.json), checked field by field like any configuration (`config_files.from_dict`, messages
     naming the file); None when it stores none."""
     config = state.get("config") if isinstance(state, Mapping) else None
     if config is None:
@@ -415,7 +416,7 @@ def stored_config(state: Mapping[str, Any], path: str | os.PathLike) -> configs.
     path = Path(path)
     where = path / CONFIG_NAME if path.is_dir() else (
         path.with_name(CONFIG_NAME) if path.suffix == ".safetensors" else path)
-    return configs.from_dict(config, where=str(where))
+    return from_dict(config, where=str(where))
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -494,7 +495,7 @@ def _other_configuration(saved: Any, model: nn.Module, where: str) -> Checkpoint
     if not isinstance(saved, dict) or not isinstance(ours, configs.Config):
         return None
     try:
-        theirs = configs.from_dict(saved, where=None)
+        theirs = from_dict(saved, where=None)
     except (configs.ConfigError, configs.ConfigKeyError):
         return None
     diffs = [f"{key} {a!r} vs {b!r}" for key, a, b in differences(theirs, ours)

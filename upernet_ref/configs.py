@@ -10,9 +10,10 @@ tests, are `upernet_small_demo` and `upernet_small_test`.
 
 Every field's type and range is checked when its section is built (`_RULES`), and the
 sections against each other when the `Config` is, so a bad value is refused, naming the field,
-before any work; overrides and stored configurations (`from_dict`: checkpoints, config.json)
-take that one path. Each value is stored once: the class count is `data.num_classes` (the
-model's follows it) and the sliding window defaults to the training crop `data.crop_size`.
+before any work; overrides, configuration files and stored configurations (checkpoints,
+config.json: the shell's `config_files`) take that one path. Each value is stored once: the
+class count is `data.num_classes` (the model's follows it) and the sliding window defaults to
+the training crop `data.crop_size`.
 
     >>> cfg = get_config("upernet_r50_os8_ade20k")
     >>> cfg.train.max_iters
@@ -24,15 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
-import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml  # PyYAML: configuration files
 
 from upernet_ref.data.info import DATASETS
 from upernet_ref.errors import UsageError
@@ -254,18 +249,19 @@ _RULES: dict[str, tuple[typing.Callable[[typing.Any], bool], str]] = {
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, typing.Any]:
+def field_types(cls: type) -> dict[str, typing.Any]:
+    """{field: type} of a section's dataclass."""
     return typing.get_type_hints(cls)
 
 
-def _keys(section: str, cls: type) -> str:
+def keys_of(section: str, cls: type) -> str:
     """The keys one can set in a section (model.num_classes follows data.num_classes)."""
-    return ", ".join(f"{section}.{f}" for f in _hints(cls) if f"{section}.{f}" != "model.num_classes")
+    return ", ".join(f"{section}.{f}" for f in field_types(cls) if f"{section}.{f}" != "model.num_classes")
 
 
 def _validate(section: typing.Any, name: str) -> None:
     """Check (and normalise: lists -> tuples, ints -> floats) every field of a section."""
-    for key, kind in _hints(type(section)).items():
+    for key, kind in field_types(type(section)).items():
         value = _check_value(getattr(section, key), kind, f"{name}.{key}")
         object.__setattr__(section, key, value)
         check, wanted = _RULES.get(f"{name}.{key}", (None, ""))
@@ -415,7 +411,7 @@ SMALL: dict[str, Config] = {
 }
 
 _ALL: dict[str, Config] = {**PUBLISHED, **SMALL}
-_SECTIONS = ("model", "data", "train", "test")
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "test": TestConfig}
 
 
 def list_configs(published_only: bool = False) -> list[str]:
@@ -423,14 +419,15 @@ def list_configs(published_only: bool = False) -> list[str]:
     return list(PUBLISHED) if published_only else list(_ALL)
 
 
-def get_config(name: str | os.PathLike | Config,
+def get_config(name: str | Config,
                overrides: typing.Sequence[str] | dict | None = None) -> Config:
-    """The configuration called `name`, read from the file `name`, or `name` itself if it is
-    already a Config; `overrides` applied on top.
+    """The configuration called `name` (or `name` itself if it is already a Config), with
+    `overrides` applied on top.
 
     Args:
-        name: one of `list_configs()`, or a configuration file (`read_config_file`: .json or
-            .yaml, e.g. `upernet configs --dump`, a run folder's or model folder's config.json).
+        name: one of `list_configs()`. A configuration file (.json / .yaml: `upernet configs
+            --dump`, a run folder's or model folder's config.json) is read by the shell,
+            `upernet_ref.config_files.read_config_file`, and `--config FILE` on the command line.
         overrides: "section.field=value" strings or a {"section.field": value} dict, applied
             with type checks (see `override`).
     """
@@ -438,76 +435,20 @@ def get_config(name: str | os.PathLike | Config,
         cfg = name
     elif str(name) in _ALL:
         cfg = _ALL[str(name)]
-    elif str(name).endswith(CONFIG_SUFFIXES) or os.path.isfile(name):
-        cfg = read_config_file(name)
     else:
         raise ConfigKeyError(f"unknown configuration {str(name)!r}; valid names: "
                              f"{', '.join(_ALL)} (upernet configs describes them), or a "
-                             f"configuration file ({', '.join(CONFIG_SUFFIXES)})")
+                             f"configuration file (upernet_ref.config_files.read_config_file)")
     return override(cfg, overrides) if overrides else cfg
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration files: what `to_dict` holds, as JSON or YAML; or a `base` name plus changes
-
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-# written beside the configuration in a model folder's config.json (transformers' names for
-# the class names of data.classes / the dataset description): read past, never needed back
-_DERIVED_KEYS = ("id2label", "label2id")
-
-
-def read_config_file(path: str | os.PathLike) -> Config:
-    """A configuration file, through the checked path of every configuration (`from_dict`,
-    `override`): either a whole configuration (`to_dict`'s keys; a run folder's config.json, a
-    model folder's config.json, `upernet configs --dump`), or `base: NAME` plus the sections'
-    fields that differ from it, mmsegmentation's `_base_` in one line:
-
-        base: upernet_r50_os8_ade20k
-        train: {lr: 0.02, amp: bf16}
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:  # other OSErrors: the commands' one line names the file
-        raise ConfigKeyError(f"{path}: no such configuration file (configuration names: "
-                             f"{', '.join(_ALL)})") from None
-    is_json = path.suffix == ".json"
-    try:
-        data = json.loads(text) if is_json else yaml.safe_load(text)
-    except Exception as err:  # json.JSONDecodeError, yaml.YAMLError
-        raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: "
-                          f"{(str(err).splitlines() or [''])[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a configuration file holds a mapping of sections, got "
-                          f"{type(data).__name__}")
-    if "base" not in data:
-        return from_dict({"name": path.stem, **data}, where=str(path))
-    base = data.pop("base")
-    if base not in _ALL:
-        raise ConfigKeyError(f"{path}: unknown base configuration {base!r}; valid names: "
-                             f"{', '.join(_ALL)}")
-    changes: dict[str, typing.Any] = {}
-    for section, values in data.items():
-        if section in ("name", *_DERIVED_KEYS):
-            continue
-        if section not in _SECTIONS or not isinstance(values, dict):
-            raise ConfigKeyError(f"{path}: unknown key {section!r}; a file with base holds "
-                                 f"name and the sections {', '.join(_SECTIONS)} (mappings)")
-        changes.update({f"{section}.{key}": value for key, value in values.items()})
-    try:
-        cfg = override(_ALL[base], changes)
-    except (ConfigError, ConfigKeyError) as err:
-        raise type(err)(f"{path}: {err}") from None
-    return dataclasses.replace(cfg, name=str(data.get("name") or path.stem))
-
-
-# --------------------------------------------------------------------------------------------
-# Overrides ("train.lr=0.02" on the command line, {"train.lr": 0.02} in Python) and files
+# Overrides ("train.lr=0.02" on the command line, {"train.lr": 0.02} in Python)
 
 
 def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Config:
     """A copy of `cfg` with "section.field=value" overrides applied, each type- and
-    range-checked (through `from_dict`, the path every configuration takes).
+    range-checked as the sections are rebuilt (the checks every configuration goes through).
 
     Unknown keys and values of the wrong type raise with a message naming the key and what is
     valid. The class count is `data.num_classes` (the model's classifiers follow it).
@@ -522,17 +463,22 @@ def override(cfg: Config, overrides: typing.Sequence[str] | dict | None) -> Conf
     values = to_dict(cfg)
     for key, value in pairs:
         section, _, name = key.partition(".")
-        if section not in _SECTIONS or not name:
+        if section not in SECTIONS or not name:
             raise ConfigKeyError(f"unknown override {key!r}; keys look like "
-                                 f"{', '.join(s + '.<field>' for s in _SECTIONS)}")
-        hints = _hints(type(getattr(cfg, section)))
+                                 f"{', '.join(s + '.<field>' for s in SECTIONS)}")
+        hints = field_types(type(getattr(cfg, section)))
         if key == "model.num_classes":
             raise ConfigKeyError(f"{key} follows data.num_classes: give data.num_classes={value}")
         if name not in hints:
             raise ConfigKeyError(f"unknown override {key!r}; valid {section} keys: "
-                                 f"{_keys(section, type(getattr(cfg, section)))}")
+                                 f"{keys_of(section, type(getattr(cfg, section)))}")
         values[section][name] = _parse_value(value, hints[name], key) if isinstance(value, str) else value
-    return from_dict(values, where=None)
+    return from_sections(cfg.name, values, cfg.reported_miou)
+
+
+def from_sections(name: str | None, values: dict, reported_miou: float | None = None) -> Config:
+    """The `Config` of `to_dict`'s sections, every field checked as its section is built."""
+    return Config(name, *(cls(**values[s]) for s, cls in SECTIONS.items()), reported_miou=reported_miou)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -544,58 +490,3 @@ def to_dict(cfg: Config) -> dict:
     if cfg.test.crop_size == cfg.data.crop_size:
         values["test"]["crop_size"] = ()
     return values
-
-
-# Keys that older versions wrote: dropped with a warning naming them (model.num_classes is
-# dropped silently when it equals data.num_classes, as every older file has it).
-_REMOVED = {"test.batch_size": "the test batch is one image"}
-
-
-def _warn(message: str) -> None:
-    logging.getLogger(__name__).warning(f"warning: {message}")
-
-
-def from_dict(data: typing.Any, where: str | None = "configuration") -> Config:
-    """The `Config` of `to_dict`'s data (a checkpoint's "config", a model folder's config.json):
-    the path every stored configuration takes, checked field by field like an override.
-
-    Unknown keys (a typo such as "test.scale") are refused; keys an older version wrote are
-    dropped with a warning naming them; a field missing from an older file takes its default,
-    said by name. `where` names the file in messages (None: no prefix and no warnings).
-    """
-    at = f"{where}: " if where else ""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{at}a configuration is a JSON object, got {type(data).__name__}")
-    data, sections, model, dat = dict(data), {}, data.get("model"), data.get("data")
-    if isinstance(model, dict) and isinstance(dat, dict) and "num_classes" in model:  # older files
-        data["model"] = {k: v for k, v in model.items() if k != "num_classes"}
-        data["data"] = {"num_classes": model["num_classes"], **dat}
-        if data["data"]["num_classes"] != model["num_classes"]:
-            raise ConfigError(f"{at}model.num_classes={model['num_classes']!r} differs from data.num_classes="
-                              f"{dat['num_classes']!r}: the class count is data.num_classes")
-    for section, cls in zip(_SECTIONS, (ModelConfig, DataConfig, TrainConfig, TestConfig)):
-        values, fields = data.get(section), _hints(cls)
-        if not isinstance(values, dict) or not values:
-            raise ConfigError(f"{at}no {section!r} section (a JSON object of {cls.__name__} fields), got {values!r}")
-        old = [f"{section}.{k}" for k in values if f"{section}.{k}" in _REMOVED]
-        unknown = [k for k in values if k not in fields and f"{section}.{k}" not in _REMOVED]
-        if unknown:
-            raise ConfigKeyError(f"{at}unknown key {section}.{unknown[0]}; valid {section} keys: {_keys(section, cls)}")
-        missing = [f"{section}.{f}" for f in fields if f not in values and f"{section}.{f}" != "model.num_classes"]
-        for key in old if where else ():
-            _warn(f"{at}ignoring {key}, written by an older version ({_REMOVED[key]})")
-        if missing and where:
-            _warn(f"{at}no {', '.join(missing)} (written by an older version?): using the defaults")
-        sections[section] = {k: v for k, v in values.items() if k in fields}
-    unknown = [k for k in data if k not in ("name", "reported_miou", *_SECTIONS, *_DERIVED_KEYS)]
-    if unknown:
-        raise ConfigKeyError(f"{at}unknown key {unknown[0]!r}; a configuration has name, reported_miou and "
-                             f"the sections {', '.join(_SECTIONS)}")
-    miou = data.get("reported_miou")
-    if miou is not None and (isinstance(miou, bool) or not isinstance(miou, (int, float))):
-        raise ConfigError(f"{at}reported_miou must be a number or null, got {miou!r}")
-    try:
-        return Config(data.get("name"), *(cls(**sections[s]) for s, cls in zip(
-            _SECTIONS, (ModelConfig, DataConfig, TrainConfig, TestConfig))), reported_miou=miou)
-    except ConfigError as err:
-        raise ConfigError(f"{at}{err}") from None

@@ -25,6 +25,7 @@ from upernet_ref import configs
 from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointError,
                                      download_model_folder, is_hub_id, load_weights,
                                      save_safetensors)
+from upernet_ref.config_files import from_dict
 from upernet_ref.configs import Config
 from upernet_ref.data.info import DATASETS, class_names
 from upernet_ref.errors import require
@@ -186,7 +187,7 @@ def model_card(cfg: Config, metrics: dict | None = None, command: str | None = N
         f"| test | {cfg.test.mode}, scales {','.join(map(str, cfg.test.scales))}"
         f"{', flip' if cfg.test.flip else ''} |",
         "",
-        f"The whole configuration is `{CONFIG_NAME}` (`upernet_ref.configs.from_dict`, or "
+        f"The whole configuration is `{CONFIG_NAME}` (`upernet_ref.config_files.from_dict`, or "
         f"`upernet train --config {CONFIG_NAME}`), with the class names as `id2label`.",
         "",
         "## Evaluation",
@@ -233,7 +234,7 @@ def config_from_hub_dict(config: dict, where: str) -> Config:
         raise CheckpointError(f"{where}: no {CONFIG_NAME} of upernet_ref (a model folder holds "
                               f"{SAFETENSORS_NAME} and {CONFIG_NAME}; write one with "
                               f"hub.save_pretrained or upernet export --format safetensors)")
-    return configs.from_dict(config, where=f"{where}/{CONFIG_NAME}")
+    return from_dict(config, where=f"{where}/{CONFIG_NAME}")
 
 
 def from_pretrained(model_id: str | os.PathLike, *, revision: str | None = None,

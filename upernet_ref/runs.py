@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from upernet_ref import configs
+from upernet_ref.config_files import from_dict
 from upernet_ref.errors import UsageError
 from upernet_ref.files import atomic_write
 
@@ -250,7 +251,7 @@ def resume_changes(checkpoint: dict, cfg: configs.Config, max_iters: int,
     cannot change. `path` names the checkpoint."""
     stored = checkpoint.get("config")
     from upernet_ref.checkpoints import differences
-    changes = differences(configs.from_dict(stored, where=str(path)), cfg) \
+    changes = differences(from_dict(stored, where=str(path)), cfg) \
         if stored is not None else []
     if checkpoint.get("max_iters", max_iters) != max_iters:
         changes.append(("max_iters", checkpoint["max_iters"], max_iters))

@@ -17,7 +17,7 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, comma
                                     parse_args_and_overrides, parse_pair, positive_int)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.files import write_text
-from upernet_ref.configs import get_config
+from upernet_ref.config_files import load_config
 from upernet_ref.perf.bench import (format_table, run_bench)
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--int8: {err}") from None
         if args.threads:
             torch.set_num_threads(args.threads)
-        cfg = get_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
         if args.json:
             check_writable_folder(Path(args.json).parent, "--json")
     result = run_bench(cfg, args.device, args.batch, args.size, args.mode, args.fast,

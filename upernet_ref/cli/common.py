@@ -251,9 +251,10 @@ def checkpoint_config(name: str | None, state: typing.Any, where: str | None) ->
     Hugging Face folders do; `checkpoints.stored_config`, checked); refused in one line naming
     both ways out (exit 2)."""
     from upernet_ref import configs
+    from upernet_ref.config_files import load_config
     from upernet_ref.checkpoints import stored_config
     if name:
-        return configs.get_config(name)
+        return load_config(name)
     cfg = stored_config(state, where) if state is not None and where is not None else None
     if cfg is None:
         raise UsageError((f"checkpoint {where} stores no configuration: pass" if where

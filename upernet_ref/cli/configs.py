@@ -11,39 +11,21 @@ The library side is `upernet_ref.perf.configs_table`.
 from __future__ import annotations
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from upernet_ref import configs
 from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
                                     parse_args_and_overrides, parse_pair)
+from upernet_ref.config_files import load_config, write_config_file
 from upernet_ref.configs import get_config
 from upernet_ref.errors import before_work
-from upernet_ref.files import write_text
 from upernet_ref.perf.configs_table import forward_once, format_summary, summary_rows
 
 
 def print_summary() -> None:
     """The configurations table (`upernet configs`, `upernet demo`), on stdout."""
     print(format_summary(summary_rows()))
-
-
-def write_config_file(cfg: configs.Config, path: str | os.PathLike) -> Path:
-    """`cfg` as a whole configuration file (.json or .yaml by the suffix), written atomically
-    (a temporary file renamed over `path`), that `get_config(path)` reads back equal."""
-    path = Path(path)
-    if not path.name.endswith(configs.CONFIG_SUFFIXES):
-        raise configs.ConfigError(f"{path}: a configuration file ends with "
-                                  f"{', '.join(configs.CONFIG_SUFFIXES)}")
-    data = configs.to_dict(cfg)
-    if path.suffix == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        import yaml
-        text = yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)  # tuples as lists
-    write_text(path, text)
-    return path
 
 
 @command("upernet configs")
@@ -66,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out and --section.field=value overrides go with --dump NAME")
     if args.dump:
         with before_work():
-            cfg = get_config(args.dump, overrides)
+            cfg = load_config(args.dump, overrides)
             if args.out:
                 check_writable_folder(Path(args.out).parent, "--out")
                 write_config_file(cfg, args.out)

@@ -15,6 +15,7 @@ from pathlib import Path
 from upernet_ref import configs
 from upernet_ref.cli.common import (OVERRIDES_HELP, check_writable_folder, command,
                                     parse_args_and_overrides, parse_pair, positive_int)
+from upernet_ref.config_files import load_config
 from upernet_ref.errors import before_work
 from upernet_ref.files import write_text
 from upernet_ref.perf.memory import (estimate_training_memory, largest_batch)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     amps = ((None,) if amp_given and args.amp is None else ("none", "bf16")
             if args.amp in (None, "both") else (args.amp,))
     with before_work():
-        cfgs = [configs.get_config(name, overrides) for name in names]
+        cfgs = [load_config(name, overrides) for name in names]
         if args.json:
             check_writable_folder(Path(args.json).parent, "--json")
     rows: list[dict[str, typing.Any]] = []

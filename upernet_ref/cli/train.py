@@ -33,6 +33,7 @@ from upernet_ref.cli.common import (OVERRIDES_HELP, add_trust_checkpoint, check_
                                     command, parse_args_and_overrides, positive_int,
                                     show_progress)
 from upernet_ref.launch import DistInfo, cleanup, init_distributed, launch_rank_and_world
+from upernet_ref.config_files import load_config
 from upernet_ref.configs import Config
 from upernet_ref.data.transforms import test_transform, train_transform
 from upernet_ref.sources import dataset_for, with_class_names
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     with before_work():
         if args.fast:  # the explicit overrides come after, so they win
             overrides = fast_train_overrides(args.device) + overrides
-        cfg = configs.get_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)
         out_dir = check_writable_folder(args.out or Path("runs") / cfg.name, "--out")
         main_rank = launch_rank_and_world()[0] == 0  # a used folder: refused, or moved aside
         check_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite,
@@ -145,7 +146,7 @@ def run_training(cfg: Config | str, data_root: str | None = None,
     E.g. `run_training("upernet_small_demo", out_dir="runs/demo", max_iters=40)`; pass
     `train_dataset=` / `val_dataset=` to train on your own datasets (tests, notebooks).
     """
-    cfg = configs.get_config(cfg)
+    cfg = load_config(cfg)
     with prepared_run(cfg, data_root=data_root, out_dir=out_dir, **options) as run:
         return train(run.model.config, run.model, run.train_set, run.val_set, run.out_dir,
                      **run.options)
