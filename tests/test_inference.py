@@ -11,7 +11,8 @@ from upernet_ref import build_model
 from upernet_ref import configs
 from upernet_ref.configs import TestConfig
 from upernet_ref.model.head import resize
-from upernet_ref.evaluation.inference import inference, num_forward_passes, slide_inference, window_grid
+from upernet_ref.evaluation.inference import inference, slide_inference, window_grid
+from upernet_ref.perf.flops import num_forward_passes
 
 
 class Pointwise(nn.Module):

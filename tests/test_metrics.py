@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from upernet_ref.collectives import all_reduce_sum
-from upernet_ref.evaluation.metrics import ConfusionMatrix, confusion_matrix, format_table, summarize
+from upernet_ref.evaluation.metrics import ConfusionMatrix, confusion_matrix, summarize
+from upernet_ref.reports import format_table
 
 
 def naive_metrics(preds, targets, num_classes, ignore=255):

@@ -230,12 +230,15 @@ def test_a_raw_val_set_is_refused_before_training(tmp_path):
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_deterministic_mode_puts_every_global_flag_back():
+def test_restore_deterministic_puts_every_global_flag_back():
     cudnn = torch.backends.cudnn
     before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
-    with runtime.deterministic_mode(True, torch.device("cuda")):  # sets flags only, no GPU needed
+    flags = runtime.set_deterministic(True, torch.device("cuda"))  # sets flags only, no GPU needed
+    try:
         assert torch.are_deterministic_algorithms_enabled()
         assert cudnn.deterministic and not cudnn.benchmark
+    finally:
+        runtime.restore_deterministic(flags)
     assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic,
             cudnn.benchmark) == before
 

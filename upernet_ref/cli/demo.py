@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_folder(args.out, "--out")
 
     from upernet_ref.evaluation.evaluate import evaluate
-    from upernet_ref.evaluation.metrics import format_table
+    from upernet_ref.reports import format_table
     from upernet_ref.demo_scenes import DemoScenes
     from upernet_ref.cli.train import run_training
 

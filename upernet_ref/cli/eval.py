@@ -20,7 +20,7 @@ from upernet_ref.cli.common import (checkpoint_config, OVERRIDES_HELP, add_trust
                                     parse_scales, positive_int, show_progress)
 from upernet_ref.errors import UsageError, before_work
 from upernet_ref.files import write_text
-from upernet_ref.evaluation.metrics import format_table
+from upernet_ref.reports import format_table
 from upernet_ref.collectives import rank_and_world
 from upernet_ref.evaluation.evaluate import evaluate
 

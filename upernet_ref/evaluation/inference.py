@@ -216,13 +216,3 @@ def predict_labels(model: nn.Module, image: torch.Tensor, test: TestConfig,
             labels[:, r0:r1] = scores.argmax(1)
             del scores
     return labels
-
-
-def num_forward_passes(size: tuple[int, int], test: TestConfig) -> int:
-    """How many network forwards `inference` makes for an image of `size` (h, w)."""
-    total = 0
-    for scale in test.scales:
-        s = (int(size[0] * scale + 0.5), int(size[1] * scale + 0.5))
-        views = len(window_grid(s, test.crop_size, test.stride)) if test.mode == "slide" else 1
-        total += views * (2 if test.flip else 1)
-    return total

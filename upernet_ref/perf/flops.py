@@ -1,4 +1,5 @@
-"""Counting multiply-accumulates (MACs) by running the model, not by hand.
+"""Counting multiply-accumulates (MACs) by running the model, not by hand, and the forward
+passes a test protocol makes.
 
 `torch.utils.flop_counter.FlopCounterMode` counts the FLOPs of every convolution and matrix
 product a forward pass executes (2 FLOPs per multiply-accumulate); BatchNorm, ReLU, pooling and
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from upernet_ref.configs import TestConfig
+from upernet_ref.evaluation.inference import window_grid
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int], batch: int = 2,
@@ -30,3 +34,13 @@ def count_macs(model: nn.Module, input_size: tuple[int, int], batch: int = 2,
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2 // batch
+
+
+def num_forward_passes(size: tuple[int, int], test: TestConfig) -> int:
+    """How many network forwards `inference` makes for an image of `size` (h, w)."""
+    total = 0
+    for scale in test.scales:
+        s = (int(size[0] * scale + 0.5), int(size[1] * scale + 0.5))
+        views = len(window_grid(s, test.crop_size, test.stride)) if test.mode == "slide" else 1
+        total += views * (2 if test.flip else 1)
+    return total

@@ -84,16 +84,6 @@ def restore_deterministic(before: tuple) -> None:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool, device: torch.device) -> typing.Iterator[None]:
-    """`set_deterministic` for the duration of a block, then every flag put back."""
-    before = set_deterministic(enabled, device)
-    try:
-        yield
-    finally:
-        restore_deterministic(before)
-
-
 def rng_state() -> dict[str, typing.Any]:
     """A snapshot of every random generator this process uses (saved in checkpoints).
 
@@ -135,9 +125,7 @@ def autocast_to(device: torch.device, dtype: torch.dtype | None) -> contextlib.A
 
 
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of `train.amp`: none, bf16 or fp16."""
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+    """The autocast context of `train.amp`: none, bf16 or fp16 (checked in `TrainConfig`)."""
     return autocast_to(device, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
 
