@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -42,7 +42,7 @@ import numpy as np
 import scipy.ndimage as ndi
 import torch
 
-from upernet_ref import course
+from upernet_ref import course, reports
 from upernet_ref.evaluation import metrics
 from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize
@@ -293,7 +293,7 @@ print(f"one matrix over the set: {miou_of(total):.4f}  (the protocol)")
 # `upernet_ref.evaluation.metrics` is the same computation in torch: `confusion_matrix` (one bincount, on
 # the tensors' device), `summarize` (the metrics, NaN for absent classes), a `ConfusionMatrix`
 # accumulator whose `reduce()` sums the matrices of all processes under `torch.distributed`
-# (each GPU evaluates a shard of the split), and `format_table`.
+# (each GPU evaluates a shard of the split); `upernet_ref.reports.format_table` prints the table.
 
 # %%
 print(inspect.getsource(metrics.summarize))
@@ -301,7 +301,7 @@ print(inspect.getsource(metrics.summarize))
 # %%
 package_matrix = metrics.confusion_matrix(torch.from_numpy(pred).to(device), torch.from_numpy(gt).to(device), C).cpu()
 summary = metrics.summarize(package_matrix)
-print(metrics.format_table(summary, DEMO_CLASSES))
+print(reports.format_table(summary, DEMO_CLASSES))
 
 assert (package_matrix.numpy() == matrix).all()
 torch.testing.assert_close(torch.tensor(summary["iou"], dtype=torch.float64), torch.from_numpy(iou), equal_nan=True)

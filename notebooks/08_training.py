@@ -41,7 +41,7 @@ import torch
 
 from upernet_ref import course
 from upernet_ref import configs
-from upernet_ref.checkpoints import read_checkpoint_file
+from upernet_ref.checkpoints import read_checkpoint_file, stored_config
 from upernet_ref.cli.demo import chance_miou, prediction_figure
 from upernet_ref.training.data_order import GlobalBatchOrder, batch_decomposition
 from upernet_ref.runs import plot_curves, read_log
@@ -236,7 +236,7 @@ plt.show()
 ckpt = read_checkpoint_file(out_dir / "last.pt")
 print(sorted(ckpt))
 print("iteration", ckpt["iteration"], "| epoch", ckpt["epoch"], "| position in the epoch", ckpt["position"])
-model = build_model(configs.from_dict(ckpt["config"]))
+model = build_model(stored_config(ckpt, out_dir / "last.pt"))  # ckpt["config"], checked
 _ = model.load_state_dict(ckpt["model"])
 model.to(device)
 fig = prediction_figure(model, DemoScenes("val", num_samples=3), cfg, count=3, device=device)

@@ -5,7 +5,7 @@ and ruff clean.
 The READING CORE is the recipe: `model/`, `configs.py`, `data/`, `training/`, `evaluation/`,
 `collectives.py`, `errors.py`. The SHELL is everything around it: `cli/`, `hub.py`,
 `checkpoints.py`, `perf/`, `course.py`, `runs.py`, `demo_scenes.py`, `hf_datasets.py`,
-`sources.py`, `prepare.py`, `predictions.py`, `files.py`. `upernet_ref/__init__.py` is the front door over both.
+`sources.py`, `config_files.py`, `reports.py`, `prepare.py`, `predictions.py`, `files.py`. `upernet_ref/__init__.py` is the front door over both.
 """
 from __future__ import annotations
 
@@ -26,12 +26,10 @@ FUNCTION_LINE_CAP = 80
 # Functions over the cap that their owners are rewriting now (issue 18's other items; named
 # in the lead's report). The test fails for any other long function, and fails when one of
 # these is short again, so that it leaves this list.
-# Code lines over the cap, measured (issue 18 item 1 is not met yet: at this test's landing the
-# core had 2,265 code lines: configs 437 with the configuration checks of issue 19, data/datasets
-# 323, training/trainer 263, data/transforms 188, data/info 151). The test fails above
-# CORE_LINE_CAP + CORE_LINES_OVER_CAP, and when the core is back under CORE_LINE_CAP while this
-# is not 0: lower it as the core shrinks.
-CORE_LINES_OVER_CAP = 265
+# Code lines over the cap, measured (issue 18 item 1 is not met yet: the core had 2,022 code
+# lines when this was last lowered). The test fails above CORE_LINE_CAP + CORE_LINES_OVER_CAP,
+# and when the core is back under CORE_LINE_CAP while this is not 0: lower it as the core shrinks.
+CORE_LINES_OVER_CAP = 22
 LONG_FUNCTIONS_BEING_SPLIT = {"upernet_ref.perf.bench._run_bench",
                               "upernet_ref.perf.bench.format_table"}
 

@@ -50,8 +50,7 @@ from upernet_ref.configs import override
 from upernet_ref.evaluation.evaluate import evaluate
 from upernet_ref.model.layers import resize
 from upernet_ref.perf.bench import time_calls
-from upernet_ref.perf import flops
-from upernet_ref.perf.flops import count_macs
+from upernet_ref.perf.flops import count_macs, num_forward_passes
 from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.data.transforms import colorize, denormalize, test_transform
 
@@ -295,7 +294,7 @@ print(f"{'protocol':<20}{'forwards':>9}{'MMACs':>9}   input sizes")
 for name, r in results.items():
     print(f"{name:<20}{r['forwards']:>9}{r['macs'] / 1e6:>9.1f}   {r['sizes']}")
 for name, changes in protocols.items():
-    expected = flops.num_forward_passes((h, w), override(cfg, changes).test)
+    expected = num_forward_passes((h, w), override(cfg, changes).test)
     assert results[name]["forwards"] == expected, name
 
 # %%
@@ -408,7 +407,7 @@ for name, changes in protocols.items():
         else:
             total += len(inference.window_grid(scaled, test.crop_size, test.stride)) * count_macs(big, test.crop_size, batch=1)
     gmacs[name] = total * (2 if test.flip else 1) / 1e9
-    print(f"{name:<20}{flops.num_forward_passes(size, test):>4} forwards {gmacs[name]:>9.0f} GMACs")
+    print(f"{name:<20}{num_forward_passes(size, test):>4} forwards {gmacs[name]:>9.0f} GMACs")
 assert gmacs["slide"] > gmacs["whole"] and gmacs["slide + ms + flip"] > gmacs["whole + ms + flip"]
 tta_cost = gmacs["whole + ms + flip"] / gmacs["whole"]
 print(f"multi-scale + flip costs {tta_cost:.1f}x the whole-image pass")
