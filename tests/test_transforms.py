@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from upernet_ref.data import transforms as T
 from upernet_ref.configs import get_config
 from upernet_ref.demo_scenes import DEMO_PALETTE, DemoScenes
+from upernet_ref.training.data_order import SeededItems
 
 DEMO = get_config("upernet_small_demo").data  # crop (64, 64), base_scale (128, 96)
 
@@ -176,19 +177,21 @@ class SameItem(torch.utils.data.Dataset):
         return x, y, torch.tensor(np.random.randint(0, 2**31 - 1))
 
 
-def _run(seed):
-    _ = torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(SameItem(), batch_size=2, num_workers=2,
-                                         worker_init_fn=T.seed_worker)
+def _run(seed, workers=2):
+    """The trainer's way: items keyed by (index, stream position) through `SeededItems`."""
+    _ = torch.manual_seed(1234 + workers)  # the global generator must not matter
+    keys = [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    loader = torch.utils.data.DataLoader(SeededItems(SameItem(), seed), batch_sampler=keys,
+                                         num_workers=workers)
     return list(loader)
 
 
-def test_dataloader_seeding_is_reproducible_and_per_worker():
-    first, second, other = _run(0), _run(0), _run(1)
-    for a, b in zip(first, second):
-        assert all(torch.equal(p, q) for p, q in zip(a, b))
+def test_dataloader_seeding_is_reproducible_and_per_position():
+    first, second, other, serial = _run(0), _run(0), _run(1), _run(0, workers=0)
+    for a, b, c in zip(first, second, serial):  # the same with 2 workers, again, or none
+        assert all(torch.equal(p, q) and torch.equal(p, r) for p, q, r in zip(a, b, c))
     assert not torch.equal(first[0][0], other[0][0])
-    # batches 0 and 1 come from workers 0 and 1: different torch and numpy streams
+    # positions 0 and 2 (batches 0 and 1, from workers 0 and 1): other torch and numpy draws
     assert not torch.equal(first[0][0], first[1][0])
     assert not torch.equal(first[0][2], first[1][2])
 

@@ -14,18 +14,16 @@ Pad):
 Images stay `uint8` through the geometric steps (resize uses torchvision's fast bilinear +
 antialias kernel; masks use nearest, so no new label values appear) and become `float32` only
 after the crop. Every random number comes from torch's global generator, so `torch.manual_seed`
-reproduces a run and DataLoader workers get distinct, reproducible streams (`seed_worker`
-seeds numpy and `random` too, for code that uses them).
+reproduces a run; the trainer seeds each item's draws from (seed, stream position)
+(`training.data_order.SeededItems`), whatever the DataLoader worker or process.
 
 `denormalize`, `colorize` and `overlay` turn tensors back into pictures; every module that
 draws a mask imports them from here.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
@@ -49,18 +47,6 @@ def _randint(low: int, high: int) -> int:
 
 def _coin(p: float = 0.5) -> bool:
     return torch.rand(()).item() < p
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: seed numpy and `random` from the worker's torch seed.
-
-    The transforms only use torch's generator, which DataLoader already seeds per worker
-    (base seed + worker id, the base seed drawn from the global generator); this extends the
-    same seed to libraries a custom dataset might use.
-    """
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # --------------------------------------------------------------------------------------------
