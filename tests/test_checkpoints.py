@@ -9,7 +9,7 @@ import torchvision
 
 from upernet_ref import build_model, get_config
 from upernet_ref.model.backbone import ResNet
-from upernet_ref.model.upernet import randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
 from upernet_ref.checkpoints import (CheckpointError, convert_state_dict, detect_source,
                                      load_backbone_weights, load_weights, read_checkpoint_file,
                                      save_checkpoint)

@@ -553,7 +553,7 @@ def test_the_private_references_equal_the_package():
     """The checkers' own references (not the package) give the package's results."""
     from upernet_ref.data import transforms as T
     from upernet_ref.evaluation import metrics
-    from upernet_ref.model import randomize_batchnorm
+    from upernet_ref.course import randomize_batchnorm
     from upernet_ref.model.ppm import PyramidPooling
     from upernet_ref.training import losses, schedule
 

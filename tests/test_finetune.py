@@ -11,7 +11,7 @@ import torch
 from upernet_ref import build_model, configs, get_config
 from upernet_ref.checkpoints import (CLASSIFIERS, CheckpointError, load_weights,
                                      read_checkpoint_file, save_checkpoint)
-from upernet_ref.model.upernet import randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
 from upernet_ref.cli import main as upernet
 
 from helpers_checkpoints import to_sssegmentation

@@ -18,7 +18,8 @@ from upernet_ref.cli import main as upernet
 from upernet_ref import hub
 from upernet_ref.data.info import DATASETS
 from upernet_ref.hub import training_command
-from upernet_ref.model.upernet import UPerNet, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model.upernet import UPerNet
 
 CFG = get_config("upernet_small_test", ["train.lr=0.1"])  # differs from the named config
 EVAL = ["--limit", "6", "--no-progress"]

@@ -106,7 +106,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_randomize_batchnorm_makes_every_bn_a_non_trivial_map():
-    from upernet_ref.model import randomize_batchnorm
+    from upernet_ref.course import randomize_batchnorm
     net = build_model("upernet_small_test")
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns

@@ -47,7 +47,8 @@ from torch import nn
 
 from upernet_ref import configs
 from upernet_ref.config_files import from_dict
-from upernet_ref.errors import UperNetError, require
+from upernet_ref.errors import UperNetError
+from upernet_ref.extras import require
 from upernet_ref.files import atomic_write
 from upernet_ref.training.runtime import non_finite_tensors
 

@@ -16,6 +16,8 @@
 - `output_shapes(model, x, names)`, `draw_diagram(ax, boxes, arrows)` and `class_legend(fig,
   names, palette)`: the pictures, drawn from the model itself (shapes recorded by forward hooks,
   on the `meta` device), and the class-colour legend of every mask figure.
+- `randomize_batchnorm(model)`: non-trivial BatchNorm statistics, so that a comparison of two
+  networks cannot pass with a BatchNorm wired wrongly (also the tests' and the benchmarks' tool).
 - `load_demo_checkpoint(model)`: the course's trained `upernet_small_demo` weights
   (`upernet_ref/assets/upernet_small_demo.safetensors`, made by
   `notebooks/assets/make_demo_checkpoint.py`), verified by SHA-256 before loading; safetensors
@@ -45,6 +47,23 @@ DEMO_CHECKPOINT_SHA256 = "d82da1e51840648dccb532a7e3a764beb124862c4f99f57d8f915a
 
 class ExerciseError(AssertionError):
     """An exercise's answer differs from the reference; the message says how."""
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, in place.
+
+    A fresh BatchNorm (mean 0, variance 1, weight 1, bias 0) is the identity in eval mode, so a
+    comparison of two implementations, or of a model with its BN-folded copy, could pass with the
+    BN wired wrongly. After this every BN is a non-trivial affine map. Returns `model`.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=generator)
+            m.running_var.uniform_(0.5, 2.0, generator=generator)
+            m.weight.uniform_(0.5, 1.5, generator=generator)
+            m.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,7 +450,6 @@ def check_ppm(answer: typing.Callable[[torch.Tensor, nn.Module], torch.Tensor]) 
     """02: `answer(x, ppm)` = `ppm(x)`, written with the PPM's own layers."""
     __tracebackhide__ = True
     from upernet_ref.model.ppm import PyramidPooling
-    from upernet_ref.model import randomize_batchnorm
 
     gen = torch.Generator().manual_seed(2)
     cases = [(8, 4, (1, 2, 3, 6), 12, 12), (8, 4, (1, 2, 3, 6), 9, 13), (6, 3, (1, 2, 3, 6), 5, 4),
@@ -862,7 +880,6 @@ def check_bottleneck(answer: typing.Callable[[int, int, int, int], nn.Module]) -
     """01: `answer(cin, planes, stride, dilation)` = a v1c bottleneck block with the package's names."""
     __tracebackhide__ = True
     from upernet_ref.model.backbone import Bottleneck
-    from upernet_ref.model import randomize_batchnorm
 
     gen = torch.Generator().manual_seed(11)
     cases = [(16, 4, 1, 1, "identity shortcut"), (16, 8, 2, 1, "stride 2 (a strided 1x1 shortcut)"),
@@ -1255,7 +1272,6 @@ def check_fuse_and_classify(answer: typing.Callable[[list, nn.Module], torch.Ten
     """03: `answer(outs, head)` = the head's logits at 1/4 from its four pyramid levels."""
     __tracebackhide__ = True
     from upernet_ref.model.head import UPerHead
-    from upernet_ref.model import randomize_batchnorm
 
     gen = torch.Generator().manual_seed(21)
     cases = [((16, 8, 8, 8), "output stride 8"), ((16, 8, 4, 2), "output stride 32"),
@@ -1283,7 +1299,6 @@ def check_laterals(answer: typing.Callable[[list, nn.Module], list]) -> None:
     """03: `answer(feats, head)` = the four pyramid inputs: 1x1 laterals on C2..C4, the PPM on C5."""
     __tracebackhide__ = True
     from upernet_ref.model.head import UPerHead
-    from upernet_ref.model import randomize_batchnorm
 
     gen = torch.Generator().manual_seed(22)
     cases = [((4, 6, 8, 10), (16, 8, 8, 8), "output stride 8"), ((3, 5, 7, 9), (16, 8, 4, 2), "output stride 32"),
@@ -1468,7 +1483,6 @@ def _ref_training_steps(model: nn.Module, batches, buffers, start: int, tc, aux_
 def _training_step_cases() -> list[tuple]:
     """(model, batches, buffers, start, train config, what): seeded; edge cases included."""
     from upernet_ref.configs import TrainConfig
-    from upernet_ref.model import randomize_batchnorm
 
     gen = torch.Generator().manual_seed(25)
 

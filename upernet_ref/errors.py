@@ -58,18 +58,3 @@ class NonFiniteLossError(UperNetError, RuntimeError):
     update or writing anything non-finite (exit 3)."""
 
     exit_code = 3
-
-
-class MissingExtraError(UsageError, ImportError):
-    """An optional package is not installed; the message names the extra that installs it."""
-
-
-def require(module: str, extra: str, purpose: str) -> typing.Any:
-    """`import module`, or one line naming the pyproject extra that installs it (`[hf]`, `[tb]`,
-    `[export]`, `[prepare]`): the optional parts stay optional, and say what to do."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
-                                f"pip install 'upernet_ref[{extra}]'") from None

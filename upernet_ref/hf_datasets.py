@@ -21,7 +21,8 @@ from PIL import Image
 from upernet_ref.data.datasets import Samples, apply_lut, names_from_file
 from upernet_ref.data.images import pil_to_rgb
 from upernet_ref.data.info import DATASETS, class_palette, label_lut
-from upernet_ref.errors import DataError, UsageError, require
+from upernet_ref.errors import DataError, UsageError
+from upernet_ref.extras import require
 
 _log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from upernet_ref.checkpoints import (CONFIG_NAME, SAFETENSORS_NAME, CheckpointEr
 from upernet_ref.config_files import from_dict
 from upernet_ref.configs import Config
 from upernet_ref.data.info import DATASETS, class_names
-from upernet_ref.errors import require
+from upernet_ref.extras import require
 from upernet_ref.model.backbone import STANDARD_BLOCKS
 from upernet_ref.model.upernet import UPerNet, build_model
 

@@ -37,7 +37,7 @@ from upernet_ref.data.datasets import (DataError, SegmentationFiles, apply_lut, 
                                       read_label)
 from upernet_ref.data.info import DATASETS, voc_colormap
 from upernet_ref.data.images import read_image
-from upernet_ref.errors import require
+from upernet_ref.extras import require
 from upernet_ref.files import atomic_write
 
 

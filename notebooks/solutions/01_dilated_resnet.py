@@ -62,7 +62,8 @@ from torch import nn
 
 from upernet_ref import course
 from upernet_ref.model.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
-from upernet_ref.model import count_parameters, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model import count_parameters
 
 _ = torch.manual_seed(0)
 device = course.pick_device()
@@ -453,7 +454,7 @@ class SketchResNet(nn.Module):
 
 # %% [markdown]
 # To make the comparison meaningful, the package's BatchNorm layers get random statistics and
-# affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
+# affine parameters first (`upernet_ref.course.randomize_batchnorm`: fresh ones are the identity,
 # so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 
 # %% tags=["uses-exercise"]

@@ -8,7 +8,7 @@ from upernet_ref.model.backbone import ResNet
 from upernet_ref.model.head import FCNHead, UPerHead
 from upernet_ref.model.layers import ConvBNReLU, resize
 from upernet_ref.model.ppm import PyramidPooling
-from upernet_ref.model.upernet import UPerNet, build_model, count_parameters, randomize_batchnorm
+from upernet_ref.model.upernet import UPerNet, build_model, count_parameters
 
 __all__ = ["ConvBNReLU", "FCNHead", "PyramidPooling", "ResNet", "UPerHead", "UPerNet",
-           "build_model", "count_parameters", "randomize_batchnorm", "resize"]
+           "build_model", "count_parameters", "resize"]

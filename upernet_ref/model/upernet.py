@@ -80,20 +80,3 @@ def check_fits(config: Config) -> None:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (BatchNorm running statistics are buffers, not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-@torch.no_grad()
-def randomize_batchnorm(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters, in place.
-
-    A fresh BatchNorm (mean 0, variance 1, weight 1, bias 0) is the identity in eval mode, so a
-    comparison of two implementations, or of a model with its BN-folded copy, could pass with the
-    BN wired wrongly. After this every BN is a non-trivial affine map. Returns `model`.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5, generator=generator)
-            m.running_var.uniform_(0.5, 2.0, generator=generator)
-            m.weight.uniform_(0.5, 1.5, generator=generator)
-            m.bias.uniform_(-0.2, 0.2, generator=generator)
-    return model

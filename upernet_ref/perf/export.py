@@ -31,7 +31,7 @@ from torch import nn
 
 from upernet_ref.model.layers import resize
 from upernet_ref.model.ppm import PyramidPooling
-from upernet_ref.errors import require
+from upernet_ref.extras import require
 
 
 def adaptive_pool_matrix(in_size: int | torch.Tensor, out_size: int) -> torch.Tensor:
