@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -62,7 +62,8 @@ from torch import nn
 
 from upernet_ref import course
 from upernet_ref.model.backbone import STRIDES_DILATIONS, Bottleneck, ResNet
-from upernet_ref.model import count_parameters, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model import count_parameters
 
 _ = torch.manual_seed(0)
 device = course.pick_device()
@@ -426,7 +427,7 @@ class SketchResNet(nn.Module):
 
 # %% [markdown]
 # To make the comparison meaningful, the package's BatchNorm layers get random statistics and
-# affine parameters first (`upernet_ref.model.randomize_batchnorm`: fresh ones are the identity,
+# affine parameters first (`upernet_ref.course.randomize_batchnorm`: fresh ones are the identity,
 # so a mis-wired BN would go unnoticed), and both networks run in eval mode:
 
 # %% tags=["uses-exercise", "raises-exception"]

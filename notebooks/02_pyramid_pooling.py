@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -47,7 +47,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from upernet_ref import course
 from upernet_ref.model.head import resize
-from upernet_ref.model import count_parameters, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model import count_parameters
 from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -49,7 +49,8 @@ from upernet_ref.configs import (REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K,
                                  list_configs)
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.model.head import FCNHead, UPerHead, resize
-from upernet_ref.model import build_model, count_parameters, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model import build_model, count_parameters
 from upernet_ref.model.ppm import ConvBNReLU, PyramidPooling
 
 _ = torch.manual_seed(0)

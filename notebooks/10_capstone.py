@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -44,7 +44,8 @@ from upernet_ref.configs import get_config
 from upernet_ref.data.transforms import colorize, test_transform
 from upernet_ref.demo_scenes import DEMO_CLASSES, DEMO_PALETTE, DemoScenes
 from upernet_ref.evaluation.evaluate import evaluate
-from upernet_ref.model import build_model, randomize_batchnorm
+from upernet_ref.course import randomize_batchnorm
+from upernet_ref.model import build_model
 from upernet_ref.model.head import FCNHead
 from upernet_ref.model.layers import ConvBNReLU, resize
 
