@@ -18,12 +18,14 @@ The shell around it:
     upernet_ref/perf/        MACs, benchmarks, memory, the fast path, export
     upernet_ref/sources.py   where a command's data comes from: demo_scenes.py (the embedded
                              scenes), hf_datasets.py (Hugging Face datasets) or data/ (on disk)
-    upernet_ref/prepare.py, predictions.py, course.py
+    upernet_ref/config_files.py  --config NAME_OR_FILE, JSON / YAML files, stored configurations
+    upernet_ref/extras.py, reports.py, prepare.py, predictions.py, course.py
 """
+from upernet_ref.config_files import load_config
 from upernet_ref.configs import Config, get_config, list_configs
 from upernet_ref.hub import from_pretrained
 from upernet_ref.model import UPerNet, build_model, count_parameters
 
 __all__ = ["Config", "UPerNet", "build_model", "count_parameters", "from_pretrained", "get_config",
-           "list_configs"]
+           "list_configs", "load_config"]
 __version__ = "0.1.0"

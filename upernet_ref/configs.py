@@ -165,6 +165,9 @@ class TestConfig:
         _validate(self, "test")
 
 
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "test": TestConfig}
+
+
 @dataclass(frozen=True)
 class Config:
     name: str
@@ -180,8 +183,7 @@ class Config:
         n = self.data.num_classes
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"the configuration's name must be a non-empty string, got {self.name!r}")
-        for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
-                             ("test", TestConfig)):
+        for section, cls in SECTIONS.items():
             if not isinstance(getattr(self, section), cls):
                 raise ConfigError(f"{section} must be a {cls.__name__}, got "
                                   f"{type(getattr(self, section)).__name__}")
@@ -411,7 +413,6 @@ SMALL: dict[str, Config] = {
 }
 
 _ALL: dict[str, Config] = {**PUBLISHED, **SMALL}
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "test": TestConfig}
 
 
 def list_configs(published_only: bool = False) -> list[str]:
@@ -426,8 +427,8 @@ def get_config(name: str | Config,
 
     Args:
         name: one of `list_configs()`. A configuration file (.json / .yaml: `upernet configs
-            --dump`, a run folder's or model folder's config.json) is read by the shell,
-            `upernet_ref.config_files.read_config_file`, and `--config FILE` on the command line.
+            --dump`, a run folder's or model folder's config.json) is read by the shell:
+            `upernet_ref.load_config(path, overrides)`, `--config FILE` on the command line.
         overrides: "section.field=value" strings or a {"section.field": value} dict, applied
             with type checks (see `override`).
     """
@@ -437,8 +438,8 @@ def get_config(name: str | Config,
         cfg = _ALL[str(name)]
     else:
         raise ConfigKeyError(f"unknown configuration {str(name)!r}; valid names: "
-                             f"{', '.join(_ALL)} (upernet configs describes them), or a "
-                             f"configuration file (upernet_ref.config_files.read_config_file)")
+                             f"{', '.join(_ALL)} (upernet configs describes them); a "
+                             f"configuration file is read by upernet_ref.load_config(path)")
     return override(cfg, overrides) if overrides else cfg
 
 
