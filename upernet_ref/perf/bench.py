@@ -74,10 +74,10 @@ from torch import nn
 from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.model.upernet import build_model
-from upernet_ref.perf.fast import (FastSettings, compile_rule, default_fast_settings,
-                                   error_summary, fast_inference_model)
+from upernet_ref.perf.fast import (FastModel, FastSettings, compile_rule,
+                                   default_fast_settings, error_summary, fast_inference_model)
 from upernet_ref.perf.flops import count_macs
-from upernet_ref.perf.hardware import cpu_peak, device_peak_tflops, machine_info
+from upernet_ref.perf.hardware import CpuPeak, cpu_peak, device_peak_tflops, machine_info
 from upernet_ref.training.runtime import grad_scaler
 from upernet_ref.training.schedule import build_optimizer
 from upernet_ref.training.trainer import train_step
@@ -414,8 +414,67 @@ def _fast_settings(device: torch.device, dtype: str, compile: str) -> FastSettin
     return settings
 
 
+@dataclasses.dataclass
+class _Bench:
+    """One benchmark run shared by its phases: the arguments, the fast-path settings, the CPU
+    peak estimate (CPU only), and the figures so far (`result`, with `errors` in it)."""
+    cfg: Config
+    device: torch.device
+    batch: int
+    size: tuple[int, int]
+    fast: bool
+    warmup: int
+    repeats: int
+    seed: int
+    gmacs: float
+    train_gmacs: float
+    peak: float | None  # TFLOP/s for MFU
+    settings: FastSettings
+    estimate: CpuPeak | None
+    result: dict[str, typing.Any]
+    errors: dict[str, str]
+    meter: MemoryMeter
+    generator: torch.Generator
+
+    @property
+    def fast_warmup(self) -> int:
+        """With torch.compile the first call compiles: never time it."""
+        return max(self.warmup, 1) if self.settings.compile else self.warmup
+
+    def attempt(self, phase: str, phase_batch: int, fn: typing.Callable[[], typing.Any]
+                ) -> typing.Any:
+        """fn()'s value, or None when it does not fit in GPU memory (recorded in `errors`)."""
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError as err:
+            self.errors[phase] = (f"CUDA out of memory at batch {phase_batch}: "
+                                  f"{error_summary(err)}")
+        _free_memory(self.device)  # outside the except block: the failed phase's tensors are gone
+        return None
+
+    def peak_fraction(self, figures: dict, arithmetic: str, prefix: str = "",
+                      factor: int = 1) -> None:
+        """The path's share of the estimated CPU peak of its arithmetic (CPU only): by wall
+        time (of all the cores), and by process CPU time (of the core-seconds the process
+        really got: on a shared machine the steadier figure)."""
+        estimate = self.estimate
+        if estimate is None:
+            return
+        macs = self.train_gmacs if prefix else self.gmacs
+        figures[f"{prefix}peak_fraction"] = model_flops_utilization(
+            macs, figures.get(f"{prefix}images_per_s"), estimate.tflops(arithmetic), factor)
+        cpu_ms = figures.get(f"{prefix}cpu_ms")
+        images = self.result.get("train_batch", self.batch) if prefix else self.batch
+        figures[f"{prefix}cpu_peak_fraction"] = model_flops_utilization(
+            macs, images / (cpu_ms / 1000) if cpu_ms else None,
+            estimate.tflops(arithmetic) / estimate.cores, factor)
+        figures[f"{prefix}peak_arithmetic"] = arithmetic
+
+
 def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, compile, seed,
                peak_tflops, gmacs, train_gmacs, int8) -> dict[str, typing.Any]:
+    """The phases in order: inference (eager, fast, int8, interleaved), the demo-checkpoint
+    accuracy (with `int8`), training (eager, fast, interleaved)."""
     torch.manual_seed(seed)
     model = build_model(cfg).to(device)
     meter = MemoryMeter(device)
@@ -433,151 +492,171 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
     if estimate is not None:
         result["cpu_peak"] = dict(dataclasses.asdict(estimate), describe=estimate.describe(),
                                   **{f"{d}_tflops": estimate.tflops(d) for d in ("fp32", "bf16", "int8")})
-    settings = _fast_settings(device, dtype, compile)
-
-    def peak_fraction(figures: dict, arithmetic: str, prefix: str = "", factor: int = 1) -> None:
-        """The path's share of the estimated CPU peak of its arithmetic (CPU only): by wall
-        time (of all the cores), and by process CPU time (of the core-seconds the process
-        really got: on a shared machine the steadier figure)."""
-        if estimate is None:
-            return
-        macs = train_gmacs if prefix else gmacs
-        figures[f"{prefix}peak_fraction"] = model_flops_utilization(
-            macs, figures.get(f"{prefix}images_per_s"), estimate.tflops(arithmetic), factor)
-        cpu_ms = figures.get(f"{prefix}cpu_ms")
-        images = result.get("train_batch", batch) if prefix else batch
-        figures[f"{prefix}cpu_peak_fraction"] = model_flops_utilization(
-            macs, images / (cpu_ms / 1000) if cpu_ms else None,
-            estimate.tflops(arithmetic) / estimate.cores, factor)
-        figures[f"{prefix}peak_arithmetic"] = arithmetic
-
-    fast_arithmetic = "bf16" if settings.dtype == torch.bfloat16 else "fp32"
-    # With torch.compile the first call compiles: never time it.
-    fast_warmup = max(warmup, 1) if settings.compile else warmup
-
-    def attempt(phase: str, phase_batch: int, fn: typing.Callable[[], typing.Any]) -> typing.Any:
-        """fn()'s value, or None when it does not fit in GPU memory (recorded in `errors`)."""
-        try:
-            return fn()
-        except torch.cuda.OutOfMemoryError as err:
-            errors[phase] = f"CUDA out of memory at batch {phase_batch}: {error_summary(err)}"
-        _free_memory(device)  # outside the except block: the failed phase's tensors are gone
-        return None
-
+    run = _Bench(cfg, device, batch, size, fast, warmup, repeats, seed, gmacs, train_gmacs, peak,
+                 _fast_settings(device, dtype, compile), estimate, result, errors, meter,
+                 generator)
     if mode in ("infer", "both"):
-        images = torch.randn(batch, 3, *size, generator=generator).to(device)
-        model.eval()
-
-        def forward(net: nn.Module) -> typing.Callable[[], typing.Any]:
-            def call() -> typing.Any:
-                with torch.no_grad():
-                    return net(images)
-            return call
-
-        paths = {"infer": TimedPath(forward(model), resident=lambda: resident_mb(model))}
-        fast_model = attempt("fast_infer", batch, lambda: fast_inference_model(
-            model, device, dtype=settings.dtype, channels_last=settings.channels_last,
-            compile=settings.compile, compile_after_s=0.0)) if fast else None
-        if fast_model is not None:
-            paths["fast_infer"] = TimedPath(forward(fast_model),
-                                            resident=lambda: resident_mb(fast_model))
-        int8_model = None
-        if int8:
-            from upernet_ref.perf.int8 import int8_inference_model
-            calibration = [torch.randn(batch, 3, *size, generator=generator) for _ in range(2)]
-            int8_model = int8_inference_model(model, calibration)
-            paths["int8_infer"] = TimedPath(forward(int8_model),
-                                            resident=lambda: resident_mb(int8_model.quantized))
-        for name, path in paths.items():
-            attempt(name, batch, lambda: warm_up(path, device,
-                                                 warmup if name == "infer" else fast_warmup))
-        measure_interleaved(paths, device, repeats, meter, errors, batch)
-        result.update(path_figures(paths["infer"], batch))
-        result["mfu"] = model_flops_utilization(gmacs, result["images_per_s"], peak)
-        peak_fraction(result, "fp32")
-        if fast:
-            figures: dict[str, typing.Any] = {"settings": settings.describe(),
-                                              "compile_rule": compile_rule(device)[1]}
-            if fast_model is not None and "fast_infer" not in errors:
-                figures.update(path_figures(paths["fast_infer"], batch))
-                figures.update(settings=fast_model.settings.describe(),
-                               compile_error=fast_model.compile_error,
-                               compile_s=fast_model.compile_s if fast_model.compiled_shapes
-                               else None,
-                               compiled_slower=bool(fast_model.slower_shapes),
-                               mfu=model_flops_utilization(gmacs, figures["images_per_s"], peak))
-                peak_fraction(figures, fast_arithmetic)
-                if "infer" not in errors:
-                    figures.update(paired_speedup(paths["infer"], paths["fast_infer"]))
-                    figures["break_even_images"] = break_even_images(
-                        figures["compile_s"], result["latency_ms"], figures["latency_ms"], batch)
-            result["fast"] = figures
-        if int8_model is not None and "int8_infer" not in errors:
-            figures = path_figures(paths["int8_infer"], batch)
-            figures.update(settings="BN folded, PT2E int8 (X86InductorQuantizer, calibrated on 2 "
-                                    "random batches), torch.compile with freezing",
-                           quantize_s=int8_model.quantize_s, compile_s=int8_model.compile_s)
-            peak_fraction(figures, "int8")
-            if "infer" not in errors:
-                figures.update(paired_speedup(paths["infer"], paths["int8_infer"]))
-            result["int8"] = figures
-        result["memory_method"] = meter.method
-        del images, fast_model, int8_model, paths
-        _free_memory(device)
+        _bench_inference(run, model, int8)
     if int8:
-        result["demo_accuracy"] = demo_checkpoint_accuracy(settings)
+        result["demo_accuracy"] = demo_checkpoint_accuracy(run.settings)
     if mode in ("train", "both"):
-        train_batch = max(batch, 2)
-        images = torch.randn(train_batch, 3, *size, generator=generator).to(device)
-        labels = torch.randint(0, cfg.model.num_classes, (train_batch, *size),
-                               generator=generator).to(device)
-        result["train_batch"] = train_batch
-        state = {k: v.clone() for k, v in model.state_dict().items()}  # both start from it
-        paths, described = {}, {}
-        for name, settings_ in (("train", None), ("fast_train", settings)):
-            if name == "fast_train" and not fast:
-                continue
-            if name == "fast_train":
-                torch.manual_seed(seed)
-                model = build_model(cfg).to(device)
-                model.load_state_dict(state)
-            prepared = attempt(name, train_batch, lambda: prepare_training(
-                model, images, labels, device, cfg, settings=settings_))
-            if prepared is not None:
-                paths[name], described[name] = prepared
-                calls = fast_warmup if name == "fast_train" else warmup
-                if paths[name].first_calls_s:  # the compiling step was the first warm-up call
-                    calls = max(calls - 1, 0)
-                attempt(name, train_batch, lambda: warm_up(paths[name], device, calls))
-        measure_interleaved(paths, device, repeats, meter, errors, train_batch)
-        figures = path_figures(paths.get("train") if "train" not in errors else None,
-                               train_batch, "train_")
-        result.update(figures, **described.get("train", {}))
-        result["train_mfu"] = model_flops_utilization(
-            train_gmacs, result["train_images_per_s"], peak, factor=3)
-        train_arithmetic = "bf16" if cfg.train.amp == "bf16" else "fp32"
-        peak_fraction(result, train_arithmetic, "train_", factor=3)
-        if result["peak_memory_mb"] is None:
-            result["peak_memory_mb"] = result["train_peak_memory_mb"]
-        result["memory_method"] = meter.method
-        if fast:
-            fast_cfg = configs.override(cfg, settings.train_overrides())
-            figures = result.setdefault("fast", {})
-            figures["train_settings"] = train_settings_text(fast_cfg, fast_cfg.train.compile)
-            if "fast_train" in paths and "fast_train" not in errors:
-                figures.update(path_figures(paths["fast_train"], train_batch, "train_"),
-                               **described["fast_train"])
-                figures["train_mfu"] = model_flops_utilization(
-                    train_gmacs, figures["train_images_per_s"], peak, factor=3)
-                peak_fraction(figures, "bf16" if fast_cfg.train.amp == "bf16" else "fp32",
-                              "train_", factor=3)
-                if "train" in paths and "train" not in errors:
-                    figures.update(paired_speedup(paths["train"], paths["fast_train"], "train_"))
+        _bench_training(run, model)
     return result
 
 
+def _bench_inference(run: _Bench, model: nn.Module, int8: bool) -> None:
+    """Eager, fast (with `run.fast`) and int8 (with `int8`) inference, timed interleaved; their
+    figures into `run.result` (the eager ones at the top level, "fast", "int8")."""
+    result = run.result
+    images = torch.randn(run.batch, 3, *run.size, generator=run.generator).to(run.device)
+    model.eval()
+    paths, fast_model, int8_model = _inference_paths(run, model, images, int8)
+    for name, path in paths.items():
+        run.attempt(name, run.batch, lambda: warm_up(
+            path, run.device, run.warmup if name == "infer" else run.fast_warmup))
+    measure_interleaved(paths, run.device, run.repeats, run.meter, run.errors, run.batch)
+    result.update(path_figures(paths["infer"], run.batch))
+    result["mfu"] = model_flops_utilization(run.gmacs, result["images_per_s"], run.peak)
+    run.peak_fraction(result, "fp32")
+    if run.fast:
+        result["fast"] = _fast_inference_figures(run, paths, fast_model)
+    if int8_model is not None and "int8_infer" not in run.errors:
+        figures = path_figures(paths["int8_infer"], run.batch)
+        figures.update(settings="BN folded, PT2E int8 (X86InductorQuantizer, calibrated on 2 "
+                                "random batches), torch.compile with freezing",
+                       quantize_s=int8_model.quantize_s, compile_s=int8_model.compile_s)
+        run.peak_fraction(figures, "int8")
+        if "infer" not in run.errors:
+            figures.update(paired_speedup(paths["infer"], paths["int8_infer"]))
+        result["int8"] = figures
+    result["memory_method"] = run.meter.method
+    del images, fast_model, int8_model, paths
+    _free_memory(run.device)
+
+
+def _inference_paths(run: _Bench, model: nn.Module, images: torch.Tensor, int8: bool
+                     ) -> tuple[dict[str, TimedPath], FastModel | None, typing.Any]:
+    """The inference paths on `images`: eager, the fast model (None when it does not fit) and
+    the int8 model (calibrated on 2 random batches), each with its own weights' memory."""
+    def forward(net: nn.Module) -> typing.Callable[[], typing.Any]:
+        def call() -> typing.Any:
+            with torch.no_grad():
+                return net(images)
+        return call
+
+    settings = run.settings
+    paths = {"infer": TimedPath(forward(model), resident=lambda: resident_mb(model))}
+    fast_model = run.attempt("fast_infer", run.batch, lambda: fast_inference_model(
+        model, run.device, dtype=settings.dtype, channels_last=settings.channels_last,
+        compile=settings.compile, compile_after_s=0.0)) if run.fast else None
+    if fast_model is not None:
+        paths["fast_infer"] = TimedPath(forward(fast_model),
+                                        resident=lambda: resident_mb(fast_model))
+    int8_model = None
+    if int8:
+        from upernet_ref.perf.int8 import int8_inference_model
+        calibration = [torch.randn(run.batch, 3, *run.size, generator=run.generator)
+                       for _ in range(2)]
+        int8_model = int8_inference_model(model, calibration)
+        paths["int8_infer"] = TimedPath(forward(int8_model),
+                                        resident=lambda: resident_mb(int8_model.quantized))
+    return paths, fast_model, int8_model
+
+
+def _fast_inference_figures(run: _Bench, paths: dict[str, TimedPath],
+                            fast_model: FastModel | None) -> dict[str, typing.Any]:
+    """The fast path's settings and compile rule, and (when it ran) its figures, compile cost,
+    speed-up over eager and break-even image count."""
+    settings = run.settings
+    figures: dict[str, typing.Any] = {"settings": settings.describe(),
+                                      "compile_rule": compile_rule(run.device)[1]}
+    if fast_model is None or "fast_infer" in run.errors:
+        return figures
+    figures.update(path_figures(paths["fast_infer"], run.batch))
+    figures.update(settings=fast_model.settings.describe(),
+                   compile_error=fast_model.compile_error,
+                   compile_s=fast_model.compile_s if fast_model.compiled_shapes else None,
+                   compiled_slower=bool(fast_model.slower_shapes),
+                   mfu=model_flops_utilization(run.gmacs, figures["images_per_s"], run.peak))
+    run.peak_fraction(figures, "bf16" if settings.dtype == torch.bfloat16 else "fp32")
+    if "infer" not in run.errors:
+        figures.update(paired_speedup(paths["infer"], paths["fast_infer"]))
+        figures["break_even_images"] = break_even_images(
+            figures["compile_s"], run.result["latency_ms"], figures["latency_ms"], run.batch)
+    return figures
+
+
+def _bench_training(run: _Bench, model: nn.Module) -> None:
+    """The eager training step and (with `run.fast`) the fast one, from the same weights,
+    timed interleaved on one random batch (at least 2 images); their figures into
+    `run.result` (the eager ones at the top level, the fast ones in "fast")."""
+    cfg, result = run.cfg, run.result
+    train_batch = max(run.batch, 2)
+    images = torch.randn(train_batch, 3, *run.size, generator=run.generator).to(run.device)
+    labels = torch.randint(0, cfg.model.num_classes, (train_batch, *run.size),
+                           generator=run.generator).to(run.device)
+    result["train_batch"] = train_batch
+    paths, described = _training_paths(run, model, images, labels)
+    measure_interleaved(paths, run.device, run.repeats, run.meter, run.errors, train_batch)
+    figures = path_figures(paths.get("train") if "train" not in run.errors else None,
+                           train_batch, "train_")
+    result.update(figures, **described.get("train", {}))
+    result["train_mfu"] = model_flops_utilization(
+        run.train_gmacs, result["train_images_per_s"], run.peak, factor=3)
+    run.peak_fraction(result, "bf16" if cfg.train.amp == "bf16" else "fp32", "train_", factor=3)
+    if result["peak_memory_mb"] is None:
+        result["peak_memory_mb"] = result["train_peak_memory_mb"]
+    result["memory_method"] = run.meter.method
+    if not run.fast:
+        return
+    fast_cfg = configs.override(cfg, run.settings.train_overrides())
+    figures = result.setdefault("fast", {})
+    figures["train_settings"] = train_settings_text(fast_cfg, fast_cfg.train.compile)
+    if "fast_train" in paths and "fast_train" not in run.errors:
+        figures.update(path_figures(paths["fast_train"], train_batch, "train_"),
+                       **described["fast_train"])
+        figures["train_mfu"] = model_flops_utilization(
+            run.train_gmacs, figures["train_images_per_s"], run.peak, factor=3)
+        run.peak_fraction(figures, "bf16" if fast_cfg.train.amp == "bf16" else "fp32",
+                          "train_", factor=3)
+        if "train" in paths and "train" not in run.errors:
+            figures.update(paired_speedup(paths["train"], paths["fast_train"], "train_"))
+
+
+def _training_paths(run: _Bench, model: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[dict[str, TimedPath], dict[str, dict[str, typing.Any]]]:
+    """The prepared, warmed-up training steps ("train", and "fast_train" on a copy of the
+    model rebuilt with the same weights) and what each describes of itself; a step that does
+    not fit in GPU memory is left out (recorded in `run.errors`)."""
+    train_batch = images.shape[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # both start from it
+    paths: dict[str, TimedPath] = {}
+    described: dict[str, dict[str, typing.Any]] = {}
+    for name, settings in (("train", None), ("fast_train", run.settings)):
+        if name == "fast_train" and not run.fast:
+            continue
+        if name == "fast_train":
+            torch.manual_seed(run.seed)
+            model = build_model(run.cfg).to(run.device)
+            model.load_state_dict(state)
+        prepared = run.attempt(name, train_batch, lambda: prepare_training(
+            model, images, labels, run.device, run.cfg, settings=settings))
+        if prepared is not None:
+            paths[name], described[name] = prepared
+            calls = run.fast_warmup if name == "fast_train" else run.warmup
+            if paths[name].first_calls_s:  # the compiling step was the first warm-up call
+                calls = max(calls - 1, 0)
+            run.attempt(name, train_batch, lambda: warm_up(paths[name], run.device, calls))
+    return paths, described
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
 def format_table(result: dict[str, typing.Any]) -> str:
-    """A plain-text table of the figures: one row per path (eager, fast) and phase."""
+    """A plain-text table of the figures: one row per path (eager, fast, int8) and phase, then
+    the notes (settings, compile cost, speed-ups, int8, demo-checkpoint accuracy, CPU peak,
+    compile failures, memory method)."""
     m = result["machine"]
     where = m.get("gpu") or f"{m.get('cpu', '?')} ({m['threads']} threads)"
     lines = [f"{result['config']}  input {result['batch']}x3x{result['size'][0]}x{result['size'][1]}"
@@ -585,39 +664,55 @@ def format_table(result: dict[str, typing.Any]) -> str:
              f"torch {m['torch']}",
              f"{'path':<34} {'phase':<6} {'ms/batch':>9} {'cpu ms':>9} {'img/s':>8} "
              f"{'peak MB':>8} {'MFU' if 'cpu_peak' not in result else '% CPU peak wall/cpu':>19}"]
+    lines += _table_rows(result) + _settings_notes(result) + _figure_notes(result)
+    lines.append(f"memory: {result.get('memory_method', '')}")
+    return "\n".join(lines)
 
-    def row(name: str, phase: str, figures: dict, prefix: str, error: str | None) -> None:
-        ms = figures.get(f"{prefix}step_ms" if prefix else "latency_ms")
-        if ms is None:
-            lines.append(f"{name:<34} {phase:<6} {error or 'not measured'}")
-            return
-        mfu = figures.get(f"{prefix}mfu")
-        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
-        if figures.get(f"{prefix}peak_fraction") is not None:  # CPU: of its arithmetic's peak
-            mfu_text = (f"{100 * figures[prefix + 'peak_fraction']:.1f}% / "
-                        f"{100 * figures[prefix + 'cpu_peak_fraction']:.1f}% "
-                        f"{figures[prefix + 'peak_arithmetic']}")
-        lines.append(f"{name:<34} {phase:<6} {ms:9.1f} {figures[prefix + 'cpu_ms']:9.1f} "
-                     f"{figures[prefix + 'images_per_s']:8.2f} "
-                     f"{figures[prefix + 'peak_memory_mb']:8.0f} {mfu_text:>19}")
 
+def _table_row(name: str, phase: str, figures: dict, prefix: str, error: str | None) -> str:
+    """One path's row: time, CPU time, images/s, peak memory, and its MFU (GPU) or share of
+    the estimated peak of its arithmetic (CPU); or why it was not measured."""
+    ms = figures.get(f"{prefix}step_ms" if prefix else "latency_ms")
+    if ms is None:
+        return f"{name:<34} {phase:<6} {error or 'not measured'}"
+    mfu = figures.get(f"{prefix}mfu")
+    mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+    if figures.get(f"{prefix}peak_fraction") is not None:  # CPU: of its arithmetic's peak
+        mfu_text = (f"{100 * figures[prefix + 'peak_fraction']:.1f}% / "
+                    f"{100 * figures[prefix + 'cpu_peak_fraction']:.1f}% "
+                    f"{figures[prefix + 'peak_arithmetic']}")
+    return (f"{name:<34} {phase:<6} {ms:9.1f} {figures[prefix + 'cpu_ms']:9.1f} "
+            f"{figures[prefix + 'images_per_s']:8.2f} "
+            f"{figures[prefix + 'peak_memory_mb']:8.0f} {mfu_text:>19}")
+
+
+def _table_rows(result: dict[str, typing.Any]) -> list[str]:
+    """The rows of the phases measured: inference (eager, fast, int8), training (eager, fast)."""
+    m, rows = result["machine"], []
     fast, errors = result.get("fast", {}), result.get("errors", {})
     eager = "eager fp32" + (" (TF32 convs)" if m.get("tf32_convolutions") else "")
     if result["mode"] in ("infer", "both"):
-        row(eager, "infer", result, "", errors.get("infer"))
+        rows.append(_table_row(eager, "infer", result, "", errors.get("infer")))
         if fast:
-            row("fast (--fast)", "infer", fast, "", errors.get("fast_infer"))
+            rows.append(_table_row("fast (--fast)", "infer", fast, "", errors.get("fast_infer")))
         if "int8" in result or "int8_infer" in errors:
-            row("int8 (PT2E, x86 inductor)", "infer", result.get("int8", {}), "",
-                errors.get("int8_infer"))
+            rows.append(_table_row("int8 (PT2E, x86 inductor)", "infer", result.get("int8", {}),
+                                   "", errors.get("int8_infer")))
     if result["mode"] in ("train", "both"):
         amp = (result.get("train_settings") or "fp32").split(",")[0].replace(" autocast", "")
         tf32 = " (TF32 convs)" if amp == "fp32" and m.get("tf32_convolutions") else ""
-        row(f"eager {amp}{tf32} (batch {result['train_batch']})", "train", result, "train_",
-            errors.get("train"))
+        rows.append(_table_row(f"eager {amp}{tf32} (batch {result['train_batch']})", "train",
+                               result, "train_", errors.get("train")))
         if fast:
-            row(f"fast (batch {result['train_batch']})", "train", fast, "train_",
-                errors.get("fast_train"))
+            rows.append(_table_row(f"fast (batch {result['train_batch']})", "train", fast,
+                                   "train_", errors.get("fast_train")))
+    return rows
+
+
+def _settings_notes(result: dict[str, typing.Any]) -> list[str]:
+    """What the paths ran: the fast inference settings, the compile rule and cost, the
+    training steps' settings."""
+    fast, lines = result.get("fast", {}), []
     if fast.get("settings"):
         lines.append(f"fast inference: {fast['settings']}")
     if fast.get("compile_rule"):
@@ -633,6 +728,13 @@ def format_table(result: dict[str, typing.Any]) -> str:
         lines.append(f"training step: {result['train_settings']}")
     if fast.get("train_settings"):
         lines.append(f"fast training: {fast['train_settings']}")
+    return lines
+
+
+def _figure_notes(result: dict[str, typing.Any]) -> list[str]:
+    """The speed-ups, the int8 costs, the demo-checkpoint accuracy, the CPU peak estimate and
+    the compile failures."""
+    fast, lines = result.get("fast", {}), []
     for label, phase, prefix, figures in (("fast", "inference", "", fast),
                                           ("fast", "training", "train_", fast),
                                           ("int8", "inference", "", result.get("int8", {}))):
@@ -649,14 +751,13 @@ def format_table(result: dict[str, typing.Any]) -> str:
     if result.get("demo_accuracy"):
         acc = result["demo_accuracy"]
         lines.append(f"accuracy on the demo checkpoint ({acc['images']}), vs fp32 eager:")
-        for name, row_ in acc["paths"].items():
-            lines.append(f"  {name:<11} argmax agreement {100 * row_['agreement']:7.3f}%  "
-                         f"mIoU {100 * row_['miou']:6.2f} ({100 * row_['miou_change']:+.2f} "
+        for name, row in acc["paths"].items():
+            lines.append(f"  {name:<11} argmax agreement {100 * row['agreement']:7.3f}%  "
+                         f"mIoU {100 * row['miou']:6.2f} ({100 * row['miou_change']:+.2f} "
                          f"points)")
     if result.get("cpu_peak"):
         lines.append(result["cpu_peak"]["describe"] + "; an estimate")
     for key in ("compile_error", "train_compile_error"):
         if fast.get(key):
             lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")
-    lines.append(f"memory: {result.get('memory_method', '')}")
-    return "\n".join(lines)
+    return lines
