@@ -30,3 +30,8 @@ $B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --warmup 1
 $B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 2 --json "$OUT/zen5/r50_os8_512_train.json"
 python benchmarks/cpu_compile_options.py infer > "$OUT/zen5/compile_options_infer.log"
 python benchmarks/cpu_compile_options.py train > "$OUT/zen5/compile_options_train.log"
+# 6. Issue 21 item 2 (a Zen 4 VM, family 25 model 17): train --fast with the float32 logits and
+#    channels_last conv inputs, and each choice's share (fast_train_options.py).
+mkdir -p "$OUT/zen4"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 3 --json "$OUT/zen4/r50_os8_512_train.json"
+python benchmarks/fast_train_options.py 512 3 > "$OUT/zen4/fast_train_options.log"

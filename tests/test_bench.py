@@ -198,6 +198,24 @@ def test_the_benchmarked_step_is_the_trained_step_with_the_configuration_s_loss(
     assert "cross_entropy" not in source and "SGD(" not in source  # no copy of the loss or SGD
 
 
+def test_fast_training_step_is_checked_against_the_eager_one():
+    """Both training paths start from the same weights and batch: their first losses are
+    reported (`train_first_loss`) and agree; the fast one upsamples the logits in float32
+    and gives every conv a channels_last input (`fast.fast_training_model`; bf16 autocast
+    forced here on any CPU)."""
+    from upernet_ref.configs import override
+    cfg = override(get_config("upernet_small_test"), {"model.dropout": 0.0})
+    result = run_bench(cfg, "cpu", size=(32, 32), mode="train", fast=True, warmup=0,
+                       repeats=1, dtype="bfloat16")
+    fast = result["fast"]
+    assert fast["train_settings"] == ("bf16 autocast, channels_last, logits upsampled in "
+                                      "float32, channels_last conv inputs")
+    assert result["train_settings"] == "fp32, NCHW"
+    eager_loss, fast_loss = result["train_first_loss"], fast["train_first_loss"]
+    assert eager_loss > 0 and fast_loss != eager_loss  # bf16 really ran
+    assert abs(fast_loss - eager_loss) < 1e-3 * eager_loss
+
+
 def test_bench_takes_configuration_overrides(tmp_path):
     path = tmp_path / "bench.json"
     assert main(["--config", "upernet_small_test", "--device", "cpu", "--size", "32x32",

@@ -359,14 +359,18 @@ def test_command_line_errors_are_one_line_and_name_the_problem(tmp_path, capsys)
     assert err.startswith("upernet train: error: ") and "no.pt" in err and err.count("\n") == 1
 
 
-def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
+def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path, monkeypatch):
     import json
 
     from upernet_ref.perf.hardware import cpu_has_native_bf16
     out = tmp_path / "fast"
     base = ["--config", "upernet_small_test", "--out", str(out), "--max-iters", "2",
             "--no-progress", "--no-val", "--device", "cpu", "--fast"]
+    real, trained = train_cli.fast_train_model, []
+    monkeypatch.setattr(train_cli, "fast_train_model",
+                        lambda model, device: trained.append(real(model, device)) or model)
     assert train_cli.main(base) == 0
+    assert len(trained) == 1  # the model trained with --fast went through fast_train_model
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == ("bf16" if cpu_has_native_bf16() else "none")
     assert saved["channels_last"] is True and saved["compile"] is False  # no compile on CPU
@@ -374,6 +378,18 @@ def test_fast_flag_sets_the_device_s_fast_training_settings(tmp_path):
                                   "--overwrite"]) == 0
     saved = json.loads((out / "config.json").read_text())["train"]
     assert saved["amp"] == "none" and saved["channels_last"] is False  # explicit ones win
+
+
+def test_fast_training_model_applies_what_the_final_configuration_says():
+    from upernet_ref.perf.fast import CLASSIFIERS
+    for amp, channels_last in (("bf16", True), ("none", False)):
+        model = build_model(override(small_cfg(), {"train.amp": amp,
+                                                   "train.channels_last": channels_last}))
+        assert train_cli.fast_train_model(model, "cpu") is model
+        classifiers = [model.get_submodule(name) for name in CLASSIFIERS]
+        assert all(bool(c._forward_hooks) is (amp == "bf16") for c in classifiers)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(bool(c._forward_pre_hooks) is channels_last for c in convs)
 
 
 def test_a_second_run_into_the_same_folder_stops_before_any_work(tmp_path):

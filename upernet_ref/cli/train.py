@@ -93,8 +93,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="the fast training settings for the device (fast_train_overrides: "
                              "bf16/fp16 autocast where the device is fast at it, channels_last, "
                              "torch.compile on CUDA; not on the CPU, where the compiled step "
-                             "was slower, docs/benchmarks.md); explicit --train.* overrides "
-                             "still win")
+                             "was slower, docs/benchmarks.md; on the CPU the logits are "
+                             "upsampled in float32 and every conv gets a channels_last input, "
+                             "fast.fast_training_model); explicit --train.* overrides still win")
     args, overrides = parse_args_and_overrides(parser, argv)
     if args.reinit_classifier and not args.weights:
         parser.error("--reinit-classifier re-initialises the classifiers of --weights FILE: "
@@ -109,6 +110,18 @@ def fast_train_overrides(device: str | None) -> list[str]:
     from upernet_ref.perf.fast import default_fast_settings
     overrides = default_fast_settings(resolve_device(device)).train_overrides()
     return [f"{key}={value}" for key, value in overrides.items()]
+
+
+def fast_train_model(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
+    """`--fast` for training, the part that is not a configuration value
+    (`fast.fast_training_model`: under autocast the heads' logits upsampled in float32, with
+    channels_last every conv given a channels_last input; forward hooks, so the state dict and
+    the checkpoints are unchanged)."""
+    from upernet_ref.launch import resolve_device
+    from upernet_ref.perf.fast import default_fast_settings, fast_training_model
+    train_cfg = model.config.train
+    return fast_training_model(model, default_fast_settings(resolve_device(device)),
+                               train_cfg.amp, train_cfg.channels_last)[0]
 
 
 @command("upernet train")
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                       reinit_classifier=args.reinit_classifier,
                       trust_checkpoint=args.trust_checkpoint,
                       progress=show_progress(args.no_progress)) as run:
+        if args.fast:
+            fast_train_model(run.model, args.device)
         result = train(run.model.config, run.model, run.train_set, run.val_set, run.out_dir,
                        **run.options)  # the config with the dataset's class names
     if result.interrupted:  # "SIGTERM", "SIGINT", or "signal" when another rank got it

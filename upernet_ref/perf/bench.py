@@ -21,7 +21,10 @@ What is measured (per configuration, input size and batch):
 - `--fast`: the same figures for the fast path: `fast.fast_inference_model` for inference
   (BatchNorm folded, channels_last, autocast, torch.compile as decided for the device), and
   the same training step with channels_last + autocast (+ compile) over the configuration's
-  (`fast.default_fast_settings`, `FastSettings.train_overrides`, as `upernet train --fast`).
+  (`fast.default_fast_settings`, `FastSettings.train_overrides`, as `upernet train --fast`), and
+  on the CPU the logits upsampled in float32 and channels_last conv inputs
+  (`fast.fast_training_model`). Both training paths start from the same weights and batch, and
+  each reports its first step's loss (`train_first_loss`): the fast step checked against eager.
   The two paths are timed *interleaved*, eager, fast, eager, fast, ..., and the speed-up is the
   median of the per-round ratios eager time / fast time, for the wall time and for the process
   CPU time: a change of load on a shared machine then hits both paths of a round alike instead
@@ -75,7 +78,8 @@ from upernet_ref import configs
 from upernet_ref.configs import Config
 from upernet_ref.model.upernet import build_model
 from upernet_ref.perf.fast import (FastModel, FastSettings, compile_rule,
-                                   default_fast_settings, error_summary, fast_inference_model)
+                                   default_fast_settings, error_summary, fast_inference_model,
+                                   fast_training_model)
 from upernet_ref.perf.flops import count_macs
 from upernet_ref.perf.hardware import CpuPeak, cpu_peak, device_peak_tflops, machine_info
 from upernet_ref.training.runtime import grad_scaler
@@ -263,14 +267,19 @@ def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     """The trainer's own step (`trainer.train_step`) as a timed path: the configuration's loss
     (class weights, OHEM, loss weights, ignore index), autocast and channels_last, and its SGD
     (`schedule.build_optimizer`). With `settings`, the fast path's choices override those
-    (`FastSettings.train_overrides`). Returns the path and its description
-    (`train_settings`, `train_compile_error`).
+    (`FastSettings.train_overrides`, `fast.fast_training_model`). Returns
+    the path and its description (`train_settings`, `train_compile_error`; once the first step
+    has run, `train_first_loss`: its loss, which the bench's eager and fast paths compute from
+    the same weights and batch, so that the fast step is checked against the eager one).
 
     With compile, the first step (which compiles) runs here, untimed; if it fails, the steps
     run uncompiled and `train_compile_error` says why.
     """
+    applied: list[str] = []
     if settings is not None:
         cfg = configs.override(cfg, settings.train_overrides())
+        model, applied = fast_training_model(model, settings, cfg.train.amp,
+                                             cfg.train.channels_last)
     model.train()
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -278,9 +287,12 @@ def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     optimizer = build_optimizer(model, cfg.train)
     scaler = grad_scaler(cfg.train.amp, device)
     state = {"forward": forward}
+    described: dict[str, typing.Any] = {}
 
     def step() -> None:
-        train_step(state["forward"], (images, labels), optimizer, scaler, cfg)
+        losses = train_step(state["forward"], (images, labels), optimizer, scaler, cfg)
+        if "train_first_loss" not in described:  # from the weights both paths start from
+            described["train_first_loss"] = float(losses.loss)
 
     path = TimedPath(step, resident=lambda: resident_mb(model, optimizer))
     compile_error = None
@@ -295,8 +307,10 @@ def prepare_training(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             state["forward"] = model
         _sync(device)
         path.first_calls_s = time.perf_counter() - start
-    return path, {"train_settings": train_settings_text(cfg, compiled=state["forward"] is not model),
-                  "train_compile_error": compile_error}
+    described.update(train_settings=train_settings_text(cfg, compiled=state["forward"] is not model,
+                                                        extra=applied),
+                     train_compile_error=compile_error)
+    return path, described
 
 
 def break_even_images(compile_s: float | None, eager_ms: float | None, fast_ms: float | None,
@@ -350,11 +364,12 @@ def demo_checkpoint_accuracy(settings: FastSettings, calibration_images: int = 4
             "images": f"{val_images} demo val images at {size[0]}x{size[1]}", "paths": rows}
 
 
-def train_settings_text(cfg: Config, compiled: bool) -> str:
-    """E.g. "bf16 autocast, channels_last, torch.compile" or "fp32, NCHW"."""
+def train_settings_text(cfg: Config, compiled: bool, extra: typing.Sequence[str] = ()) -> str:
+    """E.g. "bf16 autocast, channels_last, torch.compile" or "fp32, NCHW"; `extra`: what
+    `fast.fast_training_model` applied."""
     amp = "fp32" if cfg.train.amp == "none" else f"{cfg.train.amp} autocast"
-    return (f"{amp}, {'channels_last' if cfg.train.channels_last else 'NCHW'}"
-            f"{', torch.compile' if compiled else ''}")
+    return ", ".join([amp, "channels_last" if cfg.train.channels_last else "NCHW", *extra,
+                      *(["torch.compile"] if compiled else [])])
 
 
 # --------------------------------------------------------------------------------------------

@@ -109,7 +109,11 @@ class FastSettings:
     `freezing`: compile with inductor's freezing (inference only: weights as constants);
     `compile_after_s`: wall seconds of uncompiled calls of one input shape before that shape is
     compiled (0: compile on the first call); `train_compile`: torch.compile the training step (`train
-    --fast`), decided apart from inference since a training step compiles and pays differently.
+    --fast`), decided apart from inference since a training step compiles and pays differently;
+    `train_float32_logits`: the training step upsamples the two heads' logits in float32
+    (`float32_logits`), under autocast only; `train_channels_last_inputs`: every conv of the
+    training step gets a channels_last input (`channels_last_conv_inputs`), with channels_last
+    only. Both are applied by `fast_training_model`.
     """
 
     dtype: torch.dtype | None
@@ -119,6 +123,8 @@ class FastSettings:
     freezing: bool = False
     compile_after_s: float = 0.0
     train_compile: bool | None = None  # None: as `compile`
+    train_float32_logits: bool = False
+    train_channels_last_inputs: bool = False
 
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32"
@@ -248,8 +254,10 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
     CPU: bf16 only with native bf16 instructions (on CPUs without them bf16 is emulated and
     slower than float32), channels_last, torch.compile with freezing where `compile_rule`
     allows, amortised (`CPU_COMPILE_AFTER_S`). The training step (`train --fast`) is not
-    compiled on the CPU: compiled it was slower than eager bf16 (docs/benchmarks.md).
-    With bf16, the stem, layer1-2 and the classifier stay float32 (`BF16_FLOAT32_MODULES`).
+    compiled on the CPU: compiled it was slower than eager bf16 (docs/benchmarks.md); it
+    upsamples the logits in float32 and gives every conv a channels_last input
+    (`fast_training_model`). With bf16, the stem, layer1-2 and
+    the classifier stay float32 at inference (`BF16_FLOAT32_MODULES`).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -261,7 +269,68 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
     return FastSettings(dtype=dtype, channels_last=True, compile=compile,
                         float32_modules=BF16_FLOAT32_MODULES if dtype is not None else (),
                         freezing=compile, compile_after_s=CPU_COMPILE_AFTER_S if compile else 0.0,
-                        train_compile=False)
+                        train_compile=False, train_float32_logits=True,
+                        train_channels_last_inputs=True)
+
+
+# The heads' last layers: their outputs are the 1/4- and 1/8-resolution logits that UPerNet.forward
+# upsamples to the image size for the loss.
+CLASSIFIERS = ("decode_head.classifier", "aux_head.classifier")
+
+
+def _float32_nchw(module: nn.Module, args: typing.Any, output: torch.Tensor) -> torch.Tensor:
+    return output.float().contiguous()
+
+
+def float32_logits(model: nn.Module) -> nn.Module:
+    """Make the classifiers of `model` (`CLASSIFIERS`, in place) return float32 NCHW logits, so
+    that under autocast the bilinear upsampling to the image size and the cross-entropy run on
+    float32 NCHW tensors (`train --fast` on the CPU, `FastSettings.train_float32_logits`).
+
+    Why: the loss casts the logits to float32 anyway (`losses.cross_entropy`), but after the
+    upsampling, i.e. on the full-size (B, 150, 512, 512) tensor: a bf16 channels_last upsampled
+    copy, its float32 copy, log-softmax converting channels_last to NCHW, and the same casts and
+    conversions backwards, all memory passes over 2 x 79 M values for each head. Cast at 1/4
+    (1/8) resolution, 16x (64x) fewer values are cast, and the upsampling is done in float32 as
+    in fp32 eager instead of being rounded to bf16 (closer to the reference, not further). The
+    classifiers themselves still run under autocast. A forward hook, so module names and the
+    state dict are unchanged (checkpoints load either way); a no-op on float32 NCHW logits.
+    Measured on R-50 os8 512x512, batch 2 (Zen 5): docs/benchmarks.md.
+    """
+    for name in CLASSIFIERS:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # no auxiliary head
+        if not getattr(module, "_float32_logits", False):
+            module.register_forward_hook(_float32_nchw)
+            module._float32_logits = True
+    return model
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def channels_last_conv_inputs(model: nn.Module) -> nn.Module:
+    """Give every Conv2d of `model` (in place) a channels_last input: a forward pre-hook that
+    converts an NCHW input and leaves a channels_last one alone (`train --fast` on the CPU, with
+    `float32_logits`; the state dict is unchanged).
+
+    Why: in a channels_last model one input is still NCHW, the PPM's concatenation (its 1x1
+    pooled branch, upsampled from a (B, 512, 1, 1) map whose layout is ambiguous, comes out
+    NCHW, and so does the `torch.cat`), and it feeds the PPM bottleneck, a 4096 -> 512 3x3
+    conv (10% of the MACs of R-50 os8), which oneDNN then runs 10% slower in bf16 forward and
+    backward (2 x 4096 x 64 x 64, Zen 5: 6.2 s -> 5.6 s CPU time). Values are unchanged.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and not getattr(module, "_channels_last_input", False):
+            module.register_forward_pre_hook(_channels_last_input)
+            module._channels_last_input = True
+    return model
 
 
 def error_summary(err: BaseException) -> str:
@@ -422,3 +491,20 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def fast_training_model(model: nn.Module, settings: FastSettings, amp: str,
+                        channels_last: bool) -> tuple[nn.Module, list[str]]:
+    """`model` (in place) with the training-step choices of `settings` that are not
+    configuration values: `float32_logits` under autocast (`amp` not "none") and
+    `channels_last_conv_inputs` with `channels_last`, as `train.amp` / `train.channels_last`
+    finally say (explicit overrides win over `--fast`). Forward hooks only: the state dict, the
+    checkpoints and fp32 eager are unchanged. Returns the model and what was applied, in words."""
+    applied = []
+    if settings.train_float32_logits and amp != "none":
+        float32_logits(model)
+        applied.append("logits upsampled in float32")
+    if settings.train_channels_last_inputs and channels_last:
+        channels_last_conv_inputs(model)
+        applied.append("channels_last conv inputs")
+    return model, applied
