@@ -21,7 +21,11 @@ demo: $(STAMP)
 	$(VENV)/bin/upernet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	# the unit tests, then the end-to-end checks marked slow (real torch.compile and int8
+	# quantization, the full-size notebooks 01-03, the GPU script's dry run, a wheel install):
+	# together every test in tests/ (tests/test_suite_split.py checks the two steps)
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow tests
 	# notebooks/ and, recursively, notebooks/solutions/: the student notebooks (their unsolved
 	# exercise cells, tagged raises-exception, raise NotImplementedError) and the solved ones
 	# (every cell runs); conftest.py gives nbval

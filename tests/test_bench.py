@@ -280,6 +280,7 @@ def test_break_even_images_is_the_compile_over_the_saving():
     assert bench.break_even_images(None, 5000.0, 2000.0, batch=1) is None  # not compiled
 
 
+@pytest.mark.slow
 def test_int8_row_and_the_demo_checkpoint_accuracy(no_compile, tmp_path):
     pytest.importorskip("torchao")
     path = tmp_path / "bench.json"

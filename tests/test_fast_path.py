@@ -204,6 +204,7 @@ def test_a_compiled_shape_that_is_slower_goes_back_to_uncompiled(model, monkeypa
     assert fast.slower_shapes == [(1, 3, 32, 32)] and len(calls) == 3
 
 
+@pytest.mark.slow
 def test_compiled_fast_path_with_freezing_agrees_with_eager(trained):
     """The real inductor CPU path (freezing, bf16 where native): the trained demo checkpoint's
     argmax on demo val images as fp32 eager's on >= 99.9% of the pixels."""
@@ -341,6 +342,7 @@ def test_trained_model_bf16_fast_path_agrees_on_demo_val_and_miou_unchanged(trai
     assert abs(fast_miou - eager_miou) <= 0.001  # 0.1 mIoU points
 
 
+@pytest.mark.slow
 def test_int8_path_on_the_trained_checkpoint_agrees_and_is_shape_specific(trained):
     """The int8 path (PT2E + inductor's x86 int8 kernels, compiled with freezing) on the trained
     demo checkpoint, calibrated on demo *train* images: its argmax stays close to fp32 eager's

@@ -41,6 +41,7 @@ def test_notebooks_01_to_03_use_it():
         assert "full_size = course.full_size(device)" in text, path
 
 
+@pytest.mark.slow
 def test_solved_01_to_03_pass_nbval_at_full_size():
     pytest.importorskip("nbval")
     env = dict(os.environ, **{course.FULL_SIZE_VARIABLE: "1"})
