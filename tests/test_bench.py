@@ -273,6 +273,16 @@ def test_cpu_rows_report_the_fraction_of_the_estimated_peak_and_the_compile_cost
     assert "fast compile:" in table and "torch.compile rule:" in table
 
 
+def test_a_path_above_the_estimated_peak_is_explained():
+    peak = {"describe": "estimated CPU peak 166 GFLOP/s fp32 (2 cores x 2.60 GHz)"}
+    below = {"cpu_peak": peak, "peak_fraction": 0.8, "fast": {"cpu_peak_fraction": 0.9}}
+    above = {"cpu_peak": peak, "peak_fraction": 0.8, "fast": {"cpu_peak_fraction": 1.07}}
+    assert not bench._above_the_estimate(below) and bench._above_the_estimate(above)
+    notes = [line for line in bench._figure_notes(above) if "estimated CPU peak" in line]
+    assert notes and "turbo" in notes[0]
+    assert "turbo" not in " ".join(bench._figure_notes(below))
+
+
 def test_break_even_images_is_the_compile_over_the_saving():
     assert bench.break_even_images(30.0, 5000.0, 2000.0, batch=1) == pytest.approx(10.0)
     assert bench.break_even_images(30.0, 5000.0, 2000.0, batch=2) == pytest.approx(20.0)

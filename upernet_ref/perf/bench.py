@@ -746,6 +746,13 @@ def _settings_notes(result: dict[str, typing.Any]) -> list[str]:
     return lines
 
 
+def _above_the_estimate(result: dict[str, typing.Any]) -> bool:
+    """Whether any path's achieved FLOP/s exceeds the estimated peak (`hardware.cpu_peak`)."""
+    sections = (result, result.get("fast", {}), result.get("int8", {}))
+    return any((figures.get(key) or 0) > 1 for figures in sections for key in figures
+               if key.endswith("peak_fraction"))
+
+
 def _figure_notes(result: dict[str, typing.Any]) -> list[str]:
     """The speed-ups, the int8 costs, the demo-checkpoint accuracy, the CPU peak estimate and
     the compile failures."""
@@ -771,7 +778,9 @@ def _figure_notes(result: dict[str, typing.Any]) -> list[str]:
                          f"mIoU {100 * row['miou']:6.2f} ({100 * row['miou_change']:+.2f} "
                          f"points)")
     if result.get("cpu_peak"):
-        lines.append(result["cpu_peak"]["describe"] + "; an estimate")
+        lines.append(result["cpu_peak"]["describe"] + "; an estimate"
+                     + ("; a path above 100% means the cores ran faster than that clock (a turbo "
+                        "clock the machine does not report)" if _above_the_estimate(result) else ""))
     for key in ("compile_error", "train_compile_error"):
         if fast.get(key):
             lines.append(f"torch.compile failed, measured uncompiled: {fast[key]}")
