@@ -95,7 +95,7 @@ def write_config_file(cfg: Config, path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.name.endswith(CONFIG_SUFFIXES):
         raise ConfigError(f"{path}: a configuration file ends with "
-                                  f"{', '.join(CONFIG_SUFFIXES)}")
+                          f"{', '.join(CONFIG_SUFFIXES)}")
     data = to_dict(cfg)
     if path.suffix == ".json":
         text = json.dumps(data, indent=2) + "\n"

@@ -295,13 +295,12 @@ def float32_logits(model: nn.Module) -> nn.Module:
     in fp32 eager instead of being rounded to bf16 (closer to the reference, not further). The
     classifiers themselves still run under autocast. A forward hook, so module names and the
     state dict are unchanged (checkpoints load either way); a no-op on float32 NCHW logits.
-    Measured on R-50 os8 512x512, batch 2 (Zen 5): docs/benchmarks.md.
+    Measured on R-50 os8 512x512, batch 2 (Zen 4): docs/benchmarks.md.
     """
     for name in CLASSIFIERS:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
+        if not _has_submodule(model, name):
             continue  # no auxiliary head
+        module = model.get_submodule(name)
         if not getattr(module, "_float32_logits", False):
             module.register_forward_hook(_float32_nchw)
             module._float32_logits = True
