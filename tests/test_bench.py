@@ -200,16 +200,16 @@ def test_the_benchmarked_step_is_the_trained_step_with_the_configuration_s_loss(
 
 def test_fast_training_step_is_checked_against_the_eager_one():
     """Both training paths start from the same weights and batch: their first losses are
-    reported (`train_first_loss`) and agree; the fast one upsamples the logits in float32
-    and gives every conv a channels_last input (`fast.fast_training_model`; bf16 autocast
-    forced here on any CPU)."""
+    reported (`train_first_loss`) and agree; the fast one computes the head's fusion convs
+    with late upsampling, upsamples the logits in float32 and gives every conv a channels_last
+    input (`fast.fast_training_model`; bf16 autocast forced here on any CPU)."""
     from upernet_ref.configs import override
     cfg = override(get_config("upernet_small_test"), {"model.dropout": 0.0})
     result = run_bench(cfg, "cpu", size=(32, 32), mode="train", fast=True, warmup=0,
                        repeats=1, dtype="bfloat16")
     fast = result["fast"]
-    assert fast["train_settings"] == ("bf16 autocast, channels_last, logits upsampled in "
-                                      "float32, channels_last conv inputs")
+    assert fast["train_settings"] == ("bf16 autocast, channels_last, late upsampling, logits "
+                                      "upsampled in float32, channels_last conv inputs")
     assert result["train_settings"] == "fp32, NCHW"
     eager_loss, fast_loss = result["train_first_loss"], fast["train_first_loss"]
     assert eager_loss > 0 and fast_loss != eager_loss  # bf16 really ran
@@ -258,19 +258,23 @@ def test_cpu_rows_report_the_fraction_of_the_estimated_peak_and_the_compile_cost
     assert result["peak_arithmetic"] == "fp32" and fast["peak_arithmetic"] == "bf16"
     assert result["peak_fraction"] == pytest.approx(
         2 * result["gmacs"] * 1e9 * result["images_per_s"] / (peak["fp32_tflops"] * 1e12))
+    # the fast path counts the MACs it computes (late upsampling), fewer than the network's
+    assert 0 < result["fast_gmacs"] < result["gmacs"]
+    assert 0 < result["fast_train_gmacs"] < result["train_gmacs"]
     assert fast["peak_fraction"] == pytest.approx(
-        2 * result["gmacs"] * 1e9 * fast["images_per_s"] / (peak["bf16_tflops"] * 1e12))
+        2 * result["fast_gmacs"] * 1e9 * fast["images_per_s"] / (peak["bf16_tflops"] * 1e12))
     assert result["cpu_peak_fraction"] == pytest.approx(
         2 * result["gmacs"] * 1e9 / (result["cpu_ms"] / 1000)
         / (peak["fp32_tflops"] / peak["cores"] * 1e12))
     assert result["train_peak_fraction"] > 0 and fast["train_peak_arithmetic"] == "bf16"
     assert fast["train_cpu_peak_fraction"] == pytest.approx(
-        3 * 2 * result["train_gmacs"] * 1e9 * 2 / (fast["train_cpu_ms"] / 1000)
+        3 * 2 * result["fast_train_gmacs"] * 1e9 * 2 / (fast["train_cpu_ms"] / 1000)
         / (peak["bf16_tflops"] / peak["cores"] * 1e12))
     assert fast["compile_s"] > 0 and fast["compile_rule"]  # compiled on its first call
     table = format_table(result)
     assert "% CPU peak wall/cpu" in table and "bf16" in table and "an estimate" in table
     assert "fast compile:" in table and "torch.compile rule:" in table
+    assert "late upsampling: the fast paths compute" in table
 
 
 def test_a_path_above_the_estimated_peak_is_explained():

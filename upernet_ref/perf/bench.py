@@ -81,6 +81,7 @@ from upernet_ref.perf.fast import (FastModel, FastSettings, compile_rule,
                                    default_fast_settings, error_summary, fast_inference_model,
                                    fast_training_model)
 from upernet_ref.perf.flops import count_macs
+from upernet_ref.perf.late_upsampling import late_upsampling
 from upernet_ref.perf.hardware import CpuPeak, cpu_peak, device_peak_tflops, machine_info
 from upernet_ref.training.runtime import grad_scaler
 from upernet_ref.training.schedule import build_optimizer
@@ -450,6 +451,8 @@ class _Bench:
     errors: dict[str, str]
     meter: MemoryMeter
     generator: torch.Generator
+    fast_gmacs: float | None = None  # what the fast path computes, where it differs (late
+    fast_train_gmacs: float | None = None  # upsampling); None: the network's own
 
     @property
     def fast_warmup(self) -> int:
@@ -468,14 +471,16 @@ class _Bench:
         return None
 
     def peak_fraction(self, figures: dict, arithmetic: str, prefix: str = "",
-                      factor: int = 1) -> None:
+                      factor: int = 1, macs: float | None = None) -> None:
         """The path's share of the estimated CPU peak of its arithmetic (CPU only): by wall
         time (of all the cores), and by process CPU time (of the core-seconds the process
-        really got: on a shared machine the steadier figure)."""
+        really got: on a shared machine the steadier figure). `macs`: the GMACs per image the
+        path computes (default: the network's)."""
         estimate = self.estimate
         if estimate is None:
             return
-        macs = self.train_gmacs if prefix else self.gmacs
+        if macs is None:
+            macs = self.train_gmacs if prefix else self.gmacs
         figures[f"{prefix}peak_fraction"] = model_flops_utilization(
             macs, figures.get(f"{prefix}images_per_s"), estimate.tflops(arithmetic), factor)
         cpu_ms = figures.get(f"{prefix}cpu_ms")
@@ -510,6 +515,11 @@ def _run_bench(cfg, device, batch, size, mode, fast, warmup, repeats, dtype, com
     run = _Bench(cfg, device, batch, size, fast, warmup, repeats, seed, gmacs, train_gmacs, peak,
                  _fast_settings(device, dtype, compile), estimate, result, errors, meter,
                  generator)
+    if fast and run.settings.late_upsampling:
+        with torch.device("meta"):
+            late = late_upsampling(build_model(cfg))
+        run.fast_gmacs = result["fast_gmacs"] = count_macs(late.eval(), size) / 1e9
+        run.fast_train_gmacs = result["fast_train_gmacs"] = count_macs(late.train(), size) / 1e9
     if mode in ("infer", "both"):
         _bench_inference(run, model, int8)
     if int8:
@@ -593,7 +603,8 @@ def _fast_inference_figures(run: _Bench, paths: dict[str, TimedPath],
                    compile_s=fast_model.compile_s if fast_model.compiled_shapes else None,
                    compiled_slower=bool(fast_model.slower_shapes),
                    mfu=model_flops_utilization(run.gmacs, figures["images_per_s"], run.peak))
-    run.peak_fraction(figures, "bf16" if settings.dtype == torch.bfloat16 else "fp32")
+    run.peak_fraction(figures, "bf16" if settings.dtype == torch.bfloat16 else "fp32",
+                      macs=run.fast_gmacs)
     if "infer" not in run.errors:
         figures.update(paired_speedup(paths["infer"], paths["fast_infer"]))
         figures["break_even_images"] = break_even_images(
@@ -633,7 +644,7 @@ def _bench_training(run: _Bench, model: nn.Module) -> None:
         figures["train_mfu"] = model_flops_utilization(
             run.train_gmacs, figures["train_images_per_s"], run.peak, factor=3)
         run.peak_fraction(figures, "bf16" if fast_cfg.train.amp == "bf16" else "fp32",
-                          "train_", factor=3)
+                          "train_", factor=3, macs=run.fast_train_gmacs)
         if "train" in paths and "train" not in run.errors:
             figures.update(paired_speedup(paths["train"], paths["fast_train"], "train_"))
 
@@ -743,6 +754,11 @@ def _settings_notes(result: dict[str, typing.Any]) -> list[str]:
         lines.append(f"training step: {result['train_settings']}")
     if fast.get("train_settings"):
         lines.append(f"fast training: {fast['train_settings']}")
+    if result.get("fast_gmacs") is not None:
+        lines.append(f"late upsampling: the fast paths compute {result['fast_gmacs']:.1f} GMACs "
+                     f"an image (training {result['fast_train_gmacs']:.1f}), the network "
+                     f"{result['gmacs']:.1f} ({result['train_gmacs']:.1f}): their % of peak "
+                     f"counts what they compute, MFU the network's")
     return lines
 
 

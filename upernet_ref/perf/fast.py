@@ -16,6 +16,10 @@ on the device (figures in `docs/benchmarks.md`):
 - channels_last (NHWC) memory format: oneDNN / cuDNN convolutions run natively in NHWC;
 - autocast to bf16 (CUDA with bf16 support, or a CPU with native bf16 instructions: AVX512-BF16
   or AMX) or fp16 (older CUDA GPUs); logits are returned as float32;
+- late upsampling (`late_upsampling.py`, CPU): the PPM bottleneck and the fusion conv mix their
+  coarse inputs before upsampling them, the same function with 32% fewer MACs on R-50 os8 at
+  512x512 (397.5 -> 272.0 GMACs); with it the compiled path went from 1.92x to 2.68x fp32
+  eager in CPU time on the 2-core Zen 4 VM (docs/benchmarks.md). Not on CUDA until measured there;
 - under bf16, a few cheap layers whose rounding costs the most argmax agreement stay float32
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
   model's argmax agrees with fp32 eager on >= 99.9% of the pixels of real images (`tests/test_fast_path.py`);
@@ -46,6 +50,7 @@ import torch
 from torch import nn
 
 from upernet_ref.perf.hardware import cpp_compiler, cpu_has_native_bf16
+from upernet_ref.perf.late_upsampling import late_upsampling as late_upsampling_heads
 from upernet_ref.training.runtime import autocast_to
 
 
@@ -113,7 +118,9 @@ class FastSettings:
     `train_float32_logits`: the training step upsamples the two heads' logits in float32
     (`float32_logits`), under autocast only; `train_channels_last_inputs`: every conv of the
     training step gets a channels_last input (`channels_last_conv_inputs`), with channels_last
-    only. Both are applied by `fast_training_model`.
+    only. Both are applied by `fast_training_model`. `late_upsampling`: the head's two fusion
+    convs mix their coarse inputs before upsampling them (`late_upsampling.late_upsampling`:
+    the same function with 32% fewer MACs on R-50 os8), at inference and in training.
     """
 
     dtype: torch.dtype | None
@@ -125,11 +132,13 @@ class FastSettings:
     train_compile: bool | None = None  # None: as `compile`
     train_float32_logits: bool = False
     train_channels_last_inputs: bool = False
+    late_upsampling: bool = False
 
     def describe(self) -> str:
         dtype = str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32"
         keep = (f", float32: {'+'.join(self.float32_modules)}"
                 if self.dtype is not None and self.float32_modules else "")
+        keep += ", late upsampling" if self.late_upsampling else ""
         compiled = ""
         if self.compile:
             compiled = ", torch.compile" + (" with freezing" if self.freezing else "")
@@ -253,7 +262,8 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
     (`cuda_autocast_dtype`), channels_last, torch.compile.
     CPU: bf16 only with native bf16 instructions (on CPUs without them bf16 is emulated and
     slower than float32), channels_last, torch.compile with freezing where `compile_rule`
-    allows, amortised (`CPU_COMPILE_AFTER_S`). The training step (`train --fast`) is not
+    allows, amortised (`CPU_COMPILE_AFTER_S`), late upsampling (inference and training;
+    not yet on CUDA, where it is not measured). The training step (`train --fast`) is not
     compiled on the CPU: compiled it was slower than eager bf16 (docs/benchmarks.md); it
     upsamples the logits in float32 and gives every conv a channels_last input
     (`fast_training_model`). With bf16, the stem, layer1-2 and
@@ -270,7 +280,7 @@ def default_fast_settings(device: str | torch.device) -> FastSettings:
                         float32_modules=BF16_FLOAT32_MODULES if dtype is not None else (),
                         freezing=compile, compile_after_s=CPU_COMPILE_AFTER_S if compile else 0.0,
                         train_compile=False, train_float32_logits=True,
-                        train_channels_last_inputs=True)
+                        train_channels_last_inputs=True, late_upsampling=True)
 
 
 # The heads' last layers: their outputs are the 1/4- and 1/8-resolution logits that UPerNet.forward
@@ -442,7 +452,8 @@ def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
                          channels_last: bool | None = None,
                          compile: bool | None = None,
                          float32_modules: typing.Iterable[str] | None = None,
-                         compile_after_s: float | None = None) -> FastModel:
+                         compile_after_s: float | None = None,
+                         late_upsampling: bool | None = None) -> FastModel:
     """The fast inference version of `model` (which is left untouched).
 
     BatchNorm folded into the convolutions (`fold_batchnorm`), eval mode, moved to `device`,
@@ -451,7 +462,8 @@ def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
     `float32_modules`: dotted submodule names run in float32 under autocast (`keep_float32`;
     default: those of `BF16_FLOAT32_MODULES` the model has when the dtype is bf16, else none);
     `compile_after_s`: uncompiled seconds of a shape before it is compiled (default: the
-    device's; 0: compile on the first call).
+    device's; 0: compile on the first call); `late_upsampling`: the head's fusion convs computed
+    by `late_upsampling.late_upsampling` (default: the device's).
     Call it like the model: `fast(images)["out"]` are float32 logits at the input resolution.
     """
     device = torch.device(device)
@@ -474,9 +486,12 @@ def fast_inference_model(model: nn.Module, device: str | torch.device = "cpu",
         freezing=compile and device.type == "cpu",
         compile_after_s=(defaults.compile_after_s if compile_after_s is None else compile_after_s)
         if compile else 0.0,
+        late_upsampling=defaults.late_upsampling if late_upsampling is None else late_upsampling,
     )
     if settings.dtype is not None:
         keep_float32(folded, settings.float32_modules)
+    if settings.late_upsampling:
+        late_upsampling_heads(folded)
     for p in folded.parameters():
         p.requires_grad_(False)
     if settings.channels_last:
@@ -500,6 +515,9 @@ def fast_training_model(model: nn.Module, settings: FastSettings, amp: str,
     finally say (explicit overrides win over `--fast`). Forward hooks only: the state dict, the
     checkpoints and fp32 eager are unchanged. Returns the model and what was applied, in words."""
     applied = []
+    if settings.late_upsampling:
+        late_upsampling_heads(model)
+        applied.append("late upsampling")
     if settings.train_float32_logits and amp != "none":
         float32_logits(model)
         applied.append("logits upsampled in float32")
