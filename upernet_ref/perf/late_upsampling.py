@@ -58,14 +58,17 @@ class _ShiftedSum(torch.autograd.Function):
         c, r = channels // (k * k), k // 2
         # Each tap's window of the zero-padded taps, added whole: no scatter into slices,
         # which inductor's oneDNN conv + add fusion cannot take (the compiled fast path).
+        # Summed in float32 at least, as a conv accumulates: bf16 sums of the 9 taps cost the
+        # trained demo model 0.01% of argmax agreement with fp32 on real images (99.898%).
         padded = F.pad(taps, (r, r, r, r))
         out = None
         for i in range(k):
             for j in range(k):
                 t = i * k + j
                 window = padded[:, t * c:(t + 1) * c, i:i + h, j:j + w]
-                out = window.clone() if out is None else out.add_(window)
-        ctx.k, ctx.shape = k, taps.shape
+                out = (window.to(torch.promote_types(window.dtype, torch.float32), copy=True)
+                       if out is None else out.add_(window))
+        ctx.k, ctx.shape, ctx.dtype = k, taps.shape, taps.dtype
         ctx.memory_format = (torch.channels_last
                              if taps.is_contiguous(memory_format=torch.channels_last)
                              else torch.contiguous_format)
@@ -75,7 +78,8 @@ class _ShiftedSum(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         b, channels, h, w = ctx.shape
         c = channels // (ctx.k * ctx.k)
-        grad_taps = grad.new_zeros(ctx.shape).contiguous(memory_format=ctx.memory_format)
+        grad_taps = grad.new_zeros(ctx.shape, dtype=ctx.dtype).contiguous(
+            memory_format=ctx.memory_format)
         for t, (rows, cols), (in_rows, in_cols) in _taps(ctx.k, h, w):
             grad_taps[:, t * c:(t + 1) * c, in_rows, in_cols] = grad[:, :, rows, cols]
         return grad_taps, None
@@ -86,7 +90,8 @@ def shifted_sum(taps: torch.Tensor, k: int) -> torch.Tensor:
 
     `taps`: (B, k*k*C, H, W), the mixing of tap t = (i, j) in channels t*C ... (t+1)*C - 1 with
     t = i*k + j; returns (B, C, H, W) with out[:, :, p] = sum_t taps[:, t-block, p + (i - k//2,
-    j - k//2)], a tap that falls outside the map adding nothing (the zero padding)."""
+    j - k//2)], a tap that falls outside the map adding nothing (the zero padding); summed
+    in float32 when the taps are bf16 / fp16 (autocast)."""
     return _ShiftedSum.apply(taps, k)
 
 
@@ -131,8 +136,6 @@ def conv_of_resized(conv: nn.Conv2d, inputs: list[torch.Tensor],
         weight = torch.cat([w for _, w in members], 1)  # (out, in, k, k)
         mixing = weight.permute(2, 3, 0, 1).reshape(k * k * weight.shape[0], weight.shape[1], 1, 1)
         mixed = F.conv2d(torch.cat([x for x, _ in members], 1), mixing)
-        if mixed.dtype in (torch.bfloat16, torch.float16):  # autocast: upsampled and summed
-            mixed = mixed.float()  # in float32, as a conv accumulates (argmax agreement)
         upsampled = resize(mixed, size)
         taps = upsampled if taps is None else taps + upsampled
     if taps is None:
