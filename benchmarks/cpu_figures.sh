@@ -35,3 +35,6 @@ python benchmarks/cpu_compile_options.py train > "$OUT/zen5/compile_options_trai
 mkdir -p "$OUT/zen4"
 $B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 3 --json "$OUT/zen4/r50_os8_512_train.json"
 python benchmarks/fast_train_options.py 512 3 > "$OUT/zen4/fast_train_options.log"
+# 7. Issue 21, late upsampling (the same Zen 4 VM, idle): the CPU fast paths as they are now.
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode infer --fast --int8 --warmup 1 --repeats 3 --json "$OUT/zen4/r50_os8_512_infer_late.json"
+$B --config upernet_r50_os8_ade20k --size 512x512 --mode train --fast --warmup 1 --repeats 3 --json "$OUT/zen4/r50_os8_512_train_late.json"
