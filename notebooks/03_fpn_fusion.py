@@ -48,6 +48,7 @@ from upernet_ref import course
 from upernet_ref.configs import (REPORTED_PARAMS, REPORTED_PARAMS_NO_AUX_ADE20K, get_config,
                                  list_configs)
 from upernet_ref.perf.flops import count_macs
+from upernet_ref.perf.late_upsampling import conv_of_resized, late_upsampling
 from upernet_ref.model.head import FCNHead, UPerHead, resize
 from upernet_ref.course import randomize_batchnorm
 from upernet_ref.model import build_model, count_parameters
@@ -434,6 +435,49 @@ for (depth, os_), (ref_eval, ref_train) in published.items():
 # Output stride 8 costs about 1.5x output stride 16: C4, C5, the PPM and the FPN's upper levels
 # run at 4x the pixels.
 #
+# ### Where the fusion's MACs go, and the same numbers for less
+#
+# The fusion conv (2048 -> 512, 3x3, at 1/4 of the input) is the most expensive layer of the
+# network, and three quarters of its input are P3-P5 upsampled: most of its work is spent on
+# interpolated pixels. Two facts make that work avoidable. Bilinear resizing is *linear* and acts
+# on each channel alone, so it commutes with any per-pixel channel mixing `W`:
+# `W up(x) = up(W x)`. And a 3x3 conv is a sum over its 9 taps `t` of a 1x1 mixing `W_t` of the
+# input shifted by `t`. Together: `conv(up(x)) = sum_t shift_t(up(W_t x))`, with the 9 mixings
+# done at the *coarse* resolution. We rebuild that on small float64 tensors and check it against
+# the plain conv and against `upernet_ref.perf.late_upsampling.conv_of_resized`, which the
+# package's `--fast` path uses on the CPU for the fusion conv and the PPM bottleneck.
+
+# %%
+conv = nn.Conv2d(2 * 6, 5, 3, padding=1, bias=False).double()
+fine = torch.randn(1, 6, 16, 16, dtype=torch.double)  # a level already at the output size
+coarse = torch.randn(1, 6, 8, 8, dtype=torch.double)  # a level to be upsampled 2x
+with torch.no_grad():
+    as_written = conv(torch.cat([fine, resize(coarse, (16, 16))], dim=1))
+    by_hand = F.conv2d(fine, conv.weight[:, :6], padding=1)
+    for i in range(3):
+        for j in range(3):
+            w_t = conv.weight[:, 6:, i:i + 1, j:j + 1]  # tap t = (i, j) as a 1x1 mixing
+            mixed = resize(F.conv2d(coarse, w_t), (16, 16))  # mixed at 8x8, then upsampled
+            by_hand = by_hand + F.pad(mixed, (1, 1, 1, 1))[:, :, i:i + 16, j:j + 16]  # shifted
+    package = conv_of_resized(conv, [fine, coarse], (16, 16))
+print(f"max |by hand - as written| = {(by_hand - as_written).abs().max():.1e}, "
+      f"|package - as written| = {(package - as_written).abs().max():.1e}")
+assert torch.allclose(by_hand, as_written, atol=1e-12) and torch.allclose(package, as_written, atol=1e-12)
+
+with torch.device("meta"):
+    model = build_model("upernet_r50_os8_ade20k").eval()
+fuse = model.decode_head.fuse.conv
+fuse_gmacs = 128 * 128 * fuse.in_channels * fuse.out_channels * 9 / 1e9  # at 1/4 of 512x512
+total = count_macs(model, (512, 512)) / 1e9
+late = count_macs(late_upsampling(model), (512, 512)) / 1e9
+print(f"fusion conv: {fuse_gmacs:.1f} of {total:.1f} GMACs ({fuse_gmacs / total:.0%}); "
+      f"with late upsampling (fusion + PPM bottleneck) the network computes {late:.1f} GMACs")
+
+# %% [markdown]
+# The same function for about two thirds of the arithmetic. The published network is the one
+# written above (and the package's `UPerHead` keeps it); the rewriting is an implementation
+# choice of the fast path, checked against it (`tests/test_late_upsampling.py`).
+#
 # ## 10. Outputs in train and eval mode
 #
 # Like torchvision's segmentation models, `forward` returns a dict of logits at the input size:
@@ -497,3 +541,6 @@ with torch.no_grad():
 # 4. Where would you attach a head that predicts at 1/8 instead of 1/4? What would it save?
 # 5. Build `upernet_r101_os8_cityscapes` on the meta device and compute its GMACs for a whole
 #    1024x2048 image. Compare with the 2.1-3.9 TMACs of docs/SPEC.md, "Published figures".
+# 6. The FPN conv of P2 also convolves an upsampled map: its input is `lateral + up(P3)`. Does
+#    late upsampling save anything there? (Hint: a conv of a sum is the sum of the convs; count
+#    the MACs of both ways at 512x512.)
