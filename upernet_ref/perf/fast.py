@@ -19,7 +19,8 @@ on the device (figures in `docs/benchmarks.md`):
 - late upsampling (`late_upsampling.py`, CPU): the PPM bottleneck and the fusion conv mix their
   coarse inputs before upsampling them, the same function with 32% fewer MACs on R-50 os8 at
   512x512 (397.5 -> 272.0 GMACs); with it the compiled path went from 1.92x to 2.4-2.6x
-  fp32 eager and `train --fast` from 1.91x to 2.2-2.4x on the 2-core Zen 4 VM (docs/benchmarks.md). Not on CUDA until measured there;
+  fp32 eager and `train --fast` from 1.91x to 2.2-2.4x on the 2-core Zen 4 VM
+  (docs/benchmarks.md). Not on CUDA until measured there;
 - under bf16, a few cheap layers whose rounding costs the most argmax agreement stay float32
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
   model's argmax agrees with fp32 eager on >= 99.9% of the pixels of real images (`tests/test_fast_path.py`);
