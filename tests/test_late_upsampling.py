@@ -41,6 +41,7 @@ CASES = [
     (3, [(3, 7, 9), (2, 11, 13), (2, 7, 9), (3, 4, 5)], (7, 9)),
     (1, [(3, 8, 8), (2, 4, 4)], (8, 8)),
     (5, [(3, 10, 8), (2, 5, 4), (2, 3, 2)], (10, 8)),
+    (7, [(2, 3, 5), (2, 2, 2), (3, 1, 3)], (3, 5)),  # taps reaching past a 3-row map
 ]
 
 
@@ -58,13 +59,14 @@ def test_conv_of_resized_is_the_conv_of_the_concatenation(k, shapes, size, chann
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("k, shapes, size", CASES[:3])
-def test_conv_of_resized_has_the_same_gradients(k, shapes, size):
+@pytest.mark.parametrize("k, shapes, size", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_of_resized_has_the_same_gradients(k, shapes, size, channels_last):
     torch.manual_seed(1)
-    conv = nn.Conv2d(sum(c for c, _, _ in shapes), 5, k, padding=k // 2, bias=False).double()
-    xs = random_inputs(shapes, requires_grad=True)
+    conv = nn.Conv2d(sum(c for c, _, _ in shapes), 5, k, padding=k // 2).double()
+    xs = random_inputs(shapes, channels_last, requires_grad=True)
     grad_out = torch.randn(2, 5, *size, dtype=torch.double)
-    wrt = [*xs, conv.weight]
+    wrt = [*xs, conv.weight, conv.bias]
     expected = torch.autograd.grad(as_written(conv, xs, size), wrt, grad_out)
     got = torch.autograd.grad(conv_of_resized(conv, xs, size), wrt, grad_out)
     for e, g in zip(expected, got):
@@ -84,6 +86,28 @@ def test_shifted_sum_is_a_conv_with_one_hot_taps_and_passes_gradcheck():
     torch.testing.assert_close(shifted_sum(taps, k), F.conv2d(taps, weight, padding=1),
                                rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: shifted_sum(t, k), (taps,))
+    wide = torch.randn(1, 49 * 2, 2, 3, dtype=torch.double, requires_grad=True)  # 7x7 on 2x3
+    assert torch.autograd.gradcheck(lambda t: shifted_sum(t, 7), (wide,))
+
+
+def test_under_autocast_the_taps_are_summed_in_float32():
+    """bf16 taps: summed (and returned) in float32, the gradient back in bf16 and the taps'
+    layout; the conv's output has the conv's dtype, bf16, as the layer as written."""
+    taps = torch.randn(2, 9 * 4, 6, 5).bfloat16().contiguous(memory_format=torch.channels_last)
+    taps.requires_grad_()
+    out = shifted_sum(taps, 3)
+    assert out.dtype == torch.float32
+    reference = shifted_sum(taps.detach().double(), 3)
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=1e-5)  # no bf16 rounding
+    out.sum().backward()
+    assert taps.grad.dtype == torch.bfloat16
+    assert taps.grad.is_contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    xs = [torch.randn(1, 4, 8, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = conv_of_resized(conv, xs, (8, 8)), as_written(conv, xs, (8, 8))
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(5, 3, 3, stride=2, padding=1),
@@ -92,6 +116,13 @@ def test_shifted_sum_is_a_conv_with_one_hot_taps_and_passes_gradcheck():
 def test_a_conv_it_is_not_exact_for_is_computed_as_written(conv):
     conv = conv.double()
     xs = random_inputs([(3, 8, 8), (2, 4, 4)])
+    torch.testing.assert_close(conv_of_resized(conv, xs, (8, 8)), as_written(conv, xs, (8, 8)),
+                               rtol=0, atol=0)
+
+
+def test_inputs_with_none_at_the_size_are_computed_as_written():
+    conv = nn.Conv2d(5, 3, 3, padding=1).double()
+    xs = random_inputs([(3, 4, 4), (2, 2, 2)])
     torch.testing.assert_close(conv_of_resized(conv, xs, (8, 8)), as_written(conv, xs, (8, 8)),
                                rtol=0, atol=0)
 
@@ -157,14 +188,12 @@ def test_r50_os8_does_a_third_fewer_macs():
 def test_the_cpu_fast_paths_use_it(demo_model):
     settings = default_fast_settings("cpu")
     assert settings.late_upsampling and "late upsampling" in settings.describe()
-    fast = fast_inference_model(demo_model.float(), "cpu", dtype=None, compile=False)
+    model = copy.deepcopy(demo_model).float()
+    fast = fast_inference_model(model, "cpu", dtype=None, compile=False)
     assert type(fast.model.decode_head) is LateUpsamplingUPerHead
-    plain = fast_inference_model(demo_model.float(), "cpu", dtype=None, compile=False,
-                                 late_upsampling=False)
+    plain = fast_inference_model(model, "cpu", dtype=None, compile=False, late_upsampling=False)
     assert type(plain.model.decode_head) is UPerHead
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(fast(x)["out"], plain(x)["out"], rtol=1e-4, atol=1e-4)
-    trained, applied = fast_training_model(copy.deepcopy(demo_model.float()), settings,
-                                           "none", True)
+    trained, applied = fast_training_model(model, settings, "none", True)
     assert type(trained.decode_head) is LateUpsamplingUPerHead and "late upsampling" in applied
-    demo_model.double()

@@ -93,8 +93,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="the fast training settings for the device (fast_train_overrides: "
                              "bf16/fp16 autocast where the device is fast at it, channels_last, "
                              "torch.compile on CUDA; not on the CPU, where the compiled step "
-                             "was slower, docs/benchmarks.md; on the CPU the logits are "
-                             "upsampled in float32 and every conv gets a channels_last input, "
+                             "was slower, docs/benchmarks.md; on the CPU the head's fusion "
+                             "convs use late upsampling, the logits are upsampled in float32 "
+                             "and every conv gets a channels_last input, "
                              "fast.fast_training_model); explicit --train.* overrides still win")
     args, overrides = parse_args_and_overrides(parser, argv)
     if args.reinit_classifier and not args.weights:
@@ -114,9 +115,10 @@ def fast_train_overrides(device: str | None) -> list[str]:
 
 def fast_train_model(model: torch.nn.Module, device: str | None) -> torch.nn.Module:
     """`--fast` for training, the part that is not a configuration value
-    (`fast.fast_training_model`: under autocast the heads' logits upsampled in float32, with
-    channels_last every conv given a channels_last input; forward hooks, so the state dict and
-    the checkpoints are unchanged)."""
+    (`fast.fast_training_model`: on the CPU late upsampling for the head's fusion convs, under
+    autocast the heads' logits upsampled in float32, with channels_last every conv given a
+    channels_last input; a class change and forward hooks, so the state dict and the
+    checkpoints are unchanged)."""
     from upernet_ref.launch import resolve_device
     from upernet_ref.perf.fast import default_fast_settings, fast_training_model
     train_cfg = model.config.train

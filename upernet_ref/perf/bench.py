@@ -346,7 +346,8 @@ def demo_checkpoint_accuracy(settings: FastSettings, calibration_images: int = 4
     paths = {"eager fp32": model,
              "fast": fast_inference_model(model, "cpu", dtype=settings.dtype,
                                           channels_last=settings.channels_last,
-                                          compile=settings.compile, compile_after_s=0.0),
+                                          compile=settings.compile, compile_after_s=0.0,
+                                          late_upsampling=settings.late_upsampling),
              "int8": int8_inference_model(model, [train[i][0].unsqueeze(0)
                                                   for i in range(len(train))])}
     with torch.no_grad():
@@ -573,7 +574,8 @@ def _inference_paths(run: _Bench, model: nn.Module, images: torch.Tensor, int8: 
     paths = {"infer": TimedPath(forward(model), resident=lambda: resident_mb(model))}
     fast_model = run.attempt("fast_infer", run.batch, lambda: fast_inference_model(
         model, run.device, dtype=settings.dtype, channels_last=settings.channels_last,
-        compile=settings.compile, compile_after_s=0.0)) if run.fast else None
+        compile=settings.compile, compile_after_s=0.0,
+        late_upsampling=settings.late_upsampling)) if run.fast else None
     if fast_model is not None:
         paths["fast_infer"] = TimedPath(forward(fast_model),
                                         resident=lambda: resident_mb(fast_model))

@@ -18,9 +18,9 @@ on the device (figures in `docs/benchmarks.md`):
   or AMX) or fp16 (older CUDA GPUs); logits are returned as float32;
 - late upsampling (`late_upsampling.py`, CPU): the PPM bottleneck and the fusion conv mix their
   coarse inputs before upsampling them, the same function with 32% fewer MACs on R-50 os8 at
-  512x512 (397.5 -> 272.0 GMACs); with it the compiled path went from 1.92x to 2.4-2.6x
-  fp32 eager and `train --fast` from 1.91x to 2.2-2.4x on the 2-core Zen 4 VM
-  (docs/benchmarks.md). Not on CUDA until measured there;
+  512x512 (397.5 -> 272.0 GMACs); on the idle 2-core Zen 4 VM, `upernet bench` measured the
+  compiled path at 1.92x fp32 eager before and 2.4x after, `train --fast` at 1.7-1.9x before
+  and 2.3x after (docs/benchmarks.md). Not on CUDA until measured there;
 - under bf16, a few cheap layers whose rounding costs the most argmax agreement stay float32
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
   model's argmax agrees with fp32 eager on >= 99.9% of the pixels of real images (`tests/test_fast_path.py`);
@@ -335,6 +335,8 @@ def channels_last_conv_inputs(model: nn.Module) -> nn.Module:
     NCHW, and so does the `torch.cat`), and it feeds the PPM bottleneck, a 4096 -> 512 3x3
     conv (10% of the MACs of R-50 os8), which oneDNN then runs 10% slower in bf16 forward and
     backward (2 x 4096 x 64 x 64, Zen 5: 6.2 s -> 5.6 s CPU time). Values are unchanged.
+    (With late upsampling the PPM bottleneck and the fusion conv call `F.conv2d` themselves,
+    without their modules' hooks, on inputs they make channels_last.)
     """
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and not getattr(module, "_channels_last_input", False):
@@ -511,10 +513,12 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 def fast_training_model(model: nn.Module, settings: FastSettings, amp: str,
                         channels_last: bool) -> tuple[nn.Module, list[str]]:
     """`model` (in place) with the training-step choices of `settings` that are not
-    configuration values: `float32_logits` under autocast (`amp` not "none") and
+    configuration values: `late_upsampling` (the heads' modules get the late-upsampling
+    subclasses), `float32_logits` under autocast (`amp` not "none") and
     `channels_last_conv_inputs` with `channels_last`, as `train.amp` / `train.channels_last`
-    finally say (explicit overrides win over `--fast`). Forward hooks only: the state dict, the
-    checkpoints and fp32 eager are unchanged. Returns the model and what was applied, in words."""
+    finally say (explicit overrides win over `--fast`). A class change and forward hooks: the
+    parameters, the state dict, the checkpoints and fp32 eager are unchanged. Returns the model
+    and what was applied, in words."""
     applied = []
     if settings.late_upsampling:
         late_upsampling_heads(model)

@@ -34,55 +34,52 @@ from upernet_ref.model.layers import ConvBNReLU, resize
 from upernet_ref.model.ppm import PyramidPooling
 
 
-def _taps(k: int, h: int, w: int):
-    """For each tap t = (i, j) of a k x k kernel (padding k // 2) on an h x w map: t's index,
-    the output window it adds to and the input window it reads, as (rows, cols) slices; the
-    zero padding is what the windows leave out."""
-    r = k // 2
-    for i in range(k):
-        for j in range(k):
-            dy, dx = i - r, j - r
-            rows, cols = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx))
-            yield (i * k + j, (rows, cols),
-                   (slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx)))
-
-
 class _ShiftedSum(torch.autograd.Function):
-    """`shifted_sum`, with a backward that writes the gradient's k*k shifted copies into one
-    tensor (autograd's own backward of k*k slices makes a zero-filled copy per slice: measured
-    1.5x slower for the fusion layer's training step)."""
+    """`shifted_sum`. The forward adds tap t = (i, j)'s window [i : i + H, j : j + W] of the
+    zero-padded taps; the backward writes the gradient's shifted copies straight into one
+    gradient of the taps (autograd's own backward of the k*k windows makes a zero-filled copy
+    per window, and a padded buffer one more copy: measured 1.5x slower for the fusion layer's
+    training step)."""
 
     @staticmethod
     def forward(ctx, taps: torch.Tensor, k: int) -> torch.Tensor:
         b, channels, h, w = taps.shape
         c, r = channels // (k * k), k // 2
-        # Each tap's window of the zero-padded taps, added whole: no scatter into slices,
-        # which inductor's oneDNN conv + add fusion cannot take (the compiled fast path).
+        padded = F.pad(taps, (r, r, r, r))
         # Summed in float32 at least, as a conv accumulates: bf16 sums of the 9 taps cost the
         # trained demo model 0.01% of argmax agreement with fp32 on real images (99.898%).
-        padded = F.pad(taps, (r, r, r, r))
-        out = None
+        out = torch.zeros(b, c, h, w, dtype=torch.promote_types(taps.dtype, torch.float32),
+                          device=taps.device).contiguous(memory_format=_layout(taps))
         for i in range(k):
             for j in range(k):
                 t = i * k + j
-                window = padded[:, t * c:(t + 1) * c, i:i + h, j:j + w]
-                out = (window.to(torch.promote_types(window.dtype, torch.float32), copy=True)
-                       if out is None else out.add_(window))
-        ctx.k, ctx.shape, ctx.dtype = k, taps.shape, taps.dtype
-        ctx.memory_format = (torch.channels_last
-                             if taps.is_contiguous(memory_format=torch.channels_last)
-                             else torch.contiguous_format)
+                # each window added whole: no scatter into slices, which inductor's oneDNN
+                # conv + add fusion cannot take (the compiled fast path)
+                out += padded[:, t * c:(t + 1) * c, i:i + h, j:j + w]
+        ctx.k, ctx.shape, ctx.dtype, ctx.layout = k, taps.shape, taps.dtype, _layout(taps)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         b, channels, h, w = ctx.shape
-        c = channels // (ctx.k * ctx.k)
-        grad_taps = grad.new_zeros(ctx.shape, dtype=ctx.dtype).contiguous(
-            memory_format=ctx.memory_format)
-        for t, (rows, cols), (in_rows, in_cols) in _taps(ctx.k, h, w):
-            grad_taps[:, t * c:(t + 1) * c, in_rows, in_cols] = grad[:, :, rows, cols]
+        k, c, r = ctx.k, channels // (ctx.k * ctx.k), ctx.k // 2
+        grad_taps = grad.new_zeros(ctx.shape, dtype=ctx.dtype).contiguous(memory_format=ctx.layout)
+        for i in range(k):
+            for j in range(k):
+                t, dy, dx = i * k + j, i - r, j - r
+                # the outputs p whose tap t reads inside the map (p + (dy, dx)), none when the
+                # offset is larger than the map
+                y0, y1 = max(0, -dy), max(0, min(h, h - dy))
+                x0, x1 = max(0, -dx), max(0, min(w, w - dx))
+                if y0 < y1 and x0 < x1:
+                    grad_taps[:, t * c:(t + 1) * c, y0 + dy:y1 + dy, x0 + dx:x1 + dx] = (
+                        grad[:, :, y0:y1, x0:x1])
         return grad_taps, None
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format)
 
 
 def shifted_sum(taps: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,8 +87,9 @@ def shifted_sum(taps: torch.Tensor, k: int) -> torch.Tensor:
 
     `taps`: (B, k*k*C, H, W), the mixing of tap t = (i, j) in channels t*C ... (t+1)*C - 1 with
     t = i*k + j; returns (B, C, H, W) with out[:, :, p] = sum_t taps[:, t-block, p + (i - k//2,
-    j - k//2)], a tap that falls outside the map adding nothing (the zero padding); summed
-    in float32 when the taps are bf16 / fp16 (autocast)."""
+    j - k//2)], a tap that falls outside the map adding nothing (the zero padding). Summed,
+    and returned, in float32 when the taps are bf16 / fp16 (autocast); the gradient has the
+    taps' dtype and layout."""
     return _ShiftedSum.apply(taps, k)
 
 
@@ -113,35 +111,29 @@ def conv_of_resized(conv: nn.Conv2d, inputs: list[torch.Tensor],
     at `size`, are computed as written.
     """
     size = tuple(size)
-    pixels = size[0] * size[1]
-    channels = [x.shape[1] for x in inputs]
-    weights = conv.weight.split(channels, dim=1)
-    direct = [(x, w) for x, w in zip(inputs, weights) if tuple(x.shape[-2:]) == size]
-    if not _plain(conv) or not direct:
-        return conv(torch.cat([resize(x, size) if tuple(x.shape[-2:]) != size else x
-                               for x in inputs], dim=1))
+    if not _plain(conv) or all(tuple(x.shape[-2:]) != size for x in inputs):
+        return conv(torch.cat([resize(x, size) for x in inputs], dim=1))
     k = conv.kernel_size[0]
-    groups: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for x, w in zip(inputs, weights):
-        if tuple(x.shape[-2:]) == size:
-            continue
-        if x.shape[-2] * x.shape[-1] >= pixels:  # not coarser: resize, then conv as written
-            direct.append((resize(x, size), w))
-        else:
-            groups.setdefault(tuple(x.shape[-2:]), []).append((x, w))
+    direct: list[tuple[torch.Tensor, torch.Tensor]] = []  # (input at `size`, its weights)
+    coarse: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # by size
+    for x, w in zip(inputs, conv.weight.split([x.shape[1] for x in inputs], dim=1)):
+        if x.shape[-2] * x.shape[-1] < size[0] * size[1]:
+            coarse.setdefault(tuple(x.shape[-2:]), []).append((x, w))
+        else:  # at `size`, or larger (resized down, then convolved as written)
+            direct.append((x if tuple(x.shape[-2:]) == size else resize(x, size), w))
     out = F.conv2d(torch.cat([x for x, _ in direct], 1), torch.cat([w for _, w in direct], 1),
                    conv.bias, padding=k // 2)
+    if not coarse:
+        return out
     taps = None
-    for members in groups.values():
+    for members in coarse.values():
         weight = torch.cat([w for _, w in members], 1)  # (out, in, k, k)
         mixing = weight.permute(2, 3, 0, 1).reshape(k * k * weight.shape[0], weight.shape[1], 1, 1)
-        mixed = F.conv2d(torch.cat([x for x, _ in members], 1), mixing)
-        upsampled = resize(mixed, size)
-        taps = upsampled if taps is None else taps + upsampled
-    if taps is None:
-        return out
-    if out.is_contiguous(memory_format=torch.channels_last):
-        taps = taps.contiguous(memory_format=torch.channels_last)  # a 1x1 map's layout is lost
+        upsampled = resize(F.conv2d(torch.cat([x for x, _ in members], 1), mixing), size)
+        # several sizes (the PPM's four branches): their taps added in float32 at least
+        taps = upsampled if taps is None else (
+            taps.to(torch.promote_types(taps.dtype, torch.float32)) + upsampled)
+    taps = taps.contiguous(memory_format=_layout(out))  # a 1x1 map's layout is ambiguous
     return (out + shifted_sum(taps, k)).to(out.dtype)
 
 
