@@ -19,7 +19,7 @@ on the device (figures in `docs/benchmarks.md`):
 - late upsampling (`late_upsampling.py`, CPU): the PPM bottleneck and the fusion conv mix their
   coarse inputs before upsampling them, the same function with 32% fewer MACs on R-50 os8 at
   512x512 (397.5 -> 272.0 GMACs); on the idle 2-core Zen 4 VM, `upernet bench` measured the
-  compiled path at 1.92x fp32 eager before and 2.4x after, `train --fast` at 1.7-1.9x before
+  compiled path at 1.92x fp32 eager before and 2.7x after, `train --fast` at 1.7-1.9x before
   and 2.3x after (docs/benchmarks.md). Not on CUDA until measured there;
 - under bf16, a few cheap layers whose rounding costs the most argmax agreement stay float32
   (`Float32`, `BF16_FLOAT32_MODULES`: the stem, layer1-2 and the classifier), so that a trained
