@@ -421,6 +421,7 @@ def _cheats():
     from upernet_ref.training import losses, schedule
     from upernet_ref.configs import TrainConfig
     from upernet_ref.model.backbone import STRIDES_DILATIONS
+    from upernet_ref.perf import late_upsampling as late
 
     def top_down_cheat(ls):
         head = UPerHead([4, 4, 4, 4], 4, 2)
@@ -446,6 +447,12 @@ def _cheats():
         (course.check_crop_is_acceptable, lambda m, r: T.random_crop(torch.zeros(3, *m.shape), m, m.shape, r) and True),
         (course.check_hflip_pair, lambda i, m: T.random_hflip(i, m, p=1.0)),
         (course.check_fuse_and_classify, lambda outs, h: UPerHead.forward(h, [torch.zeros(2, 4, 8, 8)] * 4)),
+        # the fast path's late-upsampling fusion (perf/late_upsampling.py) is the package's too
+        (course.check_ppm, lambda x, m: m.bottleneck.relu(m.bottleneck.bn(late.conv_of_resized(
+            m.bottleneck.conv, [x] + [b(F.adaptive_avg_pool2d(x, s)) for s, b in zip(m.pool_scales, m.branches)],
+            x.shape[-2:])))),
+        (course.check_fuse_and_classify, lambda outs, h: h.classifier(h.dropout(h.fuse.relu(h.fuse.bn(
+            late.conv_of_resized(h.fuse.conv, outs, outs[0].shape[-2:])))))),
         (course.check_laterals, lambda feats, h: h.fpn_features(feats)),
         (course.check_weighted_cross_entropy, lambda lo, t, w: losses.cross_entropy(lo, t, class_weights=w)),
         (course.check_multiscale_flip, lambda m, x, sc, o: inference.inference(

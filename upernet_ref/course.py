@@ -450,6 +450,7 @@ def check_ppm(answer: typing.Callable[[torch.Tensor, nn.Module], torch.Tensor]) 
     """02: `answer(x, ppm)` = `ppm(x)`, written with the PPM's own layers."""
     __tracebackhide__ = True
     from upernet_ref.model.ppm import PyramidPooling
+    from upernet_ref.perf.late_upsampling import conv_of_resized
 
     gen = torch.Generator().manual_seed(2)
     cases = [(8, 4, (1, 2, 3, 6), 12, 12), (8, 4, (1, 2, 3, 6), 9, 13), (6, 3, (1, 2, 3, 6), 5, 4),
@@ -461,7 +462,7 @@ def check_ppm(answer: typing.Callable[[torch.Tensor, nn.Module], torch.Tensor]) 
         x = torch.randn(2, cin, h, w, generator=gen)
         case = f"a PyramidPooling({cin}, {cout}, {scales}) on x of shape {tuple(x.shape)}"
         with torch.no_grad():
-            got = _run("ppm", answer, (x, ppm), case, block=[PyramidPooling.forward], hints=[
+            got = _run("ppm", answer, (x, ppm), case, block=[PyramidPooling.forward, conv_of_resized], hints=[
                 ("channels", "the bottleneck takes C5 itself and every upsampled branch, concatenated "
                              "along channels (dim=1)"),
                 ("size", "each branch is upsampled back to the size of x before the concatenation")])
@@ -1272,6 +1273,7 @@ def check_fuse_and_classify(answer: typing.Callable[[list, nn.Module], torch.Ten
     """03: `answer(outs, head)` = the head's logits at 1/4 from its four pyramid levels."""
     __tracebackhide__ = True
     from upernet_ref.model.head import UPerHead
+    from upernet_ref.perf.late_upsampling import conv_of_resized
 
     gen = torch.Generator().manual_seed(21)
     cases = [((16, 8, 8, 8), "output stride 8"), ((16, 8, 4, 2), "output stride 32"),
@@ -1284,7 +1286,7 @@ def check_fuse_and_classify(answer: typing.Callable[[list, nn.Module], torch.Ten
         case = f"levels of sizes {[s for s in sizes]} ({what})"
         with torch.no_grad():
             got = _run("fuse_and_classify", answer, ([o.clone() for o in outs], head), case,
-                       block=[UPerHead.forward], hints=[
+                       block=[UPerHead.forward, conv_of_resized], hints=[
                            ("channels", "the fusion conv takes the four levels concatenated along channels (dim=1)"),
                            ("Sizes of tensors", "upsample every level to the finest one (outs[0]) before concatenating")])
             _check("fuse_and_classify", got, _ref_fuse(outs, state), case, [
