@@ -17,7 +17,7 @@
   names, palette)`: the pictures, drawn from the model itself (shapes recorded by forward hooks,
   on the `meta` device), and the class-colour legend of every mask figure.
 - `randomize_batchnorm(model)`: non-trivial BatchNorm statistics, so that a comparison of two
-  networks cannot pass with a BatchNorm wired wrongly (also the tests' and the benchmarks' tool).
+  networks cannot pass with a BatchNorm wired wrongly (also the tests' tool).
 - `load_demo_checkpoint(model)`: the course's trained `upernet_small_demo` weights
   (`upernet_ref/assets/upernet_small_demo.safetensors`, made by
   `notebooks/assets/make_demo_checkpoint.py`), verified by SHA-256 before loading; safetensors
@@ -1473,11 +1473,11 @@ def _ref_training_steps(model: nn.Module, batches, buffers, start: int, tc, aux_
         with torch.no_grad():
             for p, g, b, s in zip(params, grads, buffers, summed):
                 s += g
-                d = (g if zero_grad else s) + (tc.weight_decay * p if decay else 0)
-                new_b = tc.momentum * b + d
+                new_p, new_b = _ref_sgd(p, g if zero_grad else s, b, lr, tc.momentum,
+                                        tc.weight_decay, no_decay=not decay)
                 if keep_buffers:
                     b.copy_(new_b)
-                p -= lr * new_b
+                p.copy_(new_p)
         outcomes.append(_step_outcome(model, buffers, loss))
     return outcomes
 

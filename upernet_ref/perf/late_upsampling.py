@@ -48,7 +48,7 @@ class _ShiftedSum(torch.autograd.Function):
         padded = F.pad(taps, (r, r, r, r))
         # Summed in float32 at least, as a conv accumulates: bf16 sums of the 9 taps cost the
         # trained demo model 0.01% of argmax agreement with fp32 on real images (99.898%).
-        out = torch.zeros(b, c, h, w, dtype=torch.promote_types(taps.dtype, torch.float32),
+        out = torch.zeros(b, c, h, w, dtype=_summed_in(taps.dtype),
                           device=taps.device).contiguous(memory_format=_layout(taps))
         for i in range(k):
             for j in range(k):
@@ -75,6 +75,11 @@ class _ShiftedSum(torch.autograd.Function):
                     grad_taps[:, t * c:(t + 1) * c, y0 + dy:y1 + dy, x0 + dx:x1 + dx] = (
                         grad[:, :, y0:y1, x0:x1])
         return grad_taps, None
+
+
+def _summed_in(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16 / fp16 taps (autocast), as a conv accumulates; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -132,7 +137,7 @@ def conv_of_resized(conv: nn.Conv2d, inputs: list[torch.Tensor],
         upsampled = resize(F.conv2d(torch.cat([x for x, _ in members], 1), mixing), size)
         # several sizes (the PPM's four branches): their taps added in float32 at least
         taps = upsampled if taps is None else (
-            taps.to(torch.promote_types(taps.dtype, torch.float32)) + upsampled)
+            taps.to(_summed_in(taps.dtype)) + upsampled)
     taps = taps.contiguous(memory_format=_layout(out))  # a 1x1 map's layout is ambiguous
     return (out + shifted_sum(taps, k)).to(out.dtype)
 
